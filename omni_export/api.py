@@ -1,0 +1,61 @@
+"""The Python API the CLI is a thin layer over."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from omni_export.export.checkpoint import Checkpoint, detect_family, load_checkpoint
+from omni_export.export.synthetic import write_synthetic
+from omni_export.profiles import Profile, get_profile
+from omni_export.profiles.fit import FitResult, fit_check
+from omni_export.quantize.presets import resolve_recipe
+
+log = logging.getLogger(__name__)
+
+DEMO_FAMILY, DEMO_SIZE, DEMO_SEED = "interactiveomni", "small", 0
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("OMNI_EXPORT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "omni-export"
+    return Path(root)
+
+
+def demo_checkpoint(progress: Callable[[str], None] | None = None) -> Path:
+    """The built-in demo checkpoint (small InteractiveOmni), generated once and cached."""
+    path = cache_dir() / f"demo-{DEMO_FAMILY}-{DEMO_SIZE}-seed{DEMO_SEED}"
+    if not (path / "config.json").is_file():
+        log.info("writing the demo checkpoint to %s (once)", path)
+        write_synthetic(DEMO_FAMILY, DEMO_SIZE, path, seed=DEMO_SEED, progress=progress, overwrite=True)
+    return path
+
+
+def load(path: str | Path, dtype: str = "fp32", progress: Callable[[str], None] | None = None) -> Checkpoint:
+    return load_checkpoint(path, DTYPES[dtype], progress=progress)
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    profile: Profile
+    model: Path
+    quant: str
+    fit: FitResult
+
+
+def plan_export(target: str, model: str | Path | None = None, quant: str | None = None, context: int | None = None,
+                progress: Callable[[str], None] | None = None) -> ExportPlan:  # fmt: skip
+    """Resolve profile, checkpoint and recipe; validate every tensor of the checkpoint against its
+    config (without materialising weights); check the memory fit. Everything before tracing."""
+    profile = get_profile(target)
+    path = Path(model) if model is not None else demo_checkpoint(progress)
+    recipe = resolve_recipe(quant or profile.default_quant)
+    load_checkpoint(path, components=[])  # full name/shape/dtype check of every tensor, no weights read
+    family, cfg_json = detect_family(path)
+    cfg = family.read_config(path, cfg_json)
+    return ExportPlan(profile, path, recipe.name, fit_check(profile, family, cfg, recipe, context))

@@ -1,0 +1,1 @@
+"""Bundles: manifest schema, atomic writer, verification. Arrives with the first target."""

@@ -1,0 +1,227 @@
+"""`omni-export`: a thin typer layer over omni_export.api. Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from omni_export.errors import OmniExportError
+
+app = typer.Typer(add_completion=False, invoke_without_command=True, no_args_is_help=False,
+                  help="Compile omni-modal checkpoints into verified per-device bundles.")  # fmt: skip
+# Piped output (CI logs, files) gets a width that keeps the tables readable.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True)
+
+EXIT_ERROR, EXIT_DOES_NOT_FIT = 2, 3
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(EXIT_ERROR)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _spinner(title: str):  # type: ignore[no-untyped-def]
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn(f"{title}: {{task.description}}"), TimeElapsedColumn(), console=err, transient=True)
+
+
+def _with_progress(title: str, fn):  # type: ignore[no-untyped-def]
+    with _spinner(title) as prog:
+        task = prog.add_task("starting")
+        return fn(lambda step: prog.update(task, description=step))
+
+
+def _fit_table(fit) -> Table:  # type: ignore[no-untyped-def]
+    p, plan = fit.profile, fit.plan
+    t = Table(title=f"memory fit on {p.name} ({p.description}), {plan.recipe}, context {plan.context}")
+    t.add_column("item")
+    t.add_column("precision")
+    t.add_column("params", justify="right")
+    t.add_column("bytes", justify="right")
+    for c in plan.components:
+        t.add_row(c.name, c.precision, f"{c.params / 1e6:,.1f} M", _gb(c.weight_bytes))
+    t.add_row("KV cache", "fp32" if plan.recipe == "fp32" else "fp16", "", _gb(plan.kv_bytes))
+    t.add_row("activations (peak, est.)", "", "", _gb(plan.activation_bytes))
+    t.add_row("runtime overhead", "", "", _gb(plan.overhead_bytes))
+    t.add_row("[bold]total[/]", "", "", f"[bold]{_gb(plan.total_bytes)}[/]")
+    t.add_row("usable on device", "", "", _gb(fit.available_bytes))
+    verdict = "[green]fits[/]" if fit.fits else "[red]does NOT fit[/]"
+    t.add_row(f"[bold]{verdict}[/]", "", "", f"margin {_gb(fit.margin_bytes)}")
+    return t
+
+
+@app.callback()
+def main_job(
+    ctx: typer.Context,
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="device profile or alias (see `omni-export profiles`)"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="checkpoint directory; default: the built-in demo"),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="preset (fp32, fp16, int8, w8a8, int4, int4-all) or recipe .toml"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="bundle directory"),
+    context: Optional[int] = typer.Option(None, "--context", help="max context (default: the profile's)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Main job: omni-export --target PROFILE [--model DIR] [--quant PRESET] [--out DIR]."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if ctx.invoked_subcommand is not None:
+        return
+    if target is None:
+        console.print(ctx.get_help())
+        raise typer.Exit(0)
+    from omni_export import api
+
+    try:
+        plan = _with_progress("preparing", lambda cb: api.plan_export(target, model, quant, context, progress=cb))
+    except OmniExportError as exc:
+        _fail(exc)
+    console.print(f"checkpoint: {plan.model}")
+    console.print(_fit_table(plan.fit))
+    if not plan.fit.fits:
+        err.print("[red]The model does not fit this device at this precision and context.[/] "
+                  "Try a lower-bit --quant or a shorter --context.")  # fmt: skip
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
+    console.print(
+        f"[yellow]Stopped after the fit check:[/] tracing and lowering for the {plan.profile.target} target are "
+        "not implemented in this version yet, so no bundle was written"
+        + (f" to {out}" if out else "") + "."
+    )
+
+
+@app.command()
+def synth(
+    family: str = typer.Option(..., "--family", "-f", help="interactiveomni or vita15"),
+    size: str = typer.Option("tiny", "--size", "-s", help="tiny, small, full (interactiveomni also full-8b)"),
+    out: Path = typer.Option(..., "--out", "-o"),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Write a synthetic checkpoint in the family's exact on-disk layout."""
+    from omni_export.export.synthetic import write_synthetic
+
+    try:
+        path = _with_progress("writing", lambda cb: write_synthetic(family, size, out, seed, progress=cb, overwrite=overwrite))
+    except OmniExportError as exc:
+        _fail(exc)
+    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    console.print(f"wrote {family} {size} checkpoint to {path} ({_gb(total)})")
+
+
+@app.command()
+def run(
+    checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
+    audio: Optional[Path] = typer.Option(None, "--audio", "-a", help="question as a sound file (resampled as needed)"),
+    image: Optional[Path] = typer.Option(None, "--image", "-i"),
+    text: Optional[str] = typer.Option(None, "--text"),
+    out: Path = typer.Option(Path("reply.wav"), "--out", "-o", help="where to write the spoken reply (24 kHz wav)"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Answer one question with the eager reference model: text to stdout, speech to --out."""
+    from omni_export import api
+    from omni_export.export.reference import respond
+    from omni_export.runtime_py.audio import write_wav
+
+    if dtype not in ("fp32", "fp16"):
+        _fail(ValueError(f"--dtype must be fp32 or fp16, got {dtype!r}"))
+    try:
+        ckpt = _with_progress("loading", lambda cb: api.load(checkpoint, dtype, progress=cb))
+        reply = _with_progress("answering", lambda cb: respond(ckpt, audio=audio, image=image, text=text,
+                                                               max_new_tokens=max_new_tokens, seed=seed))  # fmt: skip
+    except OmniExportError as exc:
+        _fail(exc)
+    write_wav(out, reply.audio, reply.sample_rate)
+    seconds = len(reply.audio) / reply.sample_rate
+    if as_json:
+        print(json.dumps({"text": reply.text, "tokens": reply.token_ids, "wav": str(out), "seconds": seconds,
+                          "sample_rate": reply.sample_rate, "prompt_tokens": reply.prompt_tokens,
+                          "timings_ms": reply.timings_ms}))  # fmt: skip
+        return
+    console.print(f"[bold]text:[/] {reply.text}")
+    console.print(f"speech: {out} ({seconds:.2f} s at {reply.sample_rate} Hz); prompt {reply.prompt_tokens} tokens, "
+                  + ", ".join(f"{k} {v:.0f} ms" for k, v in reply.timings_ms.items()))  # fmt: skip
+
+
+@app.command()
+def profiles(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the device profiles."""
+    from omni_export.configs import to_dict
+    from omni_export.profiles import all_profiles
+
+    profs = all_profiles()
+    if as_json:
+        print(json.dumps({n: to_dict(p) for n, p in profs.items()}, indent=2))
+        return
+    t = Table(title="device profiles")
+    for col in ("name", "aliases", "target", "memory", "usable", "bandwidth", "peak fp16", "default quant", "max ctx"):
+        t.add_column(col)
+    for p in profs.values():
+        t.add_row(p.name, ", ".join(p.aliases), p.target, f"{p.memory_gb:g} GB", f"{p.usable_memory_gb:g} GB",
+                  f"{p.bandwidth_gbs:g} GB/s", f"{p.peak_fp16_tflops:g} TFLOPS", p.default_quant, str(p.max_context))  # fmt: skip
+    console.print(t)
+
+
+@app.command()
+def fit(
+    target: str = typer.Option(..., "--target", "-t"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="checkpoint directory"),
+    family: Optional[str] = typer.Option(None, "--family", "-f", help="instead of --model: a family preset ..."),
+    size: str = typer.Option("full", "--size", help="... at this size (no checkpoint needed)"),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q"),
+    context: Optional[int] = typer.Option(None, "--context"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Will the model fit the device? Weights + KV cache + activations vs usable memory."""
+    from omni_export.configs import to_dict
+    from omni_export.export.checkpoint import detect_family
+    from omni_export.export.families import FAMILIES
+    from omni_export.profiles import get_profile
+    from omni_export.profiles.fit import fit_check
+    from omni_export.quantize.presets import resolve_recipe
+
+    try:
+        profile = get_profile(target)
+        if model is not None:
+            fam, cfg_json = detect_family(model)
+            cfg = fam.read_config(model, cfg_json)
+        elif family is not None:
+            fam = FAMILIES.get(family)
+            cfg = fam.preset(size)
+        else:
+            raise OmniExportError("give --model DIR or --family NAME [--size SIZE]")
+        result = fit_check(profile, fam, cfg, resolve_recipe(quant or profile.default_quant), context)
+    except OmniExportError as exc:
+        _fail(exc)
+    if as_json:
+        plan = result.plan
+        print(json.dumps({"profile": profile.name, "fits": result.fits, "margin_bytes": result.margin_bytes,
+                          "available_bytes": result.available_bytes, "total_bytes": plan.total_bytes,
+                          "weight_bytes": plan.weight_bytes, "kv_bytes": plan.kv_bytes,
+                          "activation_bytes": plan.activation_bytes, "overhead_bytes": plan.overhead_bytes,
+                          "recipe": plan.recipe, "context": plan.context,
+                          "components": [to_dict(c) for c in plan.components]}, indent=2))  # fmt: skip
+    else:
+        console.print(_fit_table(result))
+    if not result.fits:
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

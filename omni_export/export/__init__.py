@@ -1,0 +1,1 @@
+"""Reading checkpoints into eager components, writing synthetic ones, and (later) tracing."""

@@ -1,0 +1,271 @@
+"""Reading a checkpoint directory: config.json -> family -> components built on the meta device,
+tensors checked one by one against what each component expects, then assigned.
+
+Tensors come from safetensors (single ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``) or, for side files a family declares (VITA-1.5's TTS), from
+``.pt`` files read only with ``torch.load(weights_only=True)``. Every mismatch is collected and
+reported by tensor name in one CheckpointError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from omni_export.errors import CheckpointError, UnknownModelTypeError
+from omni_export.export.families import FAMILIES, MODEL_TYPES, ComponentSpec, Family
+from omni_export.files import read_json
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_MAX_LISTED = 20
+
+
+def detect_family(root: Path) -> tuple[Family, dict[str, Any]]:
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} does not exist")
+    cfg = read_json(root / "config.json")
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise UnknownModelTypeError(
+            f"{root / 'config.json'}: model_type {model_type!r} is not supported; supported: "
+            f"{', '.join(MODEL_TYPES.names())} (families: {', '.join(FAMILIES.names())})."
+        )
+    return MODEL_TYPES.get(model_type), cfg
+
+
+class TensorSource:
+    """Lazy access to the tensors of one source (the root safetensors set or one .pt file)."""
+
+    def __init__(self, root: Path, source: str) -> None:
+        self.root, self.source = root, source
+        self._files: dict[str, Any] = {}
+        self.locations: dict[str, str] = {}  # tensor name -> file name (relative)
+        self._pt: dict[str, torch.Tensor] | None = None
+        if source:
+            self._open_pt(root / source)
+        else:
+            self._open_safetensors()
+
+    def _open_safetensors(self) -> None:
+        index_path, single = self.root / INDEX, self.root / SINGLE
+        if index_path.is_file():
+            index = read_json(index_path)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path} has no 'weight_map' object")
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                keys = self._open_shard(shard)
+                listed = {k for k, v in weight_map.items() if v == shard}
+                if listed - keys:
+                    raise CheckpointError(
+                        f"{shard}: tensors listed in {INDEX} are not in the shard: {_names(listed - keys)}"
+                    )
+                if keys - listed:
+                    raise CheckpointError(
+                        f"{shard}: holds tensors {INDEX} does not list: {_names(keys - listed)}; "
+                        "the index and the shards are out of step."
+                    )
+                for k in keys:
+                    self.locations[k] = shard
+        elif single.is_file():
+            for k in self._open_shard(SINGLE):
+                self.locations[k] = SINGLE
+        else:
+            raise CheckpointError(f"{self.root} has neither {SINGLE} nor {INDEX}; no weights to load.")
+
+    def _open_shard(self, name: str) -> set[str]:
+        from safetensors import safe_open
+
+        path = self.root / name
+        if not path.is_file():
+            raise CheckpointError(f"weight shard {path} is missing")
+        try:
+            handle = safe_open(str(path), framework="pt")
+            keys = set(handle.keys())
+        except Exception as exc:  # safetensors raises SafetensorError / OSError on bad files
+            raise CheckpointError(f"cannot read {path}: {exc}. The file is corrupt or truncated; re-download it.") from None
+        self._files[name] = handle
+        return keys
+
+    def _open_pt(self, path: Path) -> None:
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # UnpicklingError for non-tensor payloads, RuntimeError for truncation
+            raise CheckpointError(
+                f"cannot load {path} with torch.load(weights_only=True): {exc}. Only plain tensor "
+                "state dicts are accepted; a file that needs arbitrary unpickling is refused."
+            ) from None
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise CheckpointError(f"{path} must hold a flat dict of tensor name -> tensor")
+        self._pt = data
+        self.locations = {k: self.source for k in data}
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._pt is not None:
+            return self._pt[name]
+        try:
+            return self._files[self.locations[name]].get_tensor(name)
+        except Exception as exc:
+            raise CheckpointError(
+                f"tensor {name!r} in {self.locations[name]} cannot be read ({exc}); the file is truncated or corrupt."
+            ) from None
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        if self._pt is not None:
+            t = self._pt[name]
+            return tuple(t.shape), t.dtype
+        sl = self._files[self.locations[name]].get_slice(name)
+        return tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), torch.uint8)
+
+
+_ST_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _names(names: Iterable[str]) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+    return ", ".join(names[:_MAX_LISTED]) + more
+
+
+def meta_build(spec: ComponentSpec) -> nn.Module:
+    with torch.device("meta"):
+        return spec.build()
+
+
+def plan(specs: Iterable[ComponentSpec], sources: dict[str, TensorSource]) -> dict[str, dict[str, str]]:
+    """Match checkpoint tensors to component parameters: spec name -> {module key: checkpoint key}.
+
+    Raises one CheckpointError naming every missing, unexpected, mis-shaped or mis-typed tensor.
+    """
+    problems: list[str] = []
+    claimed: dict[str, set[str]] = {s: set() for s in sources}
+    result: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        src = sources[spec.source]
+        module = meta_build(spec)
+        mapping: dict[str, str] = {}
+        for key, expected in module.state_dict().items():
+            ckpt_key = spec.to_checkpoint_name(key)
+            where = spec.source or "safetensors"
+            if ckpt_key not in src.locations:
+                problems.append(f"missing tensor {ckpt_key!r} ({spec.name}.{key}, shape {list(expected.shape)}) in {where}")
+                continue
+            shape, dtype = src.shape_dtype(ckpt_key)
+            if shape != tuple(expected.shape):
+                problems.append(f"tensor {ckpt_key!r} has shape {list(shape)}, {spec.name} expects {list(expected.shape)}")
+            elif dtype.is_floating_point != expected.dtype.is_floating_point:
+                problems.append(f"tensor {ckpt_key!r} has dtype {dtype}, {spec.name} expects {expected.dtype}")
+            mapping[key] = ckpt_key
+            claimed[spec.source].add(ckpt_key)
+        result[spec.name] = mapping
+    for name, src in sources.items():
+        extra = set(src.locations) - claimed[name]
+        if extra:
+            problems.append(f"unexpected tensor(s) in {name or 'safetensors'}: {_names(extra)}")
+    if problems:
+        shown = "\n  - ".join(problems[:_MAX_LISTED])
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise CheckpointError(
+            f"checkpoint does not match its config ({len(problems)} problem(s)):\n  - {shown}{more}\n"
+            "Check that config.json belongs to these weights."
+        )
+    return result
+
+
+@dataclass
+class Checkpoint:
+    root: Path
+    family: Family
+    config: Any
+    components: dict[str, nn.Module]
+    tokenizer: Any  # tokenizers.Tokenizer
+    special_ids: dict[str, int]
+    specs: dict[str, ComponentSpec] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """sha256 over config files, the index and each weight file's name, size and header.
+
+        Cheap enough for 16 GB checkpoints; any change to shapes, names or file sizes changes it."""
+        h = hashlib.sha256()
+        for path in sorted(self.root.rglob("*")):
+            if not path.is_file():
+                continue
+            rel = path.relative_to(self.root).as_posix()
+            h.update(rel.encode())
+            h.update(str(path.stat().st_size).encode())
+            with path.open("rb") as f:
+                h.update(f.read(1 << 20))
+        return h.hexdigest()
+
+
+def load_tokenizer(root: Path):  # -> tokenizers.Tokenizer
+    from tokenizers import Tokenizer
+
+    path = root / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint needs its tokenizer.")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def load_checkpoint(
+    root: str | Path,
+    dtype: torch.dtype | None = None,
+    components: Iterable[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Checkpoint:
+    """Load a checkpoint. ``dtype`` None keeps the stored float dtype (memory-mapped where the
+    file allows); ``components`` restricts which components are materialised (all are checked)."""
+    root = Path(root)
+    family, cfg_json = detect_family(root)
+    cfg = family.read_config(root, cfg_json)
+    specs = list(family.specs(cfg))
+    sources = {s: TensorSource(root, s) for s in dict.fromkeys(sp.source for sp in specs)}
+    mapping = plan(specs, sources)
+    wanted = set(components) if components is not None else {s.name for s in specs}
+    unknown = wanted - {s.name for s in specs}
+    if unknown:
+        raise CheckpointError(f"unknown component(s) {sorted(unknown)}; {family.name} has {[s.name for s in specs]}")
+    built: dict[str, nn.Module] = {}
+    for spec in specs:
+        if spec.name not in wanted:
+            continue
+        if progress:
+            progress(spec.name)
+        module = meta_build(spec)
+        src = sources[spec.source]
+        state = {}
+        for key, ckpt_key in mapping[spec.name].items():
+            t = src.get(ckpt_key)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            state[key] = t
+        module.load_state_dict(state, strict=True, assign=True)
+        built[spec.name] = module.eval()
+    tokenizer = load_tokenizer(root)
+    special_ids = {}
+    for tok in family.special_tokens:
+        tid = tokenizer.token_to_id(tok)
+        if tid is None:
+            raise CheckpointError(f"{root / 'tokenizer.json'} lacks the special token {tok!r} that {family.name} needs")
+        special_ids[tok] = tid
+    return Checkpoint(root, family, cfg, built, tokenizer, special_ids, {s.name: s for s in specs})

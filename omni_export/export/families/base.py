@@ -1,0 +1,112 @@
+"""What a model family is: its config, its components (specs) and how checkpoint tensor names map
+onto component parameters. A new family adds a module here, not branches elsewhere."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from omni_export.registry import Registry
+
+if TYPE_CHECKING:
+    from omni_export.export.checkpoint import Checkpoint
+
+SIZES = ("tiny", "small", "full")
+MAIN_WEIGHTS = ""  # the safetensors set at the checkpoint root
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One deployable component.
+
+    ``weights`` maps checkpoint-name prefixes to module-parameter prefixes; a checkpoint tensor
+    belongs to the spec with the longest matching prefix within the same ``source`` (the root
+    safetensors set, or a ``.pt`` file relative to the checkpoint directory).
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    weights: tuple[tuple[str, str], ...]
+    source: str = MAIN_WEIGHTS
+    description: str = ""
+    methods: tuple[str, ...] = ("forward",)
+
+    def to_checkpoint_name(self, module_key: str) -> str:
+        for ckpt_prefix, mod_prefix in sorted(self.weights, key=lambda w: -len(w[1])):
+            if module_key.startswith(mod_prefix):
+                return ckpt_prefix + module_key[len(mod_prefix) :]
+        raise KeyError(f"{self.name}: parameter {module_key!r} is not covered by any weight prefix")
+
+
+@dataclass
+class Conversation:
+    """Inputs of one turn, already preprocessed (what the reference pipeline feeds the model)."""
+
+    audio: np.ndarray | None = None  # mono float32 at the family's input rate
+    image: np.ndarray | None = None  # [tiles, 3, S, S] normalised
+    text: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Family(ABC):
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    description: ClassVar[str]
+    audio_sample_rate: ClassVar[int] = 16000
+    output_sample_rate: ClassVar[int] = 24000
+    special_tokens: ClassVar[tuple[str, ...]]
+    eos_tokens: ClassVar[tuple[str, ...]] = ("<|im_end|>", "<|endoftext|>")
+
+    # -- configuration ------------------------------------------------------------------------
+    @abstractmethod
+    def preset(self, size: str) -> Any:
+        """The family config for a synthetic size (tiny / small / full)."""
+
+    @abstractmethod
+    def read_config(self, root: Path, config_json: dict[str, Any]) -> Any:
+        """Parse config.json (and any side files) into the family config."""
+
+    @abstractmethod
+    def config_files(self, cfg: Any) -> dict[str, dict[str, Any]]:
+        """Relative path -> JSON content of every config file a checkpoint carries."""
+
+    @abstractmethod
+    def specs(self, cfg: Any) -> Sequence[ComponentSpec]:
+        """The components, in pipeline order."""
+
+    def llm_config(self, cfg: Any) -> Any:
+        return cfg.llm
+
+    # -- reference pipeline hooks (eager, used by the reference runner) ---------------------------
+    @abstractmethod
+    def audio_tokens(self, ckpt: Checkpoint, wav: torch.Tensor) -> torch.Tensor:
+        """16 kHz mono waveform [N] -> LLM-width audio tokens [M, H]."""
+
+    @abstractmethod
+    def prompt(self, ckpt: Checkpoint, n_image: int, n_audio: int, text: str | None) -> list[int]:
+        """Token ids of one user turn plus the assistant header, with placeholders expanded."""
+
+    @abstractmethod
+    def speak(self, ckpt: Checkpoint, text_ids: torch.Tensor, text_states: torch.Tensor, seed: int) -> np.ndarray:
+        """Speech for the generated text: 24 kHz float waveform."""
+
+    image_token: ClassVar[str]
+    audio_token: ClassVar[str]
+
+
+FAMILIES: Registry[Family] = Registry("model family")
+MODEL_TYPES: Registry[Family] = Registry("model_type")
+
+
+def register(family: Family) -> Family:
+    FAMILIES.register(family.name, family)
+    for mt in family.model_types:
+        MODEL_TYPES.register(mt, family)
+    return family

@@ -1,0 +1,243 @@
+"""InteractiveOmni-4B/8B: InternViT + mlp1, Whisper-large-v3 + pooling adapter, Qwen3 LLM, and a
+CosyVoice2-style speech decoder (speech-token LM -> flow matching -> HiFiGAN).
+
+Checkpoint layout (InternVL conventions), all in the root safetensors set:
+
+| checkpoint prefix    | component        | module prefix |
+| -------------------- | ---------------- | ------------- |
+| vision_model.        | vision_encoder   | encoder.      |
+| mlp1.                | vision_encoder   | projector.    |
+| audio_model.         | audio_encoder    | encoder.      |
+| audio_projector.     | audio_encoder    | adapter.      |
+| language_model.      | llm              | (Qwen3ForCausalLM names) |
+| voicelm.llm.         | speech_lm        |               |
+| voicelm.flow.        | flow             |               |
+| voicelm.hift.        | vocoder          |               |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from omni_export.configs import from_dict, to_dict
+from omni_export.errors import ConfigError
+from omni_export.export.components.flow import FlowConfig, FlowDecoder
+from omni_export.export.components.hifigan import HiFiGAN, VocoderConfig
+from omni_export.export.components.internvit import InternViTConfig, VisionEncoder, mlp1_projector
+from omni_export.export.components.qwen import QwenConfig, QwenForCausalLM
+from omni_export.export.components.speech_lm import SOS, TASK, SpeechLM, SpeechLMConfig
+from omni_export.export.components.whisper import WhisperAudioEncoder, WhisperEncoderConfig
+from omni_export.export.families.base import ComponentSpec, Family, register
+from omni_export.export.families.common import chat_prompt, check_keys, encode, require, sample
+from omni_export.runtime_py.audio import WhisperLogMel
+
+TOP_KEYS = {
+    "architectures", "model_type", "llm_config", "vision_config", "audio_config", "voicelm_config",
+    "downsample_ratio", "force_image_size", "max_dynamic_patch", "min_dynamic_patch", "use_thumbnail",
+    "ps_version", "select_layer", "template", "dynamic_image_size", "torch_dtype", "transformers_version",
+    "use_flash_attn", "auto_map",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VoiceLMConfig:
+    speech_lm: SpeechLMConfig
+    flow: FlowConfig
+    hift: VocoderConfig
+
+
+@dataclass(frozen=True)
+class InteractiveOmniConfig:
+    llm: QwenConfig
+    vision: InternViTConfig
+    audio: WhisperEncoderConfig
+    voicelm: VoiceLMConfig
+    downsample_ratio: float = 0.5
+    max_dynamic_patch: int = 12
+
+
+def _qwen2(hidden: int, layers: int, heads: int, kv: int, inter: int) -> QwenConfig:
+    return QwenConfig(vocab_size=0, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
+                      rope_theta=1e6, attention_bias=True)
+
+
+def _qwen3(vocab: int, hidden: int, layers: int, heads: int, kv: int, inter: int, head_dim: int) -> QwenConfig:
+    return QwenConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, rope_theta=1e6,
+                      tie_word_embeddings=True, qk_norm=True, max_position_embeddings=40960)
+
+
+def _preset(size: str) -> InteractiveOmniConfig:
+    if size == "tiny":
+        llm = _qwen3(640, 64, 2, 4, 2, 128, 16)
+        vision = InternViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=112)
+        audio = WhisperEncoderConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64)
+        slm = _qwen2(32, 2, 2, 1, 64)
+        flow = FlowConfig(dim=32, encoder_layers=1, encoder_post_layers=1, heads=2, ffn=64, estimator_dim=32,
+                          estimator_layers=2, estimator_heads=2, estimator_ffn=64, n_timesteps=4)
+        hift = VocoderConfig(upsample_initial_channel=32, resblock_kernel_sizes=(3,))
+        spk_limit = 8
+    elif size == "small":
+        llm = _qwen3(16384, 768, 12, 12, 4, 2048, 64)
+        vision = InternViTConfig(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024)
+        audio = WhisperEncoderConfig(d_model=256, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=1024)
+        slm = _qwen2(256, 4, 4, 2, 704)
+        flow = FlowConfig(dim=192, encoder_layers=2, encoder_post_layers=2, heads=4, ffn=768, estimator_dim=128,
+                          estimator_layers=4, estimator_heads=4, estimator_ffn=512)
+        hift = VocoderConfig(upsample_initial_channel=128)
+        spk_limit = 12
+    elif size in ("full", "full-8b"):
+        llm = (_qwen3(151936, 2560, 36, 32, 8, 9728, 128) if size == "full"
+               else replace(_qwen3(151936, 4096, 36, 32, 8, 12288, 128), tie_word_embeddings=False))
+        vision = InternViTConfig()  # InternViT-300M-448px
+        audio = WhisperEncoderConfig(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120)
+        slm = _qwen2(896, 24, 14, 2, 4864)  # Qwen2.5-0.5B, as CosyVoice2's LM
+        flow, hift, spk_limit = FlowConfig(), VocoderConfig(), 20
+    else:
+        raise ConfigError(f"unknown size {size!r} for interactiveomni; choose tiny, small, full or full-8b")
+    return InteractiveOmniConfig(
+        llm=llm, vision=vision, audio=audio,
+        voicelm=VoiceLMConfig(SpeechLMConfig(llm=slm, text_dim=llm.hidden_size, max_speech_per_text=spk_limit), flow, hift),
+    )  # fmt: skip
+
+
+class InteractiveOmni(Family):
+    name = "interactiveomni"
+    model_types = ("interactiveomni",)
+    description = "InteractiveOmni-4B/8B (SenseTime): InternViT + Whisper-large-v3 + Qwen3 + CosyVoice2-style speech"
+    sizes = ("tiny", "small", "full", "full-8b")
+    image_token = "<IMG_CONTEXT>"
+    audio_token = "<AUDIO_CONTEXT>"
+    special_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
+                      "<audio>", "</audio>", "<AUDIO_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+
+    def preset(self, size: str) -> InteractiveOmniConfig:
+        return _preset(size)
+
+    def read_config(self, root: Path, d: dict[str, Any]) -> InteractiveOmniConfig:
+        where = str(root / "config.json")
+        check_keys(d, TOP_KEYS, where)
+        llm = QwenConfig.from_hf(require(d, "llm_config", where), f"{where}: llm_config")
+        voicelm = from_dict(VoiceLMConfig, require(d, "voicelm_config", where), where=f"{where}: voicelm_config")
+        if voicelm.speech_lm.text_dim != llm.hidden_size:
+            raise ConfigError(f"{where}: voicelm_config.speech_lm.text_dim {voicelm.speech_lm.text_dim} "
+                              f"must equal the LLM hidden size {llm.hidden_size}")
+        return InteractiveOmniConfig(
+            llm=llm,
+            vision=InternViTConfig.from_hf(require(d, "vision_config", where), f"{where}: vision_config"),
+            audio=WhisperEncoderConfig.from_hf(require(d, "audio_config", where), f"{where}: audio_config"),
+            voicelm=voicelm,
+            downsample_ratio=float(d.get("downsample_ratio", 0.5)),
+            max_dynamic_patch=int(d.get("max_dynamic_patch", 12)),
+        )
+
+    def config_files(self, cfg: InteractiveOmniConfig) -> dict[str, dict[str, Any]]:
+        config = {
+            "architectures": ["InteractiveOmniModel"],
+            "model_type": "interactiveomni",
+            "llm_config": cfg.llm.to_hf(),
+            "vision_config": cfg.vision.to_hf(),
+            "audio_config": cfg.audio.to_hf(),
+            "voicelm_config": to_dict(cfg.voicelm),
+            "downsample_ratio": cfg.downsample_ratio,
+            "force_image_size": cfg.vision.image_size,
+            "max_dynamic_patch": cfg.max_dynamic_patch,
+            "min_dynamic_patch": 1,
+            "use_thumbnail": True,
+            "ps_version": "v2",
+            "select_layer": -1,
+            "template": "interactiveomni_chat",
+            "torch_dtype": "bfloat16",
+            "transformers_version": "4.51.3",
+            "use_flash_attn": False,
+        }
+        gen = {"bos_token_id": None, "eos_token_id": None, "do_sample": False, "max_new_tokens": 512}
+        return {"config.json": config, "generation_config.json": gen}
+
+    def specs(self, cfg: InteractiveOmniConfig) -> list[ComponentSpec]:
+        d_llm = cfg.llm.hidden_size
+        v = cfg.voicelm
+        return [
+            ComponentSpec("vision_encoder", lambda: VisionEncoder(cfg.vision, mlp1_projector(cfg.vision.hidden_size, d_llm, cfg.downsample_ratio), cfg.downsample_ratio),
+                          (("vision_model.", "encoder."), ("mlp1.", "projector.")), description="InternViT + pixel shuffle + mlp1: tiles -> LLM tokens"),
+            ComponentSpec("audio_encoder", lambda: WhisperAudioEncoder(cfg.audio, d_llm),
+                          (("audio_model.", "encoder."), ("audio_projector.", "adapter.")), description="Whisper encoder + pooling adapter: log-mel -> LLM tokens (25 Hz)"),
+            ComponentSpec("llm", lambda: QwenForCausalLM(cfg.llm), (("language_model.", ""),),
+                          description="Qwen3 decoder with static KV cache", methods=("prefill", "decode")),
+            ComponentSpec("speech_lm", lambda: SpeechLM(v.speech_lm), (("voicelm.llm.", ""),),
+                          description="speech-token LM over text-side states", methods=("prefill", "decode")),
+            ComponentSpec("flow", lambda: FlowDecoder(v.flow), (("voicelm.flow.", ""),),
+                          description="chunk-causal flow matching: speech tokens -> mel"),
+            ComponentSpec("vocoder", lambda: HiFiGAN(v.hift), (("voicelm.hift.", ""),), description="HiFiGAN: mel -> 24 kHz"),
+        ]  # fmt: skip
+
+    # -- reference pipeline -------------------------------------------------------------------
+    def audio_tokens(self, ckpt, wav: torch.Tensor) -> torch.Tensor:
+        enc = ckpt.components["audio_encoder"]
+        mel = WhisperLogMel(ckpt.config.audio.num_mel_bins)(wav)
+        window = 2 * ckpt.config.audio.max_source_positions  # Whisper positions cover 30 s of frames
+        dtype = next(enc.parameters()).dtype
+        parts = [enc(mel[..., i : i + window].to(dtype))[0] for i in range(0, mel.shape[-1], window)]
+        return torch.cat(parts)
+
+    def prompt(self, ckpt, n_image: int, n_audio: int, text: str | None) -> list[int]:
+        user = ""
+        if n_image:
+            user += "<img>" + "<IMG_CONTEXT>" * n_image + "</img>\n"
+        if n_audio:
+            user += "<audio>" + "<AUDIO_CONTEXT>" * n_audio + "</audio>\n"
+        user += text or ""
+        return encode(ckpt.tokenizer, chat_prompt(user))
+
+    def speak(self, ckpt, text_ids: torch.Tensor, text_states: torch.Tensor, seed: int) -> np.ndarray:
+        slm: SpeechLM = ckpt.components["speech_lm"]
+        flow: FlowDecoder = ckpt.components["flow"]
+        vocoder = ckpt.components["vocoder"]
+        c = slm.cfg
+        gen = torch.Generator().manual_seed(seed)
+        n_text = max(text_states.shape[1], 1)
+        limit = c.max_speech_per_text * n_text
+        slm.llm.setup_cache(2 + n_text + limit + c.speech_chunk * (n_text // c.text_chunk + 1))
+        pos = 0
+
+        def run(embeds: torch.Tensor) -> torch.Tensor:
+            nonlocal pos
+            logits = slm(embeds, torch.arange(pos, pos + embeds.shape[1]))
+            pos += embeds.shape[1]
+            return logits[0, -1]
+
+        speech: list[int] = []
+        logits = run(slm.embed_special(SOS))
+        chunks = list(torch.split(text_states, c.text_chunk, dim=1))
+        for i, chunk in enumerate(chunks):
+            logits = run(slm.embed_text(chunk.to(slm.text_projector.weight.dtype)))
+            if i == len(chunks) - 1:
+                break
+            for _ in range(c.speech_chunk):  # bistream: a fixed speech run per text chunk
+                tok = sample(logits, 25, gen, allowed=c.speech_vocab)
+                speech.append(tok)
+                logits = run(slm.embed_speech(torch.tensor([[tok]])))
+        logits = run(slm.embed_special(TASK))
+        while len(speech) < limit:
+            tok = sample(logits, 25, gen, allowed=c.speech_vocab + 1)
+            if tok == c.eos:
+                break
+            speech.append(tok)
+            logits = run(slm.embed_speech(torch.tensor([[tok]])))
+        if not speech:
+            return np.zeros(0, dtype=np.float32)
+        dtype = flow.input_embedding.weight.dtype
+        mu = flow.encode(torch.tensor([speech]))
+        spks = flow.speaker(flow.default_speaker_embedding[None])
+        noise = torch.randn(mu.shape, generator=gen).to(dtype)
+        mel = flow.solve(mu, spks, noise)
+        return vocoder(mel.to(dtype))[0].float().numpy()
+
+
+register(InteractiveOmni())

@@ -1,0 +1,196 @@
+"""VITA-1.5: InternViT + mlp2x_gelu, Whale audio encoder + CNN adapter, Qwen2.5-7B, and the
+NAR/AR codec-token TTS with a TiCodec-style decoder.
+
+Checkpoint layout (VITAQwen2ForCausalLM conventions):
+
+| file / prefix                                   | component      | module prefix |
+| ----------------------------------------------- | -------------- | ------------- |
+| safetensors `model.vision_tower.vision_tower.`  | vision_encoder | encoder.      |
+| safetensors `model.mm_projector.`               | vision_encoder | projector.    |
+| safetensors `model.audio_encoder.encoder.`      | audio_encoder  | encoder.      |
+| safetensors `model.audio_encoder.adpter.`       | audio_encoder  | adpter.       |
+| safetensors `model.`, `lm_head.`                | llm            | (Qwen2ForCausalLM names) |
+| `vita_tts_ckpt/decoder/final.pt` (+ model.json) | tts_nar, tts_ar | input_proj./pre_nn. and ar./codec_embedding./codec_head. |
+| `vita_tts_ckpt/codec/final.pt` (+ model.json)   | codec_decoder  |               |
+
+config.json is the flat Qwen2 config with ``model_type: vita-Qwen2`` and VITA's ``mm_*`` keys; the
+vision tower's and audio encoder's configs, which the release fetches from the hub by name, are
+localised into ``vision_config`` and ``audio_config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from omni_export.configs import from_dict, to_dict
+from omni_export.errors import ConfigError
+from omni_export.files import read_json
+from omni_export.export.components.codec import CodecConfig, CodecDecoder
+from omni_export.export.components.internvit import InternViTConfig, VisionEncoder, mlp2x_gelu_projector
+from omni_export.export.components.qwen import QwenConfig, QwenForCausalLM
+from omni_export.export.components.vita_tts import VitaTTSAr, VitaTTSConfig, VitaTTSNar
+from omni_export.export.components.whale import WhaleAudioEncoder, WhaleConfig
+from omni_export.export.families.base import ComponentSpec, Family, register
+from omni_export.export.families.common import chat_prompt, encode, require, sample
+from omni_export.runtime_py.audio import KaldiFbank
+
+TTS_DIR = "vita_tts_ckpt/decoder"
+CODEC_DIR = "vita_tts_ckpt/codec"
+MM_KEYS = {
+    "mm_vision_tower", "mm_audio_encoder", "mm_hidden_size", "mm_projector_type", "mm_use_im_start_end",
+    "mm_use_im_patch_token", "mm_vision_select_layer", "mm_vision_select_feature", "mm_projector_lr",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Vita15Config:
+    llm: QwenConfig
+    vision: InternViTConfig
+    audio: WhaleConfig
+    tts: VitaTTSConfig
+    codec: CodecConfig
+    downsample_ratio: float = 0.5
+    max_dynamic_patch: int = 12
+
+
+def _llm(vocab: int, hidden: int, layers: int, heads: int, kv: int, inter: int) -> QwenConfig:
+    return QwenConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
+                      rope_theta=1e6, attention_bias=True, tie_word_embeddings=False)
+
+
+def _preset(size: str) -> Vita15Config:
+    if size == "tiny":
+        llm = _llm(640, 64, 2, 4, 2, 128)
+        vision = InternViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=112)
+        audio = WhaleConfig(output_size=32, attention_heads=2, linear_units=64, num_blocks=2, adapter_hidden=64)
+        tts = VitaTTSConfig(input_dim=64, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64, nar_layers=1, ar_layers=2)
+        codec = CodecConfig(code_dim=32, global_vocab=64, channels=32)
+    elif size == "small":
+        llm = _llm(16384, 768, 12, 12, 2, 2048)
+        vision = InternViTConfig(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024)
+        audio = WhaleConfig(output_size=256, attention_heads=4, linear_units=1024, num_blocks=4, adapter_hidden=512)
+        tts = VitaTTSConfig(input_dim=768, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=704, nar_layers=2, ar_layers=4)
+        codec = CodecConfig(code_dim=128, global_vocab=256, channels=128)
+    elif size == "full":
+        llm = _llm(152064, 3584, 28, 28, 4, 18944)  # Qwen2.5-7B
+        vision, audio = InternViTConfig(), WhaleConfig()
+        tts, codec = VitaTTSConfig(input_dim=3584), CodecConfig()
+    else:
+        raise ConfigError(f"unknown size {size!r} for vita15; choose tiny, small or full")
+    return Vita15Config(llm=llm, vision=vision, audio=audio, tts=tts, codec=codec)
+
+
+class Vita15(Family):
+    name = "vita15"
+    model_types = ("vita-Qwen2",)
+    description = "VITA-1.5: InternViT + Whale audio encoder + Qwen2.5-7B + NAR/AR codec TTS"
+    sizes = ("tiny", "small", "full")
+    image_token = "<image>"
+    audio_token = "<audio>"
+    special_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<audio>", "<video>")
+
+    def preset(self, size: str) -> Vita15Config:
+        return _preset(size)
+
+    def read_config(self, root: Path, d: dict[str, Any]) -> Vita15Config:
+        where = str(root / "config.json")
+        unknown_mm = sorted(k for k in d if k.startswith("mm_") and k not in MM_KEYS)
+        if unknown_mm:
+            raise ConfigError(f"{where}: unknown VITA key(s) {unknown_mm}; known: {sorted(MM_KEYS)}")
+        if d.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+            raise ConfigError(f"{where}: mm_projector_type {d['mm_projector_type']!r} is not supported; VITA-1.5 uses mlp2x_gelu")
+        llm = QwenConfig.from_hf({**d, "model_type": "qwen2"}, where)
+        tts = from_dict(VitaTTSConfig, read_json(root / TTS_DIR / "model.json"), where=f"{root / TTS_DIR / 'model.json'}")
+        if tts.input_dim != llm.hidden_size:
+            raise ConfigError(f"{TTS_DIR}/model.json: input_dim {tts.input_dim} must equal the LLM hidden size {llm.hidden_size}")
+        return Vita15Config(
+            llm=llm,
+            vision=InternViTConfig.from_hf(require(d, "vision_config", where), f"{where}: vision_config"),
+            audio=from_dict(WhaleConfig, require(d, "audio_config", where), where=f"{where}: audio_config"),
+            tts=tts,
+            codec=from_dict(CodecConfig, read_json(root / CODEC_DIR / "model.json"), where=f"{root / CODEC_DIR / 'model.json'}"),
+            max_dynamic_patch=int(d.get("max_dynamic_patch", 12)),
+        )
+
+    def config_files(self, cfg: Vita15Config) -> dict[str, dict[str, Any]]:
+        config = {**cfg.llm.to_hf()}
+        config.update(
+            architectures=["VITAQwen2ForCausalLM"], model_type="vita-Qwen2",
+            mm_vision_tower="OpenGVLab/InternViT-300M-448px", mm_audio_encoder="VITA-MLLM/VITA-1.5_AudioEnc",
+            mm_hidden_size=int(cfg.vision.hidden_size / cfg.downsample_ratio**2), mm_projector_type="mlp2x_gelu",
+            image_aspect_ratio="square", max_dynamic_patch=cfg.max_dynamic_patch, tokenizer_model_max_length=6200,
+            vision_config=cfg.vision.to_hf(), audio_config=to_dict(cfg.audio), transformers_version="4.41.1",
+        )  # fmt: skip
+        return {
+            "config.json": config,
+            "generation_config.json": {"do_sample": False, "max_new_tokens": 512},
+            f"{TTS_DIR}/model.json": to_dict(cfg.tts),
+            f"{CODEC_DIR}/model.json": to_dict(cfg.codec),
+        }
+
+    def specs(self, cfg: Vita15Config) -> list[ComponentSpec]:
+        d_llm = cfg.llm.hidden_size
+        vit_out = int(cfg.vision.hidden_size / cfg.downsample_ratio**2)
+        return [
+            ComponentSpec("vision_encoder", lambda: VisionEncoder(cfg.vision, mlp2x_gelu_projector(vit_out, d_llm), cfg.downsample_ratio),
+                          (("model.vision_tower.vision_tower.", "encoder."), ("model.mm_projector.", "projector.")),
+                          description="InternViT + pixel shuffle + mlp2x_gelu: tiles -> LLM tokens"),
+            ComponentSpec("audio_encoder", lambda: WhaleAudioEncoder(cfg.audio, d_llm),
+                          (("model.audio_encoder.encoder.", "encoder."), ("model.audio_encoder.adpter.", "adpter.")),
+                          description="Whale encoder + CNN adapter: fbank -> LLM tokens (12.5 Hz)"),
+            ComponentSpec("llm", lambda: QwenForCausalLM(cfg.llm), (("model.", "model."), ("lm_head.", "lm_head.")),
+                          description="Qwen2.5 decoder with static KV cache", methods=("prefill", "decode")),
+            ComponentSpec("tts_nar", lambda: VitaTTSNar(cfg.tts), (("", ""),), source=f"{TTS_DIR}/final.pt",
+                          description="text embeddings -> bidirectional Llama stack"),
+            ComponentSpec("tts_ar", lambda: VitaTTSAr(cfg.tts), (("", ""),), source=f"{TTS_DIR}/final.pt",
+                          description="autoregressive codec-token Llama stack", methods=("prefill", "decode")),
+            ComponentSpec("codec_decoder", lambda: CodecDecoder(cfg.codec), (("", ""),), source=f"{CODEC_DIR}/final.pt",
+                          description="codec tokens (40 Hz) -> 24 kHz"),
+        ]  # fmt: skip
+
+    # -- reference pipeline -------------------------------------------------------------------
+    def audio_tokens(self, ckpt, wav: torch.Tensor) -> torch.Tensor:
+        enc = ckpt.components["audio_encoder"]
+        fbank = KaldiFbank(ckpt.config.audio.input_dim)(wav)
+        return enc(fbank.to(next(enc.parameters()).dtype))[0]
+
+    def prompt(self, ckpt, n_image: int, n_audio: int, text: str | None) -> list[int]:
+        user = ("<image>" * n_image + "\n" if n_image else "") + ("<audio>" * n_audio + "\n" if n_audio else "") + (text or "")
+        return encode(ckpt.tokenizer, chat_prompt(user))
+
+    def speak(self, ckpt, text_ids: torch.Tensor, text_states: torch.Tensor, seed: int) -> np.ndarray:
+        llm: QwenForCausalLM = ckpt.components["llm"]
+        nar: VitaTTSNar = ckpt.components["tts_nar"]
+        ar: VitaTTSAr = ckpt.components["tts_ar"]
+        codec: CodecDecoder = ckpt.components["codec_decoder"]
+        c = ar.cfg
+        gen = torch.Generator().manual_seed(seed)
+        # VITA's TTS reads the LLM's *input* embeddings of the generated text, not hidden states.
+        context = nar(llm.embed(text_ids).to(nar.input_proj.weight.dtype))
+        limit = c.max_codec_per_text * max(text_ids.shape[1], 1)
+        ar.ar.setup_cache(context.shape[1] + 1 + limit)
+        prefix = torch.cat([context, ar.embed_codes(torch.tensor([[c.bos]]))], dim=1)
+        logits = ar(prefix, torch.arange(prefix.shape[1]))[0, -1]
+        pos, codes = prefix.shape[1], []
+        while len(codes) < limit:
+            logits = logits.clone()
+            logits[c.codebook_size : c.eos] = float("-inf")  # pad and bos are never emitted
+            tok = sample(logits, c.top_k, gen, allowed=c.eos + 1)
+            if tok == c.eos:
+                break
+            codes.append(tok)
+            logits = ar(ar.embed_codes(torch.tensor([[tok]])), torch.tensor([pos]))[0, -1]
+            pos += 1
+        if not codes:
+            return np.zeros(0, dtype=np.float32)
+        wav = codec(torch.tensor([codes]), codec.default_global_codes[None])
+        return wav[0].float().numpy()
+
+
+register(Vita15())

@@ -1,0 +1,119 @@
+"""Device profiles: TOML files beside this module, one per device, looked up by name or alias."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+from omni_export.configs import from_dict
+from omni_export.errors import ProfileError
+
+TARGET_NAMES = ("executorch", "tensorrt", "coreml", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class ParityThreshold:
+    cosine_min: float
+    top1_min: float = 0.0
+    kl_max: float = 1e9
+    psnr_min: float = 0.0
+
+
+# Per precision preset; a profile may override any of them in [parity.PRESET].
+DEFAULT_PARITY = {
+    "fp32": ParityThreshold(cosine_min=0.9999, top1_min=1.0, kl_max=1e-4, psnr_min=60.0),
+    "fp16": ParityThreshold(cosine_min=0.999, top1_min=0.98, kl_max=0.01, psnr_min=40.0),
+    "int8": ParityThreshold(cosine_min=0.99, top1_min=0.9, kl_max=0.05, psnr_min=25.0),
+    "w8a8": ParityThreshold(cosine_min=0.98, top1_min=0.85, kl_max=0.1, psnr_min=20.0),
+    "int4": ParityThreshold(cosine_min=0.95, top1_min=0.8, kl_max=0.2, psnr_min=15.0),
+    "int4-all": ParityThreshold(cosine_min=0.9, top1_min=0.7, kl_max=0.3, psnr_min=12.0),
+}
+
+
+@dataclass(frozen=True)
+class ExecuTorchSettings:
+    delegates: tuple[str, ...] = ("xnnpack",)
+    threads: int = 4
+
+
+@dataclass(frozen=True)
+class TensorRTSettings:
+    sm_arch: str
+    precision_flags: tuple[str, ...] = ("fp16",)
+    workspace_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class CoreMLSettings:
+    compute_units: str = "ALL"
+    minimum_deployment_target: str = "iOS18"
+
+    def __post_init__(self) -> None:
+        if self.compute_units not in ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"):
+            raise ProfileError(f"coreml.compute_units {self.compute_units!r} is not a Core ML compute unit set")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    target: str
+    memory_gb: float
+    usable_memory_gb: float
+    bandwidth_gbs: float
+    peak_int8_tops: float
+    peak_fp16_tflops: float
+    default_quant: str
+    max_context: int
+    aliases: tuple[str, ...] = ()
+    sources: str = ""
+    executorch: ExecuTorchSettings | None = None
+    tensorrt: TensorRTSettings | None = None
+    coreml: CoreMLSettings | None = None
+    parity: dict[str, ParityThreshold] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGET_NAMES:
+            raise ProfileError(f"profile {self.name}: target {self.target!r} is not one of {TARGET_NAMES}")
+        if getattr(self, self.target, None) is None and self.target != "onnxruntime":
+            raise ProfileError(f"profile {self.name}: target {self.target} needs a [{self.target}] table")
+        if not 0 < self.usable_memory_gb <= self.memory_gb:
+            raise ProfileError(f"profile {self.name}: usable_memory_gb must be in (0, memory_gb]")
+
+    def threshold(self, preset: str) -> ParityThreshold:
+        if preset in self.parity:
+            return self.parity[preset]
+        return DEFAULT_PARITY.get(preset, DEFAULT_PARITY["int4-all"])
+
+
+def _parse(name: str, text: str) -> Profile:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"profile {name}: invalid TOML: {exc}") from None
+    return from_dict(Profile, {"name": name, **data}, where=f"profile {name}")
+
+
+@cache
+def all_profiles() -> dict[str, Profile]:
+    out = {}
+    for entry in sorted(resources.files(__package__).iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            name = entry.name[: -len(".toml")]
+            out[name] = _parse(name, entry.read_text())
+    return out
+
+
+def aliases() -> dict[str, str]:
+    return {a: p.name for p in all_profiles().values() for a in p.aliases}
+
+
+def get_profile(name: str) -> Profile:
+    profiles = all_profiles()
+    resolved = aliases().get(name, name)
+    if resolved not in profiles:
+        known = sorted(profiles) + sorted(aliases())
+        raise ProfileError(f"unknown profile {name!r}; known: {', '.join(known)} (see `omni-export profiles`)")
+    return profiles[resolved]

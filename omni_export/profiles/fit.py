@@ -1,0 +1,155 @@
+"""Will it fit? Weights at the chosen precision + KV cache at the chosen context + the largest
+activation peak + runtime overhead, against a profile's usable memory, before any export work.
+
+Weights are counted from the components built on the meta device (no RAM, exact shapes), so the
+figure for an 8B model costs milliseconds. Activations are an estimate (documented below)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from omni_export.export.checkpoint import meta_build
+from omni_export.export.components.internvit import InternViTConfig
+from omni_export.export.components.qwen import QwenModel
+from omni_export.export.families import ComponentSpec, Family
+from omni_export.profiles import Profile
+from omni_export.quantize.recipe import QuantConfig, QuantRecipe
+
+GB = 1e9
+RUNTIME_OVERHEAD = 300_000_000  # interpreter/runtime, tokenizer, audio and I/O buffers
+PREFILL_CHUNK = 512
+AUDIO_FRAMES = 1500  # 30 s at 50 Hz, Whisper's window
+
+
+@dataclass(frozen=True)
+class ComponentMemory:
+    name: str
+    params: int
+    weight_bytes: int
+    precision: str
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    recipe: str
+    context: int
+    components: tuple[ComponentMemory, ...]
+    kv_bytes: int
+    activation_bytes: int
+    overhead_bytes: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(c.weight_bytes for c in self.components)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.activation_bytes + self.overhead_bytes
+
+
+@dataclass(frozen=True)
+class FitResult:
+    profile: Profile
+    plan: MemoryPlan
+
+    @property
+    def available_bytes(self) -> int:
+        return int(self.profile.usable_memory_gb * GB)
+
+    @property
+    def margin_bytes(self) -> int:
+        return self.available_bytes - self.plan.total_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.margin_bytes >= 0
+
+
+def _float_bytes(recipe: QuantRecipe) -> int:
+    return 4 if recipe.float_dtype == "fp32" else 2
+
+
+def _describe(cfgs: set[QuantConfig | None], float_name: str) -> str:
+    names = sorted(
+        float_name if c is None else f"int{c.bits}" + (f" g{c.group_size}" if c.group_size else "") +
+        ("+a8" if c.activation != "none" else "")
+        for c in cfgs
+    )  # fmt: skip
+    return " / ".join(names)
+
+
+def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe) -> ComponentMemory:
+    fb = _float_bytes(recipe)
+    total, params, used = 0.0, 0, set()
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        params += t.numel()
+        cfg = recipe.config_for(f"{spec.name}.{name}") if t.ndim >= 2 else None
+        if t.ndim >= 2:
+            used.add(cfg)
+        if cfg is None:
+            total += t.numel() * (fb if t.is_floating_point() else t.element_size())
+        else:
+            in_features = int(torch.tensor(t.shape[1:]).prod())
+            total += t.numel() * cfg.bytes_per_weight(in_features)
+    return ComponentMemory(spec.name, params, int(total), _describe(used, recipe.float_dtype))
+
+
+def _kv_bytes(module: nn.Module, context: int, elem: int) -> int:
+    total = 0
+    for m in module.modules():
+        if isinstance(m, QwenModel):
+            c = m.cfg
+            total += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context * elem
+    return total
+
+
+def _linear_dims(module: nn.Module) -> tuple[int, int]:
+    ins = [m.in_features for m in module.modules() if isinstance(m, nn.Linear)] or [1]
+    outs = [m.out_features for m in module.modules() if isinstance(m, nn.Linear)] or [1]
+    return max(ins), max(outs)
+
+
+def activation_estimate(family: Family, cfg: Any, modules: dict[str, nn.Module], context: int, elem: int) -> int:
+    """Peak of: an LLM prefill chunk (hidden states, MLP intermediates, attention scores against the
+    whole cache, fp32 logits of the last token); one vision tile; 30 s through the audio encoder.
+    Components run one after another, so the peak is the largest of them, not their sum."""
+    llm = family.llm_config(cfg)
+    chunk = min(context, PREFILL_CHUNK)
+    peaks = [
+        chunk * (4 * llm.hidden_size + 2 * llm.intermediate_size) * elem
+        + llm.num_attention_heads * chunk * context * elem
+        + llm.vocab_size * 4
+    ]
+    vision = getattr(cfg, "vision", None)
+    if isinstance(vision, InternViTConfig):
+        n = vision.patches_per_side**2 + 1
+        peaks.append(n * (4 * vision.hidden_size + vision.intermediate_size) * elem + vision.num_attention_heads * n * n * elem)
+    if "audio_encoder" in modules:
+        d, w = _linear_dims(modules["audio_encoder"])
+        peaks.append(AUDIO_FRAMES * (4 * d + w) * elem)
+    return max(peaks)
+
+
+def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, specs: Sequence[ComponentSpec] | None = None) -> MemoryPlan:
+    specs = list(specs or family.specs(cfg))
+    modules = {s.name: meta_build(s) for s in specs}
+    fqns = [f"{s.name}.{n}" for s in specs for n, _ in modules[s.name].named_parameters()]
+    recipe.check_matches(fqns)
+    elem = _float_bytes(recipe)
+    comps = tuple(component_memory(s, modules[s.name], recipe) for s in specs)
+    kv = sum(_kv_bytes(modules[s.name], context, elem) for s in specs if "decode" in s.methods)
+    act = activation_estimate(family, cfg, modules, context, elem)
+    return MemoryPlan(recipe.name, context, comps, kv, act, RUNTIME_OVERHEAD)
+
+
+def fit_check(profile: Profile, family: Family, cfg: Any, recipe: QuantRecipe, context: int | None = None) -> FitResult:
+    plan = memory_plan(family, cfg, recipe, context or profile.max_context)
+    if profile.tensorrt is not None:
+        plan = MemoryPlan(plan.recipe, plan.context, plan.components, plan.kv_bytes, plan.activation_bytes,
+                          plan.overhead_bytes + profile.tensorrt.workspace_mb * 1_000_000)  # fmt: skip
+    return FitResult(profile, plan)

@@ -1,0 +1,2 @@
+"""Quantization: backend-agnostic recipes (which tensors, how many bits) and, later, the
+algorithms that compute one QuantResult every target encodes."""

@@ -1,0 +1,169 @@
+"""Audio in and out: reading, validating and resampling wavs, and the two feature front ends
+(Whisper log-mel, Kaldi fbank) as nn.Modules so they can be traced as components of their own."""
+
+from __future__ import annotations
+
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from omni_export.errors import AudioInputError
+
+# Ratios beyond this are almost certainly a mislabelled file, not audio worth resampling.
+_MAX_RESAMPLE_RATIO = 48
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
+    """Read a sound file as mono float32 at ``sample_rate`` (resampled when needed)."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioInputError(f"audio file {path} does not exist")
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises its own LibsndfileError and RuntimeError
+        raise AudioInputError(
+            f"cannot decode audio file {path}: {exc}. Give a wav/flac/ogg file (convert with `sox in.x out.wav`)."
+        ) from None
+    return prepare_audio(data.mean(axis=1), sr, sample_rate, source=str(path))
+
+
+def prepare_audio(samples: np.ndarray, sr: int, sample_rate: int, source: str = "audio") -> np.ndarray:
+    """Validate (non-empty, finite) and resample mono samples to ``sample_rate``."""
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim != 1:
+        raise AudioInputError(f"{source}: expected mono samples, got shape {samples.shape}")
+    if samples.size == 0:
+        raise AudioInputError(f"{source} is empty (0 samples); record or pass a non-empty clip.")
+    if not np.isfinite(samples).all():
+        raise AudioInputError(f"{source} contains NaN or infinite samples; the file is corrupt.")
+    return resample(samples, sr, sample_rate, source)
+
+
+def resample(samples: np.ndarray, sr: int, target: int, source: str = "audio") -> np.ndarray:
+    if sr == target:
+        return samples
+    if sr <= 0:
+        raise AudioInputError(f"{source}: invalid sample rate {sr}")
+    ratio = Fraction(target, sr).limit_denominator(1000)
+    if max(ratio, 1 / ratio) > _MAX_RESAMPLE_RATIO:
+        raise AudioInputError(
+            f"{source}: sample rate {sr} Hz cannot be resampled to {target} Hz (ratio beyond "
+            f"1:{_MAX_RESAMPLE_RATIO}); the file's rate is probably wrong. Re-encode it at {target} Hz."
+        )
+    from scipy.signal import resample_poly
+
+    out = resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
+    if out.size == 0:
+        raise AudioInputError(f"{source} is too short to resample from {sr} Hz to {target} Hz")
+    return out
+
+
+def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int) -> Path:
+    """Write 16-bit PCM atomically (temp file + rename)."""
+    import soundfile as sf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    sf.write(str(tmp), np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+    os.replace(tmp, path)
+    return path
+
+
+def _hz_to_mel_slaney(f: np.ndarray) -> np.ndarray:
+    f = np.asarray(f, dtype=np.float64)
+    f_sp = 200.0 / 3
+    mels = f / f_sp
+    min_log_hz = 1000.0
+    logstep = math.log(6.4) / 27.0
+    return np.where(f >= min_log_hz, min_log_hz / f_sp + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, mels)
+
+
+def _mel_to_hz_slaney(m: np.ndarray) -> np.ndarray:
+    f_sp = 200.0 / 3
+    min_log_mel = 1000.0 / f_sp
+    logstep = math.log(6.4) / 27.0
+    return np.where(m >= min_log_mel, 1000.0 * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+
+def slaney_mel_filters(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """[n_mels, n_fft//2+1] slaney-normalised triangular filters (the filterbank Whisper uses)."""
+    fft_freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
+    mel_pts = _mel_to_hz_slaney(np.linspace(_hz_to_mel_slaney(0.0), _hz_to_mel_slaney(sr / 2), n_mels + 2))
+    fdiff = np.diff(mel_pts)
+    ramps = mel_pts[:, None] - fft_freqs[None, :]
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_pts[2 : n_mels + 2] - mel_pts[:n_mels]))[:, None]
+    return weights.astype(np.float32)
+
+
+class WhisperLogMel(nn.Module):
+    """Whisper's front end: STFT(n_fft 400, hop 160, hann) -> power -> mel -> log10 -> dynamic range 8.
+
+    Input waveform [N] at 16 kHz -> features [1, n_mels, N // hop]. Unlike the Whisper feature
+    extractor it does not pad to 30 s: the encoder accepts any length up to its positions.
+    """
+
+    def __init__(self, n_mels: int = 128, sample_rate: int = 16000, n_fft: int = 400, hop: int = 160) -> None:
+        super().__init__()
+        self.n_mels, self.sample_rate, self.n_fft, self.hop = n_mels, sample_rate, n_fft, hop
+        self._filters = slaney_mel_filters(sample_rate, n_fft, n_mels)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float32, device=wav.device)
+        spec = torch.stft(wav.float(), self.n_fft, self.hop, window=window, center=True, pad_mode="reflect", return_complex=True)
+        power = spec[..., :-1].abs() ** 2
+        mel = torch.from_numpy(self._filters).to(wav.device) @ power
+        log_spec = torch.clamp(mel, min=1e-10).log10()
+        log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+        return ((log_spec + 4.0) / 4.0)[None]
+
+
+def kaldi_mel_banks(n_mels: int, n_fft: int, sr: int, low: float = 20.0, high: float = 0.0) -> np.ndarray:
+    """Kaldi's mel banks [n_mels, n_fft//2] (no normalisation, mel = 1127 ln(1 + f/700))."""
+    high = sr / 2 + high if high <= 0 else high
+    mel = lambda f: 1127.0 * np.log1p(np.asarray(f, dtype=np.float64) / 700.0)  # noqa: E731
+    lo, hi = mel(low), mel(high)
+    delta = (hi - lo) / (n_mels + 1)
+    bins = mel(np.arange(n_fft // 2) * sr / n_fft)
+    left = lo + np.arange(n_mels)[:, None] * delta
+    center, right = left + delta, left + 2 * delta
+    up = (bins[None, :] - left) / (center - left)
+    down = (right - bins[None, :]) / (right - center)
+    return np.maximum(0.0, np.minimum(up, down)).astype(np.float32)
+
+
+class KaldiFbank(nn.Module):
+    """Kaldi-compatible log mel filterbank (25 ms / 10 ms, povey window, pre-emphasis 0.97, DC
+    removal, snip edges), as WeNet and VITA's Whale encoder compute it, on int16-scaled samples."""
+
+    def __init__(self, n_mels: int = 80, sample_rate: int = 16000, frame_ms: float = 25.0, shift_ms: float = 10.0) -> None:
+        super().__init__()
+        self.n_mels, self.sample_rate = n_mels, sample_rate
+        self.win = int(sample_rate * frame_ms / 1000)
+        self.shift = int(sample_rate * shift_ms / 1000)
+        self.n_fft = 1 << (self.win - 1).bit_length()
+        self._banks = kaldi_mel_banks(n_mels, self.n_fft, sample_rate)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav [N] (float, -1..1) -> [1, frames, n_mels]."""
+        x = wav.float() * 32768.0
+        frames = x.unfold(0, self.win, self.shift)
+        frames = frames - frames.mean(dim=-1, keepdim=True)
+        prev = torch.cat([frames[:, :1], frames[:, :-1]], dim=-1)
+        frames = frames - 0.97 * prev
+        n = torch.arange(self.win, dtype=torch.float32, device=wav.device)
+        window = (0.5 - 0.5 * torch.cos(2 * math.pi * n / (self.win - 1))) ** 0.85
+        spec = torch.fft.rfft(frames * window, n=self.n_fft).abs() ** 2
+        mel = spec[:, : self.n_fft // 2] @ torch.from_numpy(self._banks).to(wav.device).T
+        eps = torch.finfo(torch.float32).eps
+        return torch.clamp(mel, min=eps).log()[None]

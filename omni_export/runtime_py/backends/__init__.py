@@ -1,0 +1,1 @@
+"""Backend sessions (eager, ExecuTorch, ONNX Runtime, TensorRT, Core ML) behind one interface."""
