@@ -24,7 +24,7 @@ EXIT_ERROR, EXIT_DOES_NOT_FIT = 2, 3
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}")
+    err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
     raise typer.Exit(EXIT_ERROR)
 
 

@@ -2,7 +2,7 @@
 tensors checked one by one against what each component expects, then assigned.
 
 Tensors come from safetensors (single ``model.safetensors`` or shards listed in
-``model.safetensors.index.json``) or, for side files a family declares (VITA-1.5's TTS), from
+``model.safetensors.index.json``, memory-mapped: see safetensors_mmap) or, for side files a family declares (VITA-1.5's TTS), from
 ``.pt`` files read only with ``torch.load(weights_only=True)``. Every mismatch is collected and
 reported by tensor name in one CheckpointError.
 """
@@ -21,6 +21,7 @@ from torch import nn
 
 from omni_export.errors import CheckpointError, UnknownModelTypeError
 from omni_export.export.families import FAMILIES, MODEL_TYPES, ComponentSpec, Family
+from omni_export.export.safetensors_mmap import SafetensorsFile
 from omni_export.files import read_json
 
 log = logging.getLogger(__name__)
@@ -86,18 +87,12 @@ class TensorSource:
             raise CheckpointError(f"{self.root} has neither {SINGLE} nor {INDEX}; no weights to load.")
 
     def _open_shard(self, name: str) -> set[str]:
-        from safetensors import safe_open
-
         path = self.root / name
         if not path.is_file():
             raise CheckpointError(f"weight shard {path} is missing")
-        try:
-            handle = safe_open(str(path), framework="pt")
-            keys = set(handle.keys())
-        except Exception as exc:  # safetensors raises SafetensorError / OSError on bad files
-            raise CheckpointError(f"cannot read {path}: {exc}. The file is corrupt or truncated; re-download it.") from None
+        handle = SafetensorsFile(path)
         self._files[name] = handle
-        return keys
+        return handle.keys()
 
     def _open_pt(self, path: Path) -> None:
         if not path.is_file():
@@ -117,25 +112,13 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         if self._pt is not None:
             return self._pt[name]
-        try:
-            return self._files[self.locations[name]].get_tensor(name)
-        except Exception as exc:
-            raise CheckpointError(
-                f"tensor {name!r} in {self.locations[name]} cannot be read ({exc}); the file is truncated or corrupt."
-            ) from None
+        return self._files[self.locations[name]].get(name)
 
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         if self._pt is not None:
             t = self._pt[name]
             return tuple(t.shape), t.dtype
-        sl = self._files[self.locations[name]].get_slice(name)
-        return tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), torch.uint8)
-
-
-_ST_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+        return self._files[self.locations[name]].shape_dtype(name)
 
 
 def _names(names: Iterable[str]) -> str:
@@ -262,10 +245,10 @@ def load_checkpoint(
         module.load_state_dict(state, strict=True, assign=True)
         built[spec.name] = module.eval()
     tokenizer = load_tokenizer(root)
-    special_ids = {}
-    for tok in family.special_tokens:
-        tid = tokenizer.token_to_id(tok)
-        if tid is None:
-            raise CheckpointError(f"{root / 'tokenizer.json'} lacks the special token {tok!r} that {family.name} needs")
-        special_ids[tok] = tid
+    # A placeholder must be an added *special* token: otherwise it is split when the prompt is encoded.
+    added = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    missing = [t for t in family.special_tokens if t not in added]
+    if missing:
+        raise CheckpointError(f"{root / 'tokenizer.json'} lacks the special token(s) {missing} that {family.name} needs")
+    special_ids = {t: added[t] for t in family.special_tokens}
     return Checkpoint(root, family, cfg, built, tokenizer, special_ids, {s.name: s for s in specs})

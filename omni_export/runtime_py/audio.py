@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omni_export.errors import AudioInputError
@@ -120,8 +121,12 @@ class WhisperLogMel(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float32, device=wav.device)
-        spec = torch.stft(wav.float(), self.n_fft, self.hop, window=window, center=True, pad_mode="reflect", return_complex=True)
-        power = spec[..., :-1].abs() ** 2
+        # STFT as reflect-pad + unfold + rfft: torch.stft's internal reshape adds a shape guard
+        # that torch.export cannot prove for a dynamic length. Whisper drops the last frame.
+        half = self.n_fft // 2
+        x = F.pad(wav.float()[None, None], (half, half), mode="reflect")[0, 0]
+        frames = x.unfold(0, self.n_fft, self.hop)[: wav.shape[0] // self.hop]
+        power = (torch.fft.rfft(frames * window).abs() ** 2).T
         mel = torch.from_numpy(self._filters).to(wav.device) @ power
         log_spec = torch.clamp(mel, min=1e-10).log10()
         log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)

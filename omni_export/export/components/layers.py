@@ -62,7 +62,7 @@ def sdpa(
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     b, t, _ = x.shape
-    return x.view(b, t, n_heads, -1).transpose(1, 2)
+    return x.view(b, t, n_heads, x.shape[-1] // n_heads).transpose(1, 2)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:

@@ -103,7 +103,8 @@ class WhisperEncoder(nn.Module):
 
 
 class AudioPoolingAdapter(nn.Module):
-    """Average-pool 2x (50 Hz -> 25 Hz) then LayerNorm + 2-layer GELU MLP into the LLM width."""
+    """Average-pool 2x (50 Hz -> 25 Hz; an odd last frame is dropped) then LayerNorm + 2-layer
+    GELU MLP into the LLM width."""
 
     def __init__(self, d_audio: int, d_llm: int, pool: int = 2) -> None:
         super().__init__()
@@ -113,13 +114,18 @@ class AudioPoolingAdapter(nn.Module):
         self.fc2 = nn.Linear(d_llm, d_llm)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = F.avg_pool1d(hidden.transpose(1, 2), self.pool, self.pool, ceil_mode=True).transpose(1, 2)
+        b, t, d = hidden.shape
+        n = t // self.pool  # explicit sizes: avg_pool1d's decomposition adds an unprovable shape guard
+        x = hidden[:, : n * self.pool].reshape(b, n, self.pool, d).mean(dim=2)
         return self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
 class WhisperAudioEncoder(nn.Module):
     """The InteractiveOmni audio component: Whisper encoder + pooling adapter, log-mel in,
-    LLM-width tokens (25 Hz) out."""
+    LLM-width tokens (25 Hz) out. Input frames come in multiples of ``FRAME_MULTIPLE`` (40 ms,
+    the encoder's total stride), which keeps every length in the traced graph exact."""
+
+    FRAME_MULTIPLE = 4
 
     def __init__(self, cfg: WhisperEncoderConfig, d_llm: int) -> None:
         super().__init__()
@@ -129,6 +135,12 @@ class WhisperAudioEncoder(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.encoder(features))
 
+    @classmethod
+    def pad_frames(cls, mel: torch.Tensor) -> torch.Tensor:
+        """Pad [1, n_mels, F] on the right with the clip's floor value to a multiple of 4 frames."""
+        pad = -mel.shape[-1] % cls.FRAME_MULTIPLE
+        return F.pad(mel, (0, pad), value=float(mel.min())) if pad else mel
+
     @staticmethod
     def tokens_for_frames(frames: int) -> int:
-        return -(-(-(-frames // 2)) // 2)
+        return frames // 4

@@ -180,7 +180,7 @@ class InteractiveOmni(Family):
     # -- reference pipeline -------------------------------------------------------------------
     def audio_tokens(self, ckpt, wav: torch.Tensor) -> torch.Tensor:
         enc = ckpt.components["audio_encoder"]
-        mel = WhisperLogMel(ckpt.config.audio.num_mel_bins)(wav)
+        mel = WhisperAudioEncoder.pad_frames(WhisperLogMel(ckpt.config.audio.num_mel_bins)(wav))
         window = 2 * ckpt.config.audio.max_source_positions  # Whisper positions cover 30 s of frames
         dtype = next(enc.parameters()).dtype
         parts = [enc(mel[..., i : i + window].to(dtype))[0] for i in range(0, mel.shape[-1], window)]

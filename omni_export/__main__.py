@@ -1,0 +1,3 @@
+from omni_export.cli import main
+
+main()

@@ -1,0 +1,114 @@
+"""The CLI end to end, on the tiny families."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from omni_export.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_synth_writes_a_loadable_checkpoint(tmp_path):
+    r = invoke("synth", "--family", "vita15", "--size", "tiny", "--out", tmp_path / "v")
+    assert r.exit_code == 0, r.output
+    assert "wrote vita15 tiny checkpoint" in r.output and (tmp_path / "v" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["interactiveomni", "vita15"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_run_speaks_a_24k_reply(tiny_dirs, speech_wav, photo, tmp_path, family, dtype):
+    out = tmp_path / "reply.wav"
+    r = invoke("run", tiny_dirs[family], "--audio", speech_wav, "--image", photo, "--out", out,
+               "--dtype", dtype, "--max-new-tokens", "6", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output.strip().splitlines()[-1])
+    info = sf.info(out)
+    assert info.samplerate == 24000 and info.frames > 0 and result["seconds"] > 0
+    assert len(result["tokens"]) == 6 and isinstance(result["text"], str)
+    # The prompt holds the image tiles' and the speech's tokens: far longer than the chat template.
+    assert result["prompt_tokens"] > 100
+    wav, _ = sf.read(out)
+    assert np.isfinite(wav).all() and np.abs(wav).max() > 0
+
+
+def test_run_prints_text(tiny_dirs, speech_wav, tmp_path):
+    r = invoke("run", tiny_dirs["interactiveomni"], "--audio", speech_wav, "--out", tmp_path / "r.wav", "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    assert "text:" in r.output and "24000 Hz" in r.output
+
+
+@pytest.mark.parametrize("bad", ["empty", "garbage", "missing"])
+def test_run_rejects_bad_audio_clearly(tiny_dirs, tmp_path, bad):
+    path = tmp_path / "in.wav"
+    if bad == "empty":
+        sf.write(path, np.zeros(0), 16000)
+    elif bad == "garbage":
+        path.write_bytes(b"definitely not audio")
+    r = runner.invoke(app, ["run", str(tiny_dirs["vita15"]), "--audio", str(path), "--out", str(tmp_path / "o.wav")])
+    assert r.exit_code == 2
+    assert {"empty": "empty", "garbage": "cannot decode", "missing": "does not exist"}[bad] in r.output
+    assert not (tmp_path / "o.wav").exists()
+
+
+def test_run_rejects_undecodable_image(tiny_dirs, speech_wav, tmp_path):
+    (tmp_path / "x.jpg").write_bytes(b"\xff\xd8 broken")
+    r = runner.invoke(app, ["run", str(tiny_dirs["vita15"]), "--audio", str(speech_wav), "--image", str(tmp_path / "x.jpg")])
+    assert r.exit_code == 2 and "cannot decode image" in r.output
+
+
+def test_profiles_lists_all():
+    r = invoke("profiles")
+    for name in ("jetson-orin-nano", "jetson-agx-orin", "jetson-thor", "rtx-4090", "iphone-15-pro", "mac-m3", "android-sd8g3", "host-cpu"):
+        assert name in r.output
+
+
+def test_fit_full_4b_on_orin_nano():
+    no = runner.invoke(app, ["fit", "--target", "jetson-orin-nano", "--family", "interactiveomni", "--quant", "fp16", "--json"])
+    yes = runner.invoke(app, ["fit", "--target", "jetson-orin-nano", "--family", "interactiveomni", "--quant", "int4", "--json"])
+    assert no.exit_code == 3 and yes.exit_code == 0
+    a, b = json.loads(no.output), json.loads(yes.output)
+    assert not a["fits"] and b["fits"] and a["total_bytes"] > 8e9 > b["total_bytes"]
+
+
+def test_main_job_on_a_checkpoint_stops_after_fit(tiny_dirs):
+    r = invoke("--target", "android", "--model", tiny_dirs["vita15"], "--quant", "int8")
+    assert r.exit_code == 0, r.output
+    assert "memory fit on android-sd8g3" in r.output and "fits" in r.output and "Stopped after the fit check" in r.output
+
+
+def test_main_job_rejects_corrupt_checkpoint_and_unknown_names(tiny_dirs, tmp_path):
+    import shutil
+
+    root = tmp_path / "c"
+    shutil.copytree(tiny_dirs["vita15"], root)
+    (root / "model.safetensors").write_bytes(b"\x00" * 10)
+    r = runner.invoke(app, ["--target", "android", "--model", str(root)])
+    assert r.exit_code == 2 and "model.safetensors" in r.output
+    r = runner.invoke(app, ["--target", "pixel9", "--model", str(tiny_dirs["vita15"])])
+    assert r.exit_code == 2 and "unknown profile 'pixel9'" in r.output
+    r = runner.invoke(app, ["--target", "android", "--model", str(tiny_dirs["vita15"]), "--quant", "int3"])
+    assert r.exit_code == 2 and "unknown quantization preset 'int3'" in r.output
+
+
+def test_main_job_builds_and_caches_the_demo_checkpoint(tmp_path):
+    """The installed entry point, as the README runs it: no --model means the demo checkpoint."""
+    env = {**os.environ, "OMNI_EXPORT_CACHE": str(tmp_path)}
+    cmd = [sys.executable, "-m", "omni_export", "--target", "android"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    demo = tmp_path / "demo-interactiveomni-small-seed0"
+    assert (demo / "config.json").is_file() and "int4" in first.stdout
+    mtime = (demo / "config.json").stat().st_mtime
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and (demo / "config.json").stat().st_mtime == mtime  # cached, not rewritten

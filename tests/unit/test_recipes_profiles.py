@@ -1,0 +1,90 @@
+import pytest
+
+from omni_export.errors import ConfigError, ProfileError, UnknownNameError
+from omni_export.export.families import FAMILIES
+from omni_export.profiles import all_profiles, get_profile
+from omni_export.profiles.fit import fit_check, memory_plan
+from omni_export.quantize.presets import PRESETS, resolve_recipe
+from omni_export.quantize.recipe import QuantConfig, QuantRecipe, QuantRule, load_recipe_toml
+
+IO = FAMILIES.get("interactiveomni")
+
+
+def test_presets_exist_and_match_both_families():
+    assert {"fp32", "fp16", "int8", "w8a8", "int4", "int4-all"} <= set(PRESETS)
+    for fam_name in FAMILIES:
+        fam = FAMILIES.get(fam_name)
+        for preset in PRESETS:
+            memory_plan(fam, fam.preset("tiny"), PRESETS.get(preset), 256)  # raises if a rule matches nothing
+
+
+def test_int4_preset_assignments():
+    r = PRESETS.get("int4")
+    assert r.config_for("llm.model.layers.0.mlp.up_proj.weight") == QuantConfig(bits=4, group_size=32)
+    assert r.config_for("tts_ar.ar.layers.0.self_attn.q_proj.weight").bits == 4
+    assert r.config_for("audio_encoder.encoder.layers.0.fc1.weight").bits == 8
+    assert r.config_for("vocoder.conv_pre.weight") is None and r.config_for("codec_decoder.codebook.weight") is None
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: QuantConfig(bits=3), "bits must be 4 or 8"),
+        (lambda: QuantConfig(bits=4, group_size=48), "power of two"),
+        (lambda: QuantConfig(bits=4, method="magic"), "magic"),
+        (lambda: QuantRule("llm.(", None), "not a valid regular expression"),
+        (lambda: resolve_recipe("int5"), "unknown quantization preset 'int5'.*int4"),
+    ],
+)
+def test_invalid_recipes_fail_before_work(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make()
+
+
+def test_rule_matching_nothing_is_an_error():
+    recipe = QuantRecipe("typo", (QuantRule(r"^lmm\.", QuantConfig(bits=4, group_size=32)), QuantRule(".", None)))
+    with pytest.raises(ConfigError, match="lmm"):
+        memory_plan(IO, IO.preset("tiny"), recipe, 128)
+
+
+def test_recipe_toml(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('name = "mine"\n[[rules]]\npattern = "^llm\\\\."\nbits = 4\ngroup_size = 64\n[[rules]]\npattern = "."\nfloat = true\n')
+    r = load_recipe_toml(path)
+    assert r.config_for("llm.x") == QuantConfig(bits=4, group_size=64) and r.config_for("flow.x") is None
+    path.write_text('[[rules]]\npattern = "."\nbits = 4\ngroupsize = 32\n')
+    with pytest.raises(ConfigError, match="groupsize"):
+        load_recipe_toml(path)
+
+
+def test_profiles_and_aliases():
+    names = set(all_profiles())
+    assert {"jetson-orin-nano", "jetson-agx-orin", "jetson-thor", "rtx-4090", "iphone-15-pro", "mac-m3", "android-sd8g3", "host-cpu"} <= names
+    assert get_profile("jetson").name == "jetson-orin-nano"
+    assert get_profile("iphone").name == "iphone-15-pro"
+    assert get_profile("android").name == "android-sd8g3"
+    assert get_profile("desktop-gpu").name == "rtx-4090"
+    for p in all_profiles().values():
+        assert p.bandwidth_gbs > 0 and p.usable_memory_gb <= p.memory_gb and p.default_quant in PRESETS
+    with pytest.raises(ProfileError, match="unknown profile 'pixel'"):
+        get_profile("pixel")
+
+
+def test_profile_rejects_unknown_keys():
+    from omni_export.profiles import _parse
+
+    with pytest.raises(ConfigError, match="bandwith_gbs"):
+        _parse("x", 'description="d"\ntarget="onnxruntime"\nmemory_gb=1\nusable_memory_gb=1\nbandwith_gbs=1\n')
+
+
+def test_full_4b_fit_on_orin_nano():
+    cfg, nano = IO.preset("full"), get_profile("jetson-orin-nano")
+    fp16, int4 = fit_check(nano, IO, cfg, PRESETS.get("fp16")), fit_check(nano, IO, cfg, PRESETS.get("int4"))
+    assert not fp16.fits and int4.fits
+    llm16 = next(c for c in fp16.plan.components if c.name == "llm")
+    llm4 = next(c for c in int4.plan.components if c.name == "llm")
+    assert abs(llm16.params - 4.02e9) < 0.01e9  # Qwen3-4B, tied embedding counted once
+    assert llm16.weight_bytes == pytest.approx(2 * llm16.params, rel=1e-3)
+    assert llm4.weight_bytes == pytest.approx(llm4.params * (0.5 + 2 / 32), rel=0.01)
+    # KV: 36 layers x 8 heads x 128 x 4096 positions x K,V x fp16, plus the speech LM's.
+    assert int4.plan.kv_bytes >= 36 * 8 * 128 * 4096 * 2 * 2
