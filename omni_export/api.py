@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from omni_export.export.checkpoint import Checkpoint, detect_family, load_checkpoint
+from omni_export.export.checkpoint import Checkpoint, load_checkpoint
 from omni_export.export.synthetic import write_synthetic
 from omni_export.profiles import Profile, get_profile
 from omni_export.profiles.fit import FitResult, fit_check
@@ -55,7 +55,5 @@ def plan_export(target: str, model: str | Path | None = None, quant: str | None 
     profile = get_profile(target)
     path = Path(model) if model is not None else demo_checkpoint(progress)
     recipe = resolve_recipe(quant or profile.default_quant)
-    load_checkpoint(path, components=[])  # full name/shape/dtype check of every tensor, no weights read
-    family, cfg_json = detect_family(path)
-    cfg = family.read_config(path, cfg_json)
-    return ExportPlan(profile, path, recipe.name, fit_check(profile, family, cfg, recipe, context))
+    ckpt = load_checkpoint(path, components=[])  # name/shape/dtype check of every tensor, no weights read
+    return ExportPlan(profile, path, recipe.name, fit_check(profile, ckpt.family, ckpt.config, recipe, context))

@@ -29,7 +29,11 @@ def _fail(exc: Exception) -> None:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    """Human-readable decimal bytes (the unit device memory is sold in)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def _spinner(title: str):  # type: ignore[no-untyped-def]
@@ -186,7 +190,7 @@ def fit(
 ) -> None:
     """Will the model fit the device? Weights + KV cache + activations vs usable memory."""
     from omni_export.configs import to_dict
-    from omni_export.export.checkpoint import detect_family
+    from omni_export.export.checkpoint import read_family_config
     from omni_export.export.families import FAMILIES
     from omni_export.profiles import get_profile
     from omni_export.profiles.fit import fit_check
@@ -195,8 +199,7 @@ def fit(
     try:
         profile = get_profile(target)
         if model is not None:
-            fam, cfg_json = detect_family(model)
-            cfg = fam.read_config(model, cfg_json)
+            fam, cfg = read_family_config(model)
         elif family is not None:
             fam = FAMILIES.get(family)
             cfg = fam.preset(size)

@@ -45,6 +45,12 @@ def detect_family(root: Path) -> tuple[Family, dict[str, Any]]:
     return MODEL_TYPES.get(model_type), cfg
 
 
+def read_family_config(root: str | Path) -> tuple[Family, Any]:
+    """The family and its parsed config, without touching weights (fit checks, planning)."""
+    family, cfg_json = detect_family(Path(root))
+    return family, family.read_config(Path(root), cfg_json)
+
+
 class TensorSource:
     """Lazy access to the tensors of one source (the root safetensors set or one .pt file)."""
 
@@ -219,8 +225,7 @@ def load_checkpoint(
     """Load a checkpoint. ``dtype`` None keeps the stored float dtype (memory-mapped where the
     file allows); ``components`` restricts which components are materialised (all are checked)."""
     root = Path(root)
-    family, cfg_json = detect_family(root)
-    cfg = family.read_config(root, cfg_json)
+    family, cfg = read_family_config(root)
     specs = list(family.specs(cfg))
     sources = {s: TensorSource(root, s) for s in dict.fromkeys(sp.source for sp in specs)}
     mapping = plan(specs, sources)

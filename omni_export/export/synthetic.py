@@ -67,7 +67,6 @@ def _tensors(spec: ComponentSpec, gen: torch.Generator, dtype: torch.dtype) -> I
 def _write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_bytes: int) -> None:
     from safetensors.torch import save_file
 
-    shards: list[dict[str, torch.Tensor]] = []
     current: dict[str, torch.Tensor] = {}
     size = total = 0
     names: list[list[str]] = []
@@ -87,7 +86,6 @@ def _write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, s
         size += nbytes
         total += nbytes
     flush()
-    del shards
     n = len(names)
     if n == 1:
         os.replace(out / ".shard-00000.tmp", out / SINGLE)

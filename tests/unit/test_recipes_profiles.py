@@ -1,6 +1,6 @@
 import pytest
 
-from omni_export.errors import ConfigError, ProfileError, UnknownNameError
+from omni_export.errors import ConfigError, ProfileError
 from omni_export.export.families import FAMILIES
 from omni_export.profiles import all_profiles, get_profile
 from omni_export.profiles.fit import fit_check, memory_plan

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -43,16 +43,6 @@ class ComponentSpec:
             if module_key.startswith(mod_prefix):
                 return ckpt_prefix + module_key[len(mod_prefix) :]
         raise KeyError(f"{self.name}: parameter {module_key!r} is not covered by any weight prefix")
-
-
-@dataclass
-class Conversation:
-    """Inputs of one turn, already preprocessed (what the reference pipeline feeds the model)."""
-
-    audio: np.ndarray | None = None  # mono float32 at the family's input rate
-    image: np.ndarray | None = None  # [tiles, 3, S, S] normalised
-    text: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Family(ABC):

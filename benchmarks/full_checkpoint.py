@@ -1,0 +1,79 @@
+"""Write and load a full-size synthetic checkpoint, each phase in its own process so its peak RSS
+is its own. Prints a table and JSON.
+
+    .venv/bin/python benchmarks/full_checkpoint.py --family interactiveomni --size full --dir /tmp/io4b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WRITE = """
+import sys
+from omni_export.export.synthetic import write_synthetic
+write_synthetic(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True)
+"""
+LOAD = """
+import sys, time, torch
+from omni_export.export.checkpoint import load_checkpoint
+t = time.perf_counter()
+ck = load_checkpoint(sys.argv[1])
+load_s = time.perf_counter() - t
+llm = ck.components["llm"]
+llm.model.setup_cache(8)
+t = time.perf_counter()
+with torch.inference_mode():
+    logits = llm(llm.embed(torch.tensor([[1, 2, 3, 4]])), torch.arange(4))
+step_s = time.perf_counter() - t
+assert torch.isfinite(logits.float()).all()
+params = sum(p.numel() for m in ck.components.values() for p in m.parameters())
+print({"load_s": load_s, "llm_prefill_4tok_s": step_s, "params": params})
+"""
+
+
+def phase(code: str, *args: str) -> tuple[float, float, str]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout
+    wall = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB; max over children so far
+    return wall, max(peak, before) / 1024**2, out
+
+
+def measure(family: str, size: str, directory: Path) -> dict:
+    w_wall, w_rss, _ = phase(WRITE, family, size, str(directory))
+    disk = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    l_wall, l_rss, out = phase(LOAD, str(directory))
+    inner = eval(out.strip().splitlines()[-1])  # our own dict literal from LOAD
+    return {"family": family, "size": size, "params": inner["params"], "disk_gb": disk / 1e9,
+            "write_s": w_wall, "write_peak_rss_gib": w_rss, "load_process_s": l_wall, "load_s": inner["load_s"],
+            "load_peak_rss_gib": l_rss, "llm_prefill_4tok_s": inner["llm_prefill_4tok_s"]}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", required=True)
+    ap.add_argument("--size", default="full")
+    ap.add_argument("--dir", type=Path, required=True)
+    a = ap.parse_args()
+    r = measure(a.family, a.size, a.dir)
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{a.family} {a.size}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in r.items():
+        t.add_row(k, f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
+    Console().print(t)
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
