@@ -25,6 +25,7 @@ from omni_export.export.checkpoint import load_checkpoint
 t = time.perf_counter()
 ck = load_checkpoint(sys.argv[1])
 load_s = time.perf_counter() - t
+rss_after_load = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024**2
 llm = ck.components["llm"]
 llm.model.setup_cache(8)
 t = time.perf_counter()
@@ -33,7 +34,7 @@ with torch.inference_mode():
 step_s = time.perf_counter() - t
 assert torch.isfinite(logits.float()).all()
 params = sum(p.numel() for m in ck.components.values() for p in m.parameters())
-print({"load_s": load_s, "llm_prefill_4tok_s": step_s, "params": params})
+print({"load_s": load_s, "rss_after_load_gib": rss_after_load, "llm_prefill_4tok_s": step_s, "params": params})
 """
 
 
@@ -53,7 +54,7 @@ def measure(family: str, size: str, directory: Path) -> dict:
     inner = eval(out.strip().splitlines()[-1])  # our own dict literal from LOAD
     return {"family": family, "size": size, "params": inner["params"], "disk_gb": disk / 1e9,
             "write_s": w_wall, "write_peak_rss_gib": w_rss, "load_process_s": l_wall, "load_s": inner["load_s"],
-            "load_peak_rss_gib": l_rss, "llm_prefill_4tok_s": inner["llm_prefill_4tok_s"]}  # fmt: skip
+            "rss_after_load_gib": inner["rss_after_load_gib"], "load_peak_rss_gib": l_rss, "llm_prefill_4tok_s": inner["llm_prefill_4tok_s"]}  # fmt: skip
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 tensors checked one by one against what each component expects, then assigned.
 
 Tensors come from safetensors (single ``model.safetensors`` or shards listed in
-``model.safetensors.index.json``, memory-mapped: see safetensors_mmap) or, for side files a family declares (VITA-1.5's TTS), from
+``model.safetensors.index.json``, memory-mapped: see safetensors_io) or, for side files a family declares (VITA-1.5's TTS), from
 ``.pt`` files read only with ``torch.load(weights_only=True)``. Every mismatch is collected and
 reported by tensor name in one CheckpointError.
 """
@@ -21,7 +21,7 @@ from torch import nn
 
 from omni_export.errors import CheckpointError, UnknownModelTypeError
 from omni_export.export.families import FAMILIES, MODEL_TYPES, ComponentSpec, Family
-from omni_export.export.safetensors_mmap import SafetensorsFile
+from omni_export.export.safetensors_io import SafetensorsFile
 from omni_export.files import read_json
 
 log = logging.getLogger(__name__)

@@ -1,14 +1,15 @@
 """Synthetic checkpoints in each family's exact on-disk layout, for when no weights can be
 downloaded. Weights are random (well-scaled: norms at one, biases at zero, Whisper positions
-sinusoidal), generated tensor by tensor from a meta-device model and flushed shard by shard,
-so a full 8B-shaped checkpoint is written with about one shard of RAM."""
+sinusoidal), generated tensor by tensor from a meta-device model and streamed into shards whose headers are written
+first, so a full 8B-shaped checkpoint is written with about one tensor of RAM."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from omni_export.export import tokenizer as tokenizer_mod
 from omni_export.export.checkpoint import INDEX, SINGLE
 from omni_export.export.components.layers import RMSNorm, sinusoids
 from omni_export.export.families import FAMILIES, MAIN_WEIGHTS, ComponentSpec
+from omni_export.export.safetensors_io import write_streaming
 
 SHARD_BYTES = {"tiny": 1 << 20, "small": 100 << 20, "full": 2 << 30}
 STD = 0.02
@@ -52,51 +54,59 @@ def init_tensor(key: str, like: torch.Tensor, owner: type, gen: torch.Generator)
         return torch.zeros(shape)
     if leaf == "default_speaker_embedding":
         return torch.randn(shape, generator=gen)
-    return torch.randn(shape, generator=gen) * STD
+    return torch.randn(shape, generator=gen).mul_(STD)
 
 
-def _tensors(spec: ComponentSpec, gen: torch.Generator, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class _Planned:
+    name: str  # checkpoint name
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    key: str  # module key
+    owner: type
+    like: torch.Tensor  # meta tensor
+
+
+def _plan(spec: ComponentSpec, dtype: torch.dtype) -> list[_Planned]:
     with torch.device("meta"):
         module = spec.build()
     owners = _owner_types(module)
-    for key, like in module.state_dict().items():
-        t = init_tensor(key, like, owners.get(key, nn.Module), gen)
-        yield spec.to_checkpoint_name(key), (t.to(dtype) if t.is_floating_point() else t)
+    return [
+        _Planned(spec.to_checkpoint_name(k), tuple(v.shape), dtype if v.is_floating_point() else v.dtype, k,
+                 owners.get(k, nn.Module), v)
+        for k, v in module.state_dict().items()
+    ]  # fmt: skip
 
 
-def _write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_bytes: int) -> None:
-    from safetensors.torch import save_file
+def _make(p: _Planned, gen: torch.Generator) -> torch.Tensor:
+    t = init_tensor(p.key, p.like, p.owner, gen)
+    return t.to(p.dtype) if t.is_floating_point() else t
 
-    current: dict[str, torch.Tensor] = {}
+
+def _write_safetensors(planned: list[_Planned], out: Path, shard_bytes: int, gen: torch.Generator,
+                       progress: Callable[[str], None] | None) -> None:  # fmt: skip
+    """Split into shards by declared size, then stream each shard: header first, tensors one by one."""
+    shards: list[list[_Planned]] = [[]]
     size = total = 0
-    names: list[list[str]] = []
-
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            save_file(current, str(out / f".shard-{len(names):05d}.tmp"), metadata={"format": "pt"})
-            names.append(list(current))
-            current, size = {}, 0
-
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > shard_bytes:
-            flush()
-        current[name] = t.contiguous()
+    for p in planned:
+        nbytes = p.dtype.itemsize * int(torch.Size(p.shape).numel())
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
         size += nbytes
         total += nbytes
-    flush()
-    n = len(names)
-    if n == 1:
-        os.replace(out / ".shard-00000.tmp", out / SINGLE)
-        return
-    weight_map = {}
-    for i, keys in enumerate(names):
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        os.replace(out / f".shard-{i:05d}.tmp", out / fname)
-        weight_map.update({k: fname for k in keys})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / INDEX).write_text(json.dumps(index, indent=2))
+    n = len(shards)
+    names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for fname, shard in zip(names, shards, strict=True):
+        if progress:
+            progress(fname)
+        by_name = {p.name: p for p in shard}
+        write_streaming(out / fname, [(p.name, p.shape, p.dtype) for p in shard], lambda k: _make(by_name[k], gen))
+    if n > 1:
+        weight_map = {p.name: f for f, shard in zip(names, shards, strict=True) for p in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX).write_text(json.dumps(index, indent=2))
 
 
 def write_synthetic(
@@ -137,21 +147,15 @@ def write_synthetic(
         gen = torch.Generator().manual_seed(seed)
         specs = list(family.specs(cfg))
 
-        def main_tensors() -> Iterator[tuple[str, torch.Tensor]]:
-            for spec in specs:
-                if spec.source == MAIN_WEIGHTS:
-                    if progress:
-                        progress(spec.name)
-                    yield from _tensors(spec, gen, torch.bfloat16)
-
-        _write_safetensors(main_tensors(), tmp, SHARD_BYTES[tok_size])
+        planned = [p for spec in specs if spec.source == MAIN_WEIGHTS for p in _plan(spec, torch.bfloat16)]
+        _write_safetensors(planned, tmp, SHARD_BYTES[tok_size], gen, progress)
         side: dict[str, dict[str, torch.Tensor]] = {}
         for spec in specs:
             if spec.source != MAIN_WEIGHTS:
                 if progress:
                     progress(spec.name)
                 # The released TTS files are fp32 torch state dicts.
-                side.setdefault(spec.source, {}).update(_tensors(spec, gen, torch.float32))
+                side.setdefault(spec.source, {}).update((p.name, _make(p, gen)) for p in _plan(spec, torch.float32))
         for rel, state in side.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, str(tmp / rel))

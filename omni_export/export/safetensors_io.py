@@ -1,12 +1,16 @@
-"""Zero-copy safetensors reading: the header is parsed here and every tensor is a view of a private
-(copy-on-write) memory map, so loading a checkpoint touches pages only as they are used and the
-resident set grows with what is computed on, not with the file size."""
+"""Safetensors without whole-file copies.
+
+Reading: the header is parsed here and every tensor is a view of a private (copy-on-write) memory
+map, so loading touches pages only as they are used. Writing: the header is written first from
+the tensors' shapes (known from the meta-device model), then tensors are produced and written
+one at a time, so a shard never has to be held in memory."""
 
 from __future__ import annotations
 
 import json
 import mmap
 import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +21,7 @@ DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
+NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 << 20
 
 
@@ -73,3 +78,32 @@ class SafetensorsFile:
             return torch.empty(shape, dtype=dtype)
         flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.base + begin)
         return flat.view(shape)
+
+
+def write_streaming(
+    path: Path,
+    entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+    produce: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write ``entries`` (name, shape, dtype) to ``path``; ``produce(name)`` is called once per
+    tensor, in order, and must return that shape and dtype. Returns the data size in bytes."""
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, as the reference writer does
+    with Path(path).open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype in entries:
+            t = produce(name)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{name}: produced {tuple(t.shape)} {t.dtype}, declared {tuple(shape)} {dtype}")
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return offset
