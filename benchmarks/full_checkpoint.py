@@ -7,20 +7,21 @@ is its own. Prints a table and JSON.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 WRITE = """
-import sys
+import resource, sys
 from omni_export.export.synthetic import write_synthetic
 write_synthetic(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True)
+print({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2})
 """
 LOAD = """
-import sys, time, torch
+import resource, sys, time, torch
 from omni_export.export.checkpoint import load_checkpoint
 t = time.perf_counter()
 ck = load_checkpoint(sys.argv[1])
@@ -34,27 +35,27 @@ with torch.inference_mode():
 step_s = time.perf_counter() - t
 assert torch.isfinite(logits.float()).all()
 params = sum(p.numel() for m in ck.components.values() for p in m.parameters())
-print({"load_s": load_s, "rss_after_load_gib": rss_after_load, "llm_prefill_4tok_s": step_s, "params": params})
+print({"load_s": load_s, "rss_after_load_gib": rss_after_load, "llm_prefill_4tok_s": step_s, "params": params,
+       "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2})
 """
 
 
-def phase(code: str, *args: str) -> tuple[float, float, str]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def phase(code: str, *args: str) -> tuple[float, dict]:
+    """Run one phase in a fresh interpreter; it reports its own peak RSS (RUSAGE_SELF), since the
+    parent's RUSAGE_CHILDREN peak is a maximum over every child it ever waited for."""
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout
-    wall = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB; max over children so far
-    return wall, max(peak, before) / 1024**2, out
+    return time.perf_counter() - t, ast.literal_eval(out.strip().splitlines()[-1])
 
 
 def measure(family: str, size: str, directory: Path) -> dict:
-    w_wall, w_rss, _ = phase(WRITE, family, size, str(directory))
+    w_wall, w = phase(WRITE, family, size, str(directory))
     disk = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-    l_wall, l_rss, out = phase(LOAD, str(directory))
-    inner = eval(out.strip().splitlines()[-1])  # our own dict literal from LOAD
+    l_wall, inner = phase(LOAD, str(directory))
     return {"family": family, "size": size, "params": inner["params"], "disk_gb": disk / 1e9,
-            "write_s": w_wall, "write_peak_rss_gib": w_rss, "load_process_s": l_wall, "load_s": inner["load_s"],
-            "rss_after_load_gib": inner["rss_after_load_gib"], "load_peak_rss_gib": l_rss, "llm_prefill_4tok_s": inner["llm_prefill_4tok_s"]}  # fmt: skip
+            "write_s": w_wall, "write_peak_rss_gib": w["peak_rss_gib"], "load_process_s": l_wall, "load_s": inner["load_s"],
+            "rss_after_load_gib": inner["rss_after_load_gib"], "load_peak_rss_gib": inner["peak_rss_gib"],
+            "llm_prefill_4tok_s": inner["llm_prefill_4tok_s"]}  # fmt: skip
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from omni_export.errors import OmniExportError
 from omni_export.export.checkpoint import Checkpoint, load_checkpoint
 from omni_export.export.synthetic import write_synthetic
 from omni_export.profiles import Profile, get_profile
@@ -57,3 +58,26 @@ def plan_export(target: str, model: str | Path | None = None, quant: str | None 
     recipe = resolve_recipe(quant or profile.default_quant)
     ckpt = load_checkpoint(path, components=[])  # name/shape/dtype check of every tensor, no weights read
     return ExportPlan(profile, path, recipe.name, fit_check(profile, ckpt.family, ckpt.config, recipe, context))
+
+
+def export(target: str, model: str | Path | None = None, quant: str | None = None, out: str | Path | None = None,
+           context: int | None = None, overwrite: bool = False, progress=None):  # type: ignore[no-untyped-def]  # fmt: skip
+    """The main job: fit check, then load -> trace -> lower -> golden -> parity -> bundle.
+
+    Returns (ExportPlan, BuildResult); raises DoesNotFitError before any work when the model does
+    not fit the device, ParityGateError (with the result) when a component misses its threshold."""
+    from omni_export.compiler import build_bundle
+
+    plan = plan_export(target, model, quant, context)
+    if not plan.fit.fits:
+        raise DoesNotFitError(plan)
+    out = Path(out) if out is not None else Path(f"{plan.profile.name}-bundle")
+    recipe = resolve_recipe(plan.quant)
+    return plan, build_bundle(plan.profile, plan.model, recipe, out, context, overwrite, progress)
+
+
+class DoesNotFitError(OmniExportError):
+    def __init__(self, plan: ExportPlan) -> None:
+        super().__init__(f"the model needs {plan.fit.plan.total_bytes / 1e9:.2f} GB on {plan.profile.name}, "
+                         f"{plan.fit.available_bytes / 1e9:.2f} GB usable; try a lower-bit --quant or a shorter --context")  # fmt: skip
+        self.plan = plan

@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, invoke_without_command=True, no_args_is_
 console = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True)
 
-EXIT_ERROR, EXIT_DOES_NOT_FIT = 2, 3
+EXIT_ERROR, EXIT_DOES_NOT_FIT, EXIT_PARITY, EXIT_VERIFY = 2, 3, 4, 1
 
 
 def _fail(exc: Exception) -> None:
@@ -73,34 +73,73 @@ def main_job(
     target: Optional[str] = typer.Option(None, "--target", "-t", help="device profile or alias (see `omni-export profiles`)"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="checkpoint directory; default: the built-in demo"),
     quant: Optional[str] = typer.Option(None, "--quant", "-q", help="preset (fp32, fp16, int8, w8a8, int4, int4-all) or recipe .toml"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="bundle directory"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="bundle directory (default: ./PROFILE-bundle)"),
     context: Optional[int] = typer.Option(None, "--context", help="max context (default: the profile's)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle at --out"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Main job: omni-export --target PROFILE [--model DIR] [--quant PRESET] [--out DIR]."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # Import-time chatter of the backends (missing CUDA kernels, deprecations) says nothing about this run.
+        for noisy in ("torchao", "torch", "executorch"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     if ctx.invoked_subcommand is not None:
         return
     if target is None:
         console.print(ctx.get_help())
         raise typer.Exit(0)
     from omni_export import api
+    from omni_export.compiler import ParityGateError
 
     try:
-        plan = _with_progress("preparing", lambda cb: api.plan_export(target, model, quant, context, progress=cb))
+        result = _run_main_job(api, target, model, quant, out, context, overwrite)
+    except api.DoesNotFitError as exc:
+        console.print(_fit_table(exc.plan.fit))
+        err.print(f"[red]{exc}[/]", soft_wrap=True)
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
+    except ParityGateError as exc:
+        console.print(_build_table(exc.result))
+        for b in exc.result.components:
+            for f in b.parity.failures:
+                err.print(f"[red]{b.name}: {f}[/]", soft_wrap=True)
+        err.print(f"[red]{exc}[/]", soft_wrap=True)
+        raise typer.Exit(EXIT_PARITY)
     except OmniExportError as exc:
         _fail(exc)
+    console.print(_build_table(result))
+    for note in result.notes:
+        err.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    console.print(f"bundle: [bold]{result.bundle}[/] ({result.seconds:.0f} s). Check it with `omni-export verify {result.bundle}`.")
+
+
+def _run_main_job(api, target, model, quant, out, context, overwrite):  # type: ignore[no-untyped-def]
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    plan = _with_progress("preparing", lambda cb: api.plan_export(target, model, quant, context, progress=cb))
     console.print(f"checkpoint: {plan.model}")
     console.print(_fit_table(plan.fit))
     if not plan.fit.fits:
-        err.print("[red]The model does not fit this device at this precision and context.[/] "
-                  "Try a lower-bit --quant or a shorter --context.")  # fmt: skip
-        raise typer.Exit(EXIT_DOES_NOT_FIT)
-    console.print(
-        f"[yellow]Stopped after the fit check:[/] tracing and lowering for the {plan.profile.target} target are "
-        "not implemented in this version yet, so no bundle was written"
-        + (f" to {out}" if out else "") + "."
-    )
+        raise api.DoesNotFitError(plan)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=True) as prog:  # fmt: skip
+        n = len(plan.fit.plan.components)
+        task = prog.add_task("building", total=4 * n + 2)
+        return api.export(target, plan.model, quant, out, context, overwrite,
+                          progress=lambda comp, step: prog.update(task, advance=1, description=f"{comp}: {step}"))[1]  # fmt: skip
+
+
+def _build_table(result) -> Table:  # type: ignore[no-untyped-def]
+    t = Table(title=f"bundle for {result.profile} ({result.precision})")
+    for col in ("component", "methods", "file size", "delegated", "parity (gate ref)", "worst cosine", "LLM top-1", "build s"):
+        t.add_column(col, justify="left" if col in ("component", "methods") else "right")
+    for b in result.components:
+        w = b.parity.worst(b.parity.gate_reference)
+        ok = "[green]pass[/]" if b.parity.passed else "[red]FAIL[/]"
+        top1 = f"{w['top1'] * 100:.1f}%" if "top1" in w else "-"
+        t.add_row(b.name, ", ".join(b.methods), _gb(b.bytes), f"{b.delegated_share * 100:.0f}%", f"{ok} (vs {b.parity.gate_reference})",
+                  f"{w['cosine']:.6f}", top1, f"{sum(b.seconds.values()):.1f}")  # fmt: skip
+    return t
 
 
 @app.command()
@@ -220,6 +259,84 @@ def fit(
         console.print(_fit_table(result))
     if not result.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
+
+
+@app.command()
+def verify(bundle: Path = typer.Argument(..., help="bundle directory")) -> None:
+    """Check a bundle: manifest schema, every file present, every sha256, nothing unlisted."""
+    from omni_export.bundle import verify_bundle
+
+    problems = verify_bundle(bundle)
+    if problems:
+        for p in problems:
+            err.print(f"[red]problem:[/] {p}", soft_wrap=True)
+        err.print(f"[red]{bundle}: {len(problems)} problem(s); do not ship this bundle.[/]", soft_wrap=True)
+        raise typer.Exit(EXIT_VERIFY)
+    console.print(f"[green]{bundle}: OK[/] (every file matches manifest.json)")
+
+
+@app.command()
+def inspect(bundle: Path = typer.Argument(..., help="bundle directory"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Print a readable summary of a bundle."""
+    from omni_export.bundle import read_manifest
+
+    try:
+        m = read_manifest(bundle)
+    except OmniExportError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(m, indent=2))
+        return
+    console.print(f"[bold]{m['family']}[/] for [bold]{m['profile']['name']}[/] ({m['profile']['target']}), precision "
+                  f"{m['quant']['preset']}, max context {m['profile']['max_context']}, omni-export {m['toolchain']['omni_export']}")  # fmt: skip
+    parity = {}
+    report = bundle / "reports" / "parity.json"
+    if report.is_file():
+        parity = {r["component"]: r for r in json.loads(report.read_text())}
+    t = Table(title="components")
+    for col in ("component", "file", "size", "methods", "KV cache", "delegated", "parity"):
+        t.add_column(col)
+    for name, c in m["components"].items():
+        kv = c.get("kv_cache")
+        kv_s = f"{kv['layers']}L x {kv['kv_heads']}h x {kv['max_len']}" if kv else "-"
+        shares = [d["share"] for d in c.get("delegation", {}).values()]
+        size = m["files"].get(c["file"], {}).get("bytes", 0)
+        p = parity.get(name)
+        t.add_row(name, c["file"], _gb(size), ", ".join(c["methods"]), kv_s,
+                  f"{min(shares) * 100:.0f}-{max(shares) * 100:.0f}%" if shares else "-",
+                  "-" if p is None else ("pass" if p["passed"] else "FAIL"))  # fmt: skip
+    console.print(t)
+    model = m["model"]
+    console.print(f"audio in {model['audio_sample_rate']} Hz, speech out {model['output_sample_rate']} Hz, "
+                  f"eos ids {model['eos_ids']}, image token {model['image_token_id']}, audio token {model['audio_token_id']}")  # fmt: skip
+
+
+@app.command()
+def parity(bundle: Path = typer.Argument(..., help="bundle directory"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Re-run every component's golden I/O on this host's backend and compare with the reference."""
+    from omni_export.runtime_py.parity import check_bundle
+
+    try:
+        results = _with_progress("parity", lambda cb: check_bundle(bundle))
+    except OmniExportError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        t = Table(title=f"parity of {bundle}")
+        for col in ("component", "method.output", "ref", "cosine", "rel L2", "max abs", "PSNR dB", "top-1", "KL"):
+            t.add_column(col)
+        for r in results:
+            for row in r.results:
+                t.add_row(r.component, f"{row.method}.{row.output}", row.reference, f"{row.cosine:.6f}", f"{row.rel_l2:.2e}",
+                          f"{row.max_abs:.2e}", f"{row.psnr:.1f}", "-" if row.top1 is None else f"{row.top1 * 100:.1f}%",
+                          "-" if row.kl is None else f"{row.kl:.2e}")  # fmt: skip
+        console.print(t)
+    failed = [r for r in results if not r.passed]
+    for r in failed:
+        err.print(f"[red]{r.component}: {'; '.join(r.failures)}[/]", soft_wrap=True)
+    if failed:
+        raise typer.Exit(EXIT_PARITY)
 
 
 def main() -> None:

@@ -54,6 +54,11 @@ def init_tensor(key: str, like: torch.Tensor, owner: type, gen: torch.Generator)
         return torch.zeros(shape)
     if leaf == "default_speaker_embedding":
         return torch.randn(shape, generator=gen)
+    if leaf == "weight" and issubclass(owner, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d)):
+        # Fan-in scaling keeps activations near unit scale through deep conv stacks (vocoders,
+        # codecs); at std 0.02 their waveform would shrink to ~1e-7 and every audio metric with it.
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(like)
+        return torch.randn(shape, generator=gen).mul_(fan_in**-0.5)
     return torch.randn(shape, generator=gen).mul_(STD)
 
 

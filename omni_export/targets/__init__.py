@@ -1,1 +1,8 @@
-"""Lowering targets (ExecuTorch, TensorRT, Core ML, ONNX Runtime): arrives with the tracing work."""
+"""Lowering targets, registered by name. Heavy backend imports happen inside each target's lower()."""
+
+from omni_export.targets.base import TARGETS, Artifact, Target
+
+# Importing registers them.
+from omni_export.targets import executorch as _executorch  # noqa: E402,F401
+
+__all__ = ["TARGETS", "Artifact", "Target"]

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 ])  # fmt: skip
 def test_full_checkpoint_writes_and_loads_in_bounded_ram(tmp_path, family, size, params):
     r = measure(family, size, tmp_path / "ckpt")
+    print(r)  # the figures, for the record (-s)
     shutil.rmtree(tmp_path / "ckpt")
     assert abs(r["params"] - params) / params < 0.01
     # Writing holds one 2 GB shard plus the largest tensor being generated, never the model.

@@ -30,11 +30,12 @@ def _shard(root):
 
 
 def test_both_families_load_every_component(tiny):
-    assert list(tiny["interactiveomni"].components) == ["vision_encoder", "audio_encoder", "llm", "speech_lm", "flow", "vocoder"]
-    assert list(tiny["vita15"].components) == ["vision_encoder", "audio_encoder", "llm", "tts_nar", "tts_ar", "codec_decoder"]
+    assert list(tiny["interactiveomni"].components) == ["audio_frontend", "vision_encoder", "audio_encoder", "llm", "speech_lm", "flow", "vocoder"]
+    assert list(tiny["vita15"].components) == ["audio_frontend", "vision_encoder", "audio_encoder", "llm", "tts_nar", "tts_ar", "codec_decoder"]
     for ckpt in tiny.values():
         for module in ckpt.components.values():
             assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in module.parameters())
+    assert not list(tiny["vita15"].components["audio_frontend"].parameters())  # weightless
 
 
 def test_loaded_weights_equal_the_files(tiny_dirs, tiny):

@@ -36,6 +36,8 @@ T = Dim("T", min=2, max=48)
 M = Dim("M", min=2, max=400)
 # (family, component) -> (module -> traced module, example inputs, dynamic shapes, second-length inputs)
 FIXTURES: dict[tuple[str, str], Callable] = {
+    ("*", "audio_frontend"): lambda m, h: (m, (torch.randn(16000, generator=g),), ({0: Dim("N", min=1600, max=480000)},),
+                                           (torch.randn(12345, generator=g),)),
     ("*", "vision_encoder"): lambda m, h: (m, (torch.randn(2, 3, 112, 112, generator=g),), ({0: Dim("tiles", min=1, max=13)},),
                                            (torch.randn(3, 3, 112, 112, generator=g),)),
     ("interactiveomni", "audio_encoder"): lambda m, h: (m, (torch.randn(1, 128, 200, generator=g),), ({2: 4 * Dim("F4", min=2, max=750)},),

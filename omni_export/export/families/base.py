@@ -90,6 +90,28 @@ class Family(ABC):
     image_token: ClassVar[str]
     audio_token: ClassVar[str]
 
+    # -- what a bundle carries for the runtime --------------------------------------------------
+    def runtime_config(self, ckpt: Checkpoint) -> dict[str, Any]:
+        """Everything the runtime needs beyond the artifacts: ids, rates, tiling, chunking."""
+        vision = ckpt.components["vision_encoder"]
+        ids = ckpt.special_ids
+        return {
+            "special_ids": dict(ids),
+            "eos_ids": [ids[t] for t in self.eos_tokens],
+            "image_token_id": ids[self.image_token],
+            "audio_token_id": ids[self.audio_token],
+            "audio_sample_rate": self.audio_sample_rate,
+            "output_sample_rate": self.output_sample_rate,
+            "image": {"tile_size": vision.cfg.image_size, "tokens_per_tile": vision.tokens_per_tile(),
+                      "max_tiles": ckpt.config.max_dynamic_patch, "thumbnail": True,
+                      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+            "llm": {"hidden_size": self.llm_config(ckpt.config).hidden_size, "vocab_size": self.llm_config(ckpt.config).vocab_size},
+        }  # fmt: skip
+
+    def assets(self, ckpt: Checkpoint) -> dict[str, np.ndarray]:
+        """Arrays the runtime needs that are not artifact weights (default voices)."""
+        return {}
+
 
 FAMILIES: Registry[Family] = Registry("model family")
 MODEL_TYPES: Registry[Family] = Registry("model_type")

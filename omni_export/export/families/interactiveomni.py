@@ -164,6 +164,8 @@ class InteractiveOmni(Family):
         d_llm = cfg.llm.hidden_size
         v = cfg.voicelm
         return [
+            ComponentSpec("audio_frontend", lambda: WhisperLogMel(cfg.audio.num_mel_bins), (),
+                          description="Whisper log-mel: 16 kHz samples -> 128-bin features (100 Hz)"),
             ComponentSpec("vision_encoder", lambda: VisionEncoder(cfg.vision, mlp1_projector(cfg.vision.hidden_size, d_llm, cfg.downsample_ratio), cfg.downsample_ratio),
                           (("vision_model.", "encoder."), ("mlp1.", "projector.")), description="InternViT + pixel shuffle + mlp1: tiles -> LLM tokens"),
             ComponentSpec("audio_encoder", lambda: WhisperAudioEncoder(cfg.audio, d_llm),
@@ -177,10 +179,27 @@ class InteractiveOmni(Family):
             ComponentSpec("vocoder", lambda: HiFiGAN(v.hift), (("voicelm.hift.", ""),), description="HiFiGAN: mel -> 24 kHz"),
         ]  # fmt: skip
 
+    def runtime_config(self, ckpt) -> dict[str, Any]:
+        v = ckpt.config.voicelm
+        out = super().runtime_config(ckpt)
+        out["audio_frames_multiple"] = WhisperAudioEncoder.FRAME_MULTIPLE
+        out["max_audio_frames"] = 2 * ckpt.config.audio.max_source_positions
+        out["speech"] = {
+            "kind": "cosyvoice2", "speech_vocab": v.speech_lm.speech_vocab, "eos": v.speech_lm.eos, "fill": v.speech_lm.fill,
+            "sos_row": SOS, "task_row": TASK, "text_chunk": v.speech_lm.text_chunk, "speech_chunk": v.speech_lm.speech_chunk,
+            "max_speech_per_text": v.speech_lm.max_speech_per_text, "token_rate_hz": 25, "token_mel_ratio": v.flow.token_mel_ratio,
+            "flow_chunk_tokens": v.flow.token_chunk, "n_timesteps": v.flow.n_timesteps, "cfg_rate": v.flow.cfg_rate,
+            "mel_bins": v.flow.mel_bins, "vocoder_hop": v.hift.hop, "speaker_dim": v.flow.spk_dim,
+        }  # fmt: skip
+        return out
+
+    def assets(self, ckpt) -> dict[str, np.ndarray]:
+        return {"default_speaker_embedding": ckpt.components["flow"].default_speaker_embedding.detach().float().numpy()}
+
     # -- reference pipeline -------------------------------------------------------------------
     def audio_tokens(self, ckpt, wav: torch.Tensor) -> torch.Tensor:
         enc = ckpt.components["audio_encoder"]
-        mel = WhisperAudioEncoder.pad_frames(WhisperLogMel(ckpt.config.audio.num_mel_bins)(wav))
+        mel = WhisperAudioEncoder.pad_frames(ckpt.components["audio_frontend"](wav))
         window = 2 * ckpt.config.audio.max_source_positions  # Whisper positions cover 30 s of frames
         dtype = next(enc.parameters()).dtype
         parts = [enc(mel[..., i : i + window].to(dtype))[0] for i in range(0, mel.shape[-1], window)]

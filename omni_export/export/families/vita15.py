@@ -138,6 +138,8 @@ class Vita15(Family):
         d_llm = cfg.llm.hidden_size
         vit_out = int(cfg.vision.hidden_size / cfg.downsample_ratio**2)
         return [
+            ComponentSpec("audio_frontend", lambda: KaldiFbank(cfg.audio.input_dim), (),
+                          description="Kaldi fbank: 16 kHz samples -> 80-bin features (100 Hz)"),
             ComponentSpec("vision_encoder", lambda: VisionEncoder(cfg.vision, mlp2x_gelu_projector(vit_out, d_llm), cfg.downsample_ratio),
                           (("model.vision_tower.vision_tower.", "encoder."), ("model.mm_projector.", "projector.")),
                           description="InternViT + pixel shuffle + mlp2x_gelu: tiles -> LLM tokens"),
@@ -154,10 +156,23 @@ class Vita15(Family):
                           description="codec tokens (40 Hz) -> 24 kHz"),
         ]  # fmt: skip
 
+    def runtime_config(self, ckpt) -> dict[str, Any]:
+        t, c = ckpt.config.tts, ckpt.config.codec
+        out = super().runtime_config(ckpt)
+        out["speech"] = {
+            "kind": "vita_codec", "codebook_size": t.codebook_size, "pad": t.pad, "bos": t.bos, "eos": t.eos,
+            "top_k": t.top_k, "max_codec_per_text": t.max_codec_per_text, "codec_rate_hz": c.sample_rate // c.hop,
+            "codec_hop": c.hop, "n_global": c.n_global,
+        }  # fmt: skip
+        return out
+
+    def assets(self, ckpt) -> dict[str, np.ndarray]:
+        return {"default_global_codes": ckpt.components["codec_decoder"].default_global_codes.detach().numpy()}
+
     # -- reference pipeline -------------------------------------------------------------------
     def audio_tokens(self, ckpt, wav: torch.Tensor) -> torch.Tensor:
         enc = ckpt.components["audio_encoder"]
-        fbank = KaldiFbank(ckpt.config.audio.input_dim)(wav)
+        fbank = ckpt.components["audio_frontend"](wav)
         return enc(fbank.to(next(enc.parameters()).dtype))[0]
 
     def prompt(self, ckpt, n_image: int, n_audio: int, text: str | None) -> list[int]:

@@ -1,0 +1,222 @@
+"""The main job: load -> trace -> lower -> golden -> parity -> bundle, one component at a time,
+with a progress callback per step. The bundle is assembled in a hidden directory beside ``out``
+and renamed into place only when it is whole and every component passed parity."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import omni_export
+from omni_export.bundle.golden import write_golden
+from omni_export.bundle.manifest import MANIFEST, SCHEMA_VERSION, file_entry
+from omni_export.bundle.readme import render
+from omni_export.errors import OmniExportError
+from omni_export.export.checkpoint import load_checkpoint
+from omni_export.export.components.qwen import QwenModel
+from omni_export.export.golden import Context, make_golden
+from omni_export.export.trace import trace_component
+from omni_export.export.trace_specs import Limits
+from omni_export.files import atomic_write_text
+from omni_export.profiles import Profile
+from omni_export.quantize.recipe import QuantRecipe
+from omni_export.runtime_py.backends import open_session
+from omni_export.runtime_py.parity import ComponentParity, judge, replay
+from omni_export.targets import TARGETS
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, str], None]  # (component, step)
+
+
+class ParityGateError(OmniExportError):
+    """At least one component missed its parity threshold; the bundle was not published."""
+
+    def __init__(self, message: str, result: BuildResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class ComponentBuild:
+    name: str
+    file: str
+    bytes: int
+    methods: list[str]
+    delegated_share: float
+    parity: ComponentParity
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BuildResult:
+    bundle: Path
+    profile: str
+    precision: str
+    components: list[ComponentBuild]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _kv_layout(module: torch.nn.Module, limits: Limits) -> dict[str, Any] | None:
+    stacks = [m for m in module.modules() if isinstance(m, QwenModel) and m.cache_len]
+    if not stacks:
+        return None
+    c = stacks[0].cfg
+    return {"layers": c.num_hidden_layers, "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+            "max_len": stacks[0].cache_len, "dtype": "float32", "held_as": "mutable_buffers",
+            "layout": "[1, kv_heads, max_len, head_dim] per layer, written at input_pos"}  # fmt: skip
+
+
+def _tensor_dict(t) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+
+
+def _versions() -> dict[str, str]:
+    out = {"omni_export": omni_export.__version__, "torch": torch.__version__}
+    try:
+        from importlib.metadata import version
+
+        out["executorch"] = version("executorch")
+    except Exception:  # not installed: the manifest says so by omission
+        pass
+    return out
+
+
+def build_bundle(
+    profile: Profile,
+    model: Path,
+    recipe: QuantRecipe,
+    out: Path,
+    context: int | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> BuildResult:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OmniExportError(f"{out} already exists; remove it or pass --overwrite.")
+    notes: list[str] = []
+    precision = recipe.name
+    if not (recipe.is_float and recipe.float_dtype == "fp32"):
+        notes.append(f"quantization preset {recipe.name!r} is not implemented yet: lowered at fp32; the manifest says fp32")
+        precision = "fp32"
+    target = TARGETS.get(profile.target)
+    step = progress or (lambda c, s: None)
+    start = time.perf_counter()
+    step("checkpoint", "loading")
+    ckpt = load_checkpoint(model, dtype=torch.float32)
+    llm_cfg = ckpt.family.llm_config(ckpt.config)
+    limits = Limits(max_context=min(context or profile.max_context, llm_cfg.max_position_embeddings),
+                    max_tiles=ckpt.config.max_dynamic_patch + 1)  # fmt: skip
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    gctx = Context(ckpt.tokenizer, limits)
+    components: dict[str, Any] = {}
+    builds: list[ComponentBuild] = []
+    try:
+        for name, module in ckpt.components.items():
+            t: dict[str, float] = {}
+            step(name, "tracing")
+            t0 = time.perf_counter()
+            traced = trace_component(name, module, limits)
+            t["trace_s"] = time.perf_counter() - t0
+            step(name, f"lowering ({target.name})")
+            meta = {"omni_max_context": limits.max_context, "omni_audio_sample_rate": ckpt.family.audio_sample_rate,
+                    "omni_output_sample_rate": ckpt.family.output_sample_rate}  # fmt: skip
+            artifact = target.lower(traced, profile, tmp, meta)
+            t["lower_s"] = artifact.build_s
+            step(name, "golden I/O")
+            t0 = time.perf_counter()
+            calls, io = make_golden(module, gctx)
+            write_golden(tmp / "golden" / f"{name}.npz", calls)
+            t["golden_s"] = time.perf_counter() - t0
+            step(name, "parity")
+            t0 = time.perf_counter()
+            session = open_session(target.backend, tmp / artifact.file)
+            got = replay(session, calls, lambda meth: io[meth])
+            th = profile.threshold(precision)
+            gate = "fp32" if precision == "fp32" else "fp16"
+            parity = judge(name, calls, got, gate, th.cosine_min, th.top1_min, th.kl_max)
+            t["parity_s"] = time.perf_counter() - t0
+            spec = ckpt.specs[name]
+            components[name] = {
+                "file": artifact.file, "backend": artifact.backend, "description": spec.description,
+                "methods": {s.name: {"inputs": [_tensor_dict(x) for x in s.inputs], "outputs": [_tensor_dict(x) for x in s.outputs]}
+                            for s in traced.specs.values()},
+                "kv_cache": _kv_layout(module, limits), "golden": f"golden/{name}.npz", "precision": precision,
+                "delegation": {m: {"delegated_nodes": d.delegated_nodes, "portable_nodes": d.portable_nodes, "subgraphs": d.subgraphs,
+                                   "share": round(d.share, 4), "portable_ops": d.fallback_ops} for m, d in artifact.delegation.items()},
+            }  # fmt: skip
+            builds.append(ComponentBuild(name, artifact.file, (tmp / artifact.file).stat().st_size, list(traced.specs),
+                                         artifact.delegated_share, parity, t))  # fmt: skip
+            del traced, session
+        step("bundle", "writing")
+        _finish(tmp, ckpt, profile, recipe, precision, limits, components, builds, notes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = BuildResult(out, profile.name, precision, builds, time.perf_counter() - start, notes)
+    failed = [b for b in builds if not b.parity.passed]
+    if failed:
+        rejected = out.with_name(f"{out.name}.rejected")
+        shutil.rmtree(rejected, ignore_errors=True)
+        os.replace(tmp, rejected)
+        result.bundle = rejected
+        raise ParityGateError(
+            f"parity failed for {', '.join(b.name for b in failed)}; the bundle was not published (kept for inspection at {rejected})",
+            result,
+        )
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return result
+
+
+def _finish(tmp: Path, ckpt, profile: Profile, recipe: QuantRecipe, precision: str, limits: Limits,  # type: ignore[no-untyped-def]
+            components: dict[str, Any], builds: list[ComponentBuild], notes: list[str]) -> None:  # fmt: skip
+    tok = tmp / "tokenizer"
+    tok.mkdir()
+    for fname in ("tokenizer.json", "tokenizer_config.json"):
+        if (ckpt.root / fname).is_file():
+            shutil.copyfile(ckpt.root / fname, tok / fname)
+    assets = {}
+    for key, arr in ckpt.family.assets(ckpt).items():
+        (tmp / "assets").mkdir(exist_ok=True)
+        np.save(tmp / "assets" / f"{key}.npy", arr)
+        assets[key] = f"assets/{key}.npy"
+    parity = [b.parity.to_dict() for b in builds]
+    atomic_write_text(tmp / "reports" / "parity.json", json.dumps(parity, indent=2))
+    build = [{"component": b.name, "file": b.file, "bytes": b.bytes, "methods": b.methods,
+              "delegated_share": b.delegated_share, **{k: round(v, 3) for k, v in b.seconds.items()}} for b in builds]  # fmt: skip
+    atomic_write_text(tmp / "reports" / "build.json", json.dumps({"components": build, "notes": notes}, indent=2))
+    model_cfg = ckpt.family.runtime_config(ckpt)
+    model_cfg["assets"] = assets
+    model_cfg["max_context"] = limits.max_context
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "toolchain": _versions(),
+        "family": ckpt.family.name,
+        "source": {"path": str(ckpt.root), "fingerprint": ckpt.fingerprint()},
+        "profile": {"name": profile.name, "target": profile.target, "description": profile.description,
+                    "max_context": limits.max_context, "bandwidth_gbs": profile.bandwidth_gbs},
+        "quant": {"preset": precision, "requested": recipe.name, "float_dtype": "fp32"},
+        "model": model_cfg,
+        "components": components,
+        "files": {},
+    }  # fmt: skip
+    atomic_write_text(tmp / "README.md", render(manifest, parity))
+    manifest["files"] = {
+        p.relative_to(tmp).as_posix(): file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))

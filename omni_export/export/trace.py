@@ -1,0 +1,84 @@
+"""torch.export of every component, per method, with the dynamic shapes each needs.
+
+A component that cannot be traced fails with a TraceError naming the component, the method, the
+module path inside the component and the source line and op that broke, not a stack of
+framework frames."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+
+from omni_export.errors import OmniExportError
+from omni_export.export.components.qwen import QwenModel
+from omni_export.export.trace_specs import Limits, MethodSpec, method_specs
+
+log = logging.getLogger(__name__)
+
+
+class TraceError(OmniExportError):
+    """A component could not be captured by torch.export."""
+
+
+@dataclass
+class TracedComponent:
+    name: str
+    module: nn.Module
+    specs: dict[str, MethodSpec]
+    programs: dict[str, ExportedProgram]
+
+
+def prepare(module: nn.Module, limits: Limits) -> None:
+    """Give every KV-cached stack a zeroed static cache of the traced length."""
+    for m in module.modules():
+        if isinstance(m, QwenModel) and m is not module and _is_cached_stack(module, m):
+            m.setup_cache(limits.max_context)
+
+
+def _is_cached_stack(root: nn.Module, stack: QwenModel) -> bool:
+    # Bidirectional NAR stacks (VITA's pre_nn) never use a cache.
+    return not any(name.endswith("pre_nn") for name, m in root.named_modules() if m is stack)
+
+
+def _explain(component: str, method: str, root: nn.Module, exc: BaseException) -> str:
+    """The deepest frame running a module of this component names the module path and the line."""
+    names = {id(m): n for n, m in root.named_modules()}
+    where, module_path = "", ""
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            module_path = names[id(owner)] or "(component root)"
+            where = f"{frame.f_code.co_filename}:{lineno} in {type(owner).__name__}.{frame.f_code.co_name}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot trace {component}.{method}: {type(exc).__name__}: {first}"
+        + (f"\n  module: {component}.{module_path}" if module_path else "")
+        + (f"\n  at {where}" if where else "")
+        + "\n  Make the op there shape-static and data-independent (no Python branches on tensor values,"
+        " .item() or .tolist()), or register an export-friendly replacement for the module."
+    )
+
+
+def trace_component(name: str, module: nn.Module, limits: Limits) -> TracedComponent:
+    module.eval()
+    prepare(module, limits)
+    specs = {s.name: s for s in method_specs(module, limits)}
+    programs = {}
+    for spec in specs.values():
+        wrapped = isinstance(spec.module, nn.Module) and spec.module.forward.__code__.co_flags & 0x04  # *args
+        dyn = (spec.dynamic_shapes,) if wrapped and spec.dynamic_shapes is not None else spec.dynamic_shapes
+        try:
+            with torch.no_grad():
+                programs[spec.name] = torch.export.export(spec.module, spec.example_inputs, dynamic_shapes=dyn, strict=False)
+        except Exception as exc:  # torch.export raises many unrelated types
+            raise TraceError(_explain(name, spec.name, module, exc)) from exc
+        log.info("traced %s.%s: %d nodes", name, spec.name, len(programs[spec.name].graph.nodes))
+    for m in module.modules():  # tracing ran example inputs through the caches
+        if isinstance(m, QwenModel):
+            m.reset_cache()
+    return TracedComponent(name, module, specs, programs)

@@ -1,0 +1,46 @@
+"""ExecuTorch's Python runtime over a ``.pte``. The KV cache lives in the program's mutable
+buffers, shared by its prefill and decode methods; reset reloads the program (zeroed buffers)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from omni_export.errors import OmniExportError
+from omni_export.runtime_py.backends.base import SESSIONS, Session
+
+
+class ExecuTorchSession(Session):
+    backend = "executorch"
+    stateful = True
+
+    def __init__(self, path: Path) -> None:
+        try:
+            from executorch.runtime import Runtime
+        except ImportError as exc:  # the runtime is an optional install on a device
+            raise OmniExportError(f"the ExecuTorch runtime is not installed ({exc}); pip install executorch") from None
+        self.path = Path(path)
+        self._runtime = Runtime.get()
+        self.reset()
+
+    @classmethod
+    def open(cls, path: Path) -> ExecuTorchSession:
+        return cls(path)
+
+    def reset(self) -> None:
+        self._program = self._runtime.load_program(self.path)
+        # Load every method before running any: loading a method initialises the shared mutable
+        # buffers (the KV cache), so a decode loaded after prefill ran would start from zeros.
+        self._loaded = {name: self._program.load_method(name) for name in sorted(self._program.method_names)}
+
+    @property
+    def methods(self) -> set[str]:
+        return set(self._program.method_names)
+
+    def run(self, method: str, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return list(self._loaded[method].execute([x.contiguous() for x in inputs]))
+
+
+SESSIONS.register(ExecuTorchSession.backend, ExecuTorchSession)

@@ -1,0 +1,160 @@
+"""Parity: one definition of every metric (DESIGN.md, Metrics) and the replay of a component's
+golden calls on any session, judged against the eager reference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from omni_export.bundle.golden import GoldenCall
+from omni_export.runtime_py.backends.base import Session
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denom) if denom else float(np.array_equal(a, b))
+
+
+def rel_l2(a: np.ndarray, ref: np.ndarray) -> float:
+    n = np.linalg.norm(ref.astype(np.float64))
+    return float(np.linalg.norm((a - ref).astype(np.float64)) / n) if n else float(np.abs(a).max(initial=0.0))
+
+
+def max_abs(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - ref).max(initial=0.0))
+
+
+def psnr(a: np.ndarray, ref: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB, peak = max |ref|; capped at 200 dB for identical arrays."""
+    mse = float(np.mean((a.astype(np.float64) - ref) ** 2))
+    peak = float(np.abs(ref).max(initial=0.0))
+    return 200.0 if mse == 0 else min(200.0, 10 * np.log10(peak**2 / mse)) if peak else 0.0
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def top1_agreement(logits: np.ndarray, ref: np.ndarray) -> float:
+    a, b = logits.reshape(-1, logits.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    return float(np.mean(a.argmax(-1) == b.argmax(-1)))
+
+
+def mean_kl(logits: np.ndarray, ref: np.ndarray) -> float:
+    """Mean over positions of KL(reference || artifact)."""
+    p = _log_softmax(ref.reshape(-1, ref.shape[-1]))
+    q = _log_softmax(logits.reshape(-1, logits.shape[-1]))
+    return float(np.mean((np.exp(p) * (p - q)).sum(-1)))
+
+
+@dataclass
+class OutputParity:
+    method: str
+    output: str
+    reference: str  # fp32 or fp16
+    cosine: float
+    rel_l2: float
+    max_abs: float
+    psnr: float
+    top1: float | None = None
+    kl: float | None = None
+
+
+@dataclass
+class ComponentParity:
+    component: str
+    gate_reference: str
+    threshold: dict[str, float]
+    results: list[OutputParity] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def worst(self, reference: str) -> dict[str, float]:
+        rows = [r for r in self.results if r.reference == reference]
+        out = {"cosine": min((r.cosine for r in rows), default=1.0), "psnr": min((r.psnr for r in rows), default=200.0)}
+        tops = [r.top1 for r in rows if r.top1 is not None]
+        if tops:
+            out["top1"] = min(tops)
+            out["kl"] = max(r.kl for r in rows if r.kl is not None)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"component": self.component, "passed": self.passed, "gate_reference": self.gate_reference,
+                "threshold": self.threshold, "failures": self.failures, "results": [asdict(r) for r in self.results]}  # fmt: skip
+
+
+def replay(session: Session, calls: list[GoldenCall], io: Callable[[str], tuple[list[str], list[str]]]) -> list[dict[str, np.ndarray]]:
+    """Run the golden calls in order on a fresh session; ``io(method)`` gives the manifest's input
+    and output names. Returns each call's named outputs."""
+    session.reset()
+    results = []
+    for call in calls:
+        in_names, names = io(call.method)
+        # copy(): C-contiguous and keeps 0-d scalars 0-d (ascontiguousarray would make them 1-d).
+        outs = session.run(call.method, [torch.from_numpy(call.inputs[n].copy()) for n in in_names])
+        results.append({n: (o.detach().float().numpy() if isinstance(o, torch.Tensor) else np.asarray(o)) for n, o in zip(names, outs)})
+    return results
+
+
+def judge(component: str, calls: list[GoldenCall], got: list[dict[str, np.ndarray]], gate_reference: str,
+          cosine_min: float, top1_min: float, kl_max: float) -> ComponentParity:  # fmt: skip
+    """Metrics per (method, output) over all calls, against both references; the gate uses one."""
+    report = ComponentParity(component, gate_reference, {"cosine_min": cosine_min, "top1_min": top1_min, "kl_max": kl_max})
+    keys = list(dict.fromkeys((c.method, n) for c in calls for n in c.outputs["fp32"]))
+    for reference in ("fp32", "fp16"):
+        for method, name in keys:
+            idx = [i for i, c in enumerate(calls) if c.method == method]
+            a = np.concatenate([got[i][name].reshape(-1) for i in idx])
+            r = np.concatenate([calls[i].outputs[reference][name].reshape(-1).astype(np.float64) for i in idx])
+            row = OutputParity(method, name, reference, cosine(a, r), rel_l2(a, r), max_abs(a, r), psnr(a, r))
+            if name == "logits":
+                vocab = calls[idx[0]].outputs[reference][name].shape[-1]
+                row.top1 = top1_agreement(a.reshape(-1, vocab), r.reshape(-1, vocab))
+                row.kl = mean_kl(a.reshape(-1, vocab), r.reshape(-1, vocab))
+            report.results.append(row)
+            if reference != gate_reference:
+                continue
+            if row.cosine < cosine_min:
+                report.failures.append(f"{method}.{name}: cosine {row.cosine:.6f} < {cosine_min}")
+            if row.top1 is not None and row.top1 < top1_min:
+                report.failures.append(f"{method}.{name}: top-1 agreement {row.top1:.3f} < {top1_min}")
+            if row.kl is not None and row.kl > kl_max:
+                report.failures.append(f"{method}.{name}: KL {row.kl:.5f} > {kl_max}")
+    return report
+
+
+def check_bundle(bundle) -> list[ComponentParity]:  # type: ignore[no-untyped-def]
+    """Re-run every component's golden calls on this host, with the backend the manifest names,
+    against the thresholds and reference the build recorded."""
+    from pathlib import Path
+
+    from omni_export.bundle.golden import read_golden
+    from omni_export.bundle.manifest import io_names, read_manifest
+    from omni_export.runtime_py.backends import open_session
+
+    bundle = Path(bundle)
+    m = read_manifest(bundle)
+    recorded = {}
+    report = bundle / "reports" / "parity.json"
+    if report.is_file():
+        import json
+
+        recorded = {r["component"]: r for r in json.loads(report.read_text())}
+    out = []
+    for name, comp in m["components"].items():
+        calls = read_golden(bundle / comp["golden"])
+        session = open_session(comp["backend"], bundle / comp["file"])
+        got = replay(session, calls, lambda meth, comp=comp: io_names(comp, meth))
+        th = recorded.get(name, {}).get("threshold", {"cosine_min": 0.999, "top1_min": 0.98, "kl_max": 0.01})
+        gate = recorded.get(name, {}).get("gate_reference", "fp16")
+        out.append(judge(name, calls, got, gate, th["cosine_min"], th["top1_min"], th["kl_max"]))
+    return out

@@ -1,0 +1,96 @@
+"""ExecuTorch for Android and any ARM/x86 CPU: XNNPACK-delegated, one multi-method ``.pte`` per
+component. Methods of one component share their weights and their KV cache (mutable buffers
+planned once with ``share_mutable_buffers``), so ``prefill`` fills the cache ``decode`` reads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from omni_export.errors import OmniExportError
+from omni_export.targets.base import TARGETS, Artifact, Delegation, Target
+
+log = logging.getLogger(__name__)
+
+
+class LoweringError(OmniExportError):
+    """A traced component could not be lowered for the target."""
+
+
+# Operator namespaces that are real kernels; getitem, sym_size and SymInt arithmetic are bookkeeping.
+_KERNEL_PREFIXES = ("aten_", "dim_order_ops_", "quantized_decomposed_", "llama_", "torchao_")
+
+
+def _delegation(graph_module) -> Delegation:  # type: ignore[no-untyped-def]
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(graph_module)
+    fallback = {
+        op: b.non_delegated for op, b in info.delegation_by_operator.items()
+        if b.non_delegated and op.startswith(_KERNEL_PREFIXES)
+    }  # fmt: skip
+    return Delegation(info.num_delegated_nodes, sum(fallback.values()), info.num_delegated_subgraphs, fallback)
+
+
+class ExecuTorchTarget(Target):
+    name = "executorch"
+    backend = "executorch"
+    extension = ".pte"
+
+    @staticmethod
+    def _lower(traced, partitioners: list, metadata: dict[str, Any]):  # type: ignore[no-untyped-def]
+        from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir.passes import MemoryPlanningPass
+        from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+        edge = to_edge_transform_and_lower(
+            traced.programs,
+            partitioner=partitioners,
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            constant_methods=metadata or None,
+        )
+        delegation = {m: _delegation(edge.exported_program(m).graph_module) for m in traced.programs}
+        program = edge.to_executorch(
+            ExecutorchBackendConfig(
+                # KV caches start as zeros: uninitialised memory could hold NaN, and NaN * 0 stays NaN under the mask.
+                passes=[InitializedMutableBufferPass(["_cache_"])],
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
+                emit_mutable_buffer_names=True,
+                extract_delegate_segments=True,
+            )
+        )
+        return program, delegation
+
+    def lower(self, traced, profile, root: Path, metadata: dict[str, Any]) -> Artifact:  # type: ignore[no-untyped-def]
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        delegates = profile.executorch.delegates if profile.executorch else ("xnnpack",)
+        partitioners = {"xnnpack": XnnpackPartitioner}
+        unknown = [d for d in delegates if d not in partitioners]
+        if unknown:
+            raise LoweringError(f"profile {profile.name}: ExecuTorch delegate(s) {unknown} are not supported; known: {sorted(partitioners)}")
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            # exir's own deprecation chatter; our errors and the delegation report say what matters.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message="Mutation on a buffer")
+            try:
+                program, delegation = self._lower(traced, [partitioners[d]() for d in delegates], metadata)
+            except Exception as exc:  # exir raises many types; name the component and the first line
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise LoweringError(f"ExecuTorch cannot lower {traced.name}: {type(exc).__name__}: {first}") from exc
+        rel = f"artifacts/{traced.name}{self.extension}"
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            program.write_to_file(f)
+        os.replace(tmp, path)
+        return Artifact(traced.name, rel, self.backend, delegation, time.perf_counter() - start)
+
+
+TARGETS.register(ExecuTorchTarget.name, ExecuTorchTarget())

@@ -1,0 +1,148 @@
+"""The ExecuTorch spine on both tiny families: trace -> lower -> golden -> parity -> bundle, then
+verify / inspect / parity on the result, and tampering caught by name."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from omni_export.bundle import read_manifest, verify_bundle
+from omni_export.bundle.golden import read_golden
+from omni_export.cli import app
+from omni_export.compiler import build_bundle
+from omni_export.profiles import get_profile
+from omni_export.quantize.presets import PRESETS
+
+runner = CliRunner()
+CONTEXT = 160
+
+
+@pytest.fixture(scope="session")
+def bundles(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    return {f: build_bundle(get_profile("android"), p, PRESETS.get("fp32"), root / f, context=CONTEXT) for f, p in tiny_dirs.items()}
+
+
+@pytest.fixture
+def bundle_copy(bundles, tmp_path):
+    def make(family):
+        dst = tmp_path / family
+        shutil.copytree(bundles[family].bundle, dst)
+        return dst
+
+    return make
+
+
+@pytest.mark.parametrize("family", ["interactiveomni", "vita15"])
+def test_every_component_passes_fp32_parity(bundles, family):
+    result = bundles[family]
+    assert result.precision == "fp32" and result.components
+    for b in result.components:
+        assert b.parity.passed, (b.name, b.parity.failures)
+        w32 = b.parity.worst("fp32")
+        assert w32["cosine"] >= 0.9999, (b.name, w32)
+        if "top1" in w32:  # LLM-like: prefill and every teacher-forced decode step agree
+            assert w32["top1"] == 1.0
+        # The report carries the same figures against the fp16 reference.
+        assert {r.reference for r in b.parity.results} == {"fp32", "fp16"}
+
+
+@pytest.mark.parametrize("family", ["interactiveomni", "vita15"])
+def test_bundle_layout_and_manifest(bundles, family):
+    root = bundles[family].bundle
+    m = read_manifest(root)
+    assert verify_bundle(root) == []
+    assert m["family"] == family and m["profile"]["target"] == "executorch" and m["quant"]["preset"] == "fp32"
+    for name, c in m["components"].items():
+        assert (root / c["file"]).suffix == ".pte" and c["golden"] == f"golden/{name}.npz"
+        assert c["methods"] and all(io["inputs"] and io["outputs"] for io in c["methods"].values())
+    llm = m["components"]["llm"]
+    assert set(llm["methods"]) == {"embed", "prefill", "decode"}
+    assert llm["kv_cache"]["max_len"] == CONTEXT and llm["kv_cache"]["held_as"] == "mutable_buffers"
+    assert m["model"]["audio_sample_rate"] == 16000 and m["model"]["output_sample_rate"] == 24000
+    assert (root / "tokenizer" / "tokenizer.json").is_file() and (root / "README.md").is_file()
+    readme = (root / "README.md").read_text()
+    assert "I/O contract" in readme and "Measured parity" in readme
+    parity = json.loads((root / "reports" / "parity.json").read_text())
+    assert {p["component"] for p in parity} == set(m["components"])
+    assert m["model"]["assets"] and all((root / p).is_file() for p in m["model"]["assets"].values())
+
+
+def test_llm_golden_holds_ids_and_logits_under_manifest_names(bundles):
+    root = bundles["interactiveomni"].bundle
+    m = read_manifest(root)
+    calls = read_golden(root / "golden" / "llm.npz")
+    methods = [c.method for c in calls]
+    assert methods[:2] == ["embed", "prefill"] and methods.count("decode") == 32
+    embed_in = [t["name"] for t in m["components"]["llm"]["methods"]["embed"]["inputs"]]
+    prefill_out = [t["name"] for t in m["components"]["llm"]["methods"]["prefill"]["outputs"]]
+    assert list(calls[0].inputs) == embed_in == ["ids"] and calls[0].inputs["ids"].dtype == np.int64
+    for prec in ("fp16", "fp32"):
+        assert list(calls[1].outputs[prec]) == prefill_out
+        assert calls[1].outputs[prec]["logits"].shape[-1] == m["model"]["llm"]["vocab_size"]
+    # fp16 reference really is a different (half precision) computation.
+    assert not np.array_equal(calls[1].outputs["fp16"]["logits"], calls[1].outputs["fp32"]["logits"])
+
+
+def test_verify_names_a_changed_byte(bundle_copy):
+    root = bundle_copy("vita15")
+    pte = root / "artifacts" / "llm.pte"
+    data = bytearray(pte.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pte.write_bytes(bytes(data))
+    problems = verify_bundle(root)
+    assert problems == ["artifacts/llm.pte: sha256 differs from the manifest (the file was modified or corrupted)"]
+    r = runner.invoke(app, ["verify", str(root)])
+    assert r.exit_code == 1 and "artifacts/llm.pte" in r.output
+
+
+def test_verify_names_missing_and_unlisted_files(bundle_copy):
+    root = bundle_copy("vita15")
+    (root / "golden" / "codec_decoder.npz").unlink()
+    (root / "artifacts" / "extra.bin").write_bytes(b"x")
+    problems = verify_bundle(root)
+    assert "golden/codec_decoder.npz: missing" in problems
+    assert "artifacts/extra.bin: not listed in the manifest" in problems
+
+
+def test_verify_rejects_broken_manifest(bundle_copy):
+    root = bundle_copy("vita15")
+    m = json.loads((root / "manifest.json").read_text())
+    del m["components"]["llm"]["methods"]
+    (root / "manifest.json").write_text(json.dumps(m))
+    assert any("lacks 'methods'" in p for p in verify_bundle(root))
+
+
+def test_parity_command_reruns_and_catches_drift(bundle_copy):
+    root = bundle_copy("interactiveomni")
+    ok = runner.invoke(app, ["parity", str(root), "--json"])
+    assert ok.exit_code == 0, ok.output
+    rows = json.loads(ok.output[ok.output.index("[") :])
+    assert all(r["passed"] for r in rows)
+    # Make the recorded reference disagree with the artifact: the gate must fail and say where.
+    path = root / "golden" / "vocoder.npz"
+    data = dict(np.load(path))
+    data["fp32/0/wav"] = -data["fp32/0/wav"]
+    np.savez(path, **data)
+    bad = runner.invoke(app, ["parity", str(root)])
+    assert bad.exit_code == 4 and "vocoder" in bad.output and "cosine" in bad.output
+
+
+def test_inspect_summarises(bundles):
+    r = runner.invoke(app, ["inspect", str(bundles["vita15"].bundle)])
+    assert r.exit_code == 0
+    for name in ("audio_frontend", "llm", "tts_ar", "codec_decoder", "pass"):
+        assert name in r.output
+
+
+def test_main_job_on_tiny_checkpoint_writes_verified_bundle(tiny_dirs, tmp_path):
+    out = tmp_path / "b"
+    r = runner.invoke(app, ["--target", "android", "--model", str(tiny_dirs["vita15"]), "--quant", "fp32",
+                            "--context", "96", "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "bundle for android-sd8g3 (fp32)" in r.output and "pass" in r.output
+    assert verify_bundle(out) == [] and not list(tmp_path.glob(".*partial*"))
+    again = runner.invoke(app, ["--target", "android", "--model", str(tiny_dirs["vita15"]), "--quant", "fp32", "--out", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
