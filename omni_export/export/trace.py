@@ -70,8 +70,8 @@ def trace_component(name: str, module: nn.Module, limits: Limits) -> TracedCompo
     specs = {s.name: s for s in method_specs(module, limits)}
     programs = {}
     for spec in specs.values():
-        wrapped = isinstance(spec.module, nn.Module) and spec.module.forward.__code__.co_flags & 0x04  # *args
-        dyn = (spec.dynamic_shapes,) if wrapped and spec.dynamic_shapes is not None else spec.dynamic_shapes
+        varargs = spec.module.forward.__code__.co_flags & 0x04  # Call(*args): shapes nest one level
+        dyn = (spec.dynamic_shapes,) if varargs and spec.dynamic_shapes is not None else spec.dynamic_shapes
         try:
             with torch.no_grad():
                 programs[spec.name] = torch.export.export(spec.module, spec.example_inputs, dynamic_shapes=dyn, strict=False)

@@ -15,7 +15,7 @@ from omni_export.export.components.codec import CodecDecoder
 from omni_export.export.components.flow import FlowDecoder
 from omni_export.export.components.hifigan import HiFiGAN
 from omni_export.export.components.internvit import VisionEncoder
-from omni_export.export.components.qwen import QwenForCausalLM
+from omni_export.export.components.qwen import QwenForCausalLM, QwenModel
 from omni_export.export.components.speech_lm import SpeechLM
 from omni_export.export.components.vita_tts import VitaTTSAr, VitaTTSNar
 from omni_export.export.components.whale import WhaleAudioEncoder
@@ -28,6 +28,10 @@ class Limits:
     """Upper bounds the traced graphs accept (and the runtime enforces)."""
 
     max_context: int = 1024
+    # Prefill is traced up to this many tokens and longer prompts are prefilled chunk by chunk:
+    # memory planning sizes a method for its largest shapes, and a full-context prefill would plan
+    # attention scores and logits for the whole context (3.3 GB for the small demo at 4096).
+    prefill_chunk: int = 256
     max_tiles: int = 13
     max_audio_s: int = 30
     max_speech_tokens: int = 1024
@@ -62,6 +66,21 @@ class Call(nn.Module):
 
     def forward(self, *args: torch.Tensor):  # type: ignore[no-untyped-def]
         return getattr(self.module, self.method)(*args)
+
+
+class ResetCache(Call):
+    """Zeroes every KV cache of the component. Shipping zeroed caches inside the file would cost a
+    full cache image per method; a reset method costs nothing and also starts new conversations."""
+
+    def forward(self) -> torch.Tensor:  # type: ignore[override]
+        n = 0
+        for m in self.module.modules():
+            if isinstance(m, QwenModel) and m.cache_len:
+                for i in range(m.cfg.num_hidden_layers):
+                    getattr(m, f"k_cache_{i}").zero_()
+                    getattr(m, f"v_cache_{i}").zero_()
+                n += 1
+        return torch.full((1,), n, dtype=torch.int64)
 
 
 class LLMStep(Call):
@@ -147,13 +166,14 @@ def _whale(m: WhaleAudioEncoder, lim: Limits) -> list[MethodSpec]:
                        (Tensor("features", F32, (1, "frames", cfg.input_dim)),), (Tensor("tokens", F32, (1, "frames/8", h)),))]  # fmt: skip
 
 
-def _lm_steps(step: nn.Module, hidden_in: int, outs: Callable[[str], tuple[Tensor, ...]], lim: Limits, dtype) -> list[MethodSpec]:
-    t = dim("tokens", 2, lim.max_context)
+def _lm_steps(step: Call, hidden_in: int, outs: Callable[[str | int], tuple[Tensor, ...]], lim: Limits, dtype) -> list[MethodSpec]:
+    t = dim("tokens", 2, min(lim.prefill_chunk, lim.max_context))
     return [
+        MethodSpec("reset_cache", ResetCache(step.module), (), None, (), (Tensor("stacks", I64, (1,)),)),
         MethodSpec("prefill", step, (torch.randn(1, 8, hidden_in, dtype=dtype), torch.arange(8)), ({1: t}, {0: t}),
                    (Tensor("embeds", F32, (1, "tokens", hidden_in)), Tensor("input_pos", I64, ("tokens",))), outs("tokens")),
         MethodSpec("decode", step, (torch.randn(1, 1, hidden_in, dtype=dtype), torch.tensor([8])), None,
-                   (Tensor("embeds", F32, (1, 1, hidden_in)), Tensor("input_pos", I64, (1,))), outs("1")),
+                   (Tensor("embeds", F32, (1, 1, hidden_in)), Tensor("input_pos", I64, (1,))), outs(1)),
     ]  # fmt: skip
 
 

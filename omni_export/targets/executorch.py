@@ -1,6 +1,7 @@
 """ExecuTorch for Android and any ARM/x86 CPU: XNNPACK-delegated, one multi-method ``.pte`` per
 component. Methods of one component share their weights and their KV cache (mutable buffers
-planned once with ``share_mutable_buffers``), so ``prefill`` fills the cache ``decode`` reads."""
+planned once with ``share_mutable_buffers``), so ``prefill`` fills the cache ``decode`` reads;
+``reset_cache`` zeroes it."""
 
 from __future__ import annotations
 
@@ -45,7 +46,6 @@ class ExecuTorchTarget(Target):
     def _lower(traced, partitioners: list, metadata: dict[str, Any]):  # type: ignore[no-untyped-def]
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
         from executorch.exir.passes import MemoryPlanningPass
-        from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 
         edge = to_edge_transform_and_lower(
             traced.programs,
@@ -56,8 +56,8 @@ class ExecuTorchTarget(Target):
         delegation = {m: _delegation(edge.exported_program(m).graph_module) for m in traced.programs}
         program = edge.to_executorch(
             ExecutorchBackendConfig(
-                # KV caches start as zeros: uninitialised memory could hold NaN, and NaN * 0 stays NaN under the mask.
-                passes=[InitializedMutableBufferPass(["_cache_"])],
+                # Caches are not stored initialised (that is a cache image per method); the component's
+                # reset_cache method zeroes them, and the runtime calls it before the first turn.
                 memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
                 emit_mutable_buffer_names=True,
                 extract_delegate_segments=True,

@@ -57,9 +57,11 @@ def test_bundle_layout_and_manifest(bundles, family):
     assert m["family"] == family and m["profile"]["target"] == "executorch" and m["quant"]["preset"] == "fp32"
     for name, c in m["components"].items():
         assert (root / c["file"]).suffix == ".pte" and c["golden"] == f"golden/{name}.npz"
-        assert c["methods"] and all(io["inputs"] and io["outputs"] for io in c["methods"].values())
+        assert c["methods"] and all(io["outputs"] for io in c["methods"].values())
+        assert all(io["inputs"] for meth, io in c["methods"].items() if meth != "reset_cache")
     llm = m["components"]["llm"]
-    assert set(llm["methods"]) == {"embed", "prefill", "decode"}
+    assert set(llm["methods"]) == {"embed", "prefill", "decode", "reset_cache"}
+    assert llm["methods"]["decode"]["outputs"][0]["shape"] == [1, 1, m["model"]["llm"]["vocab_size"]]
     assert llm["kv_cache"]["max_len"] == CONTEXT and llm["kv_cache"]["held_as"] == "mutable_buffers"
     assert m["model"]["audio_sample_rate"] == 16000 and m["model"]["output_sample_rate"] == 24000
     assert (root / "tokenizer" / "tokenizer.json").is_file() and (root / "README.md").is_file()

@@ -1,5 +1,5 @@
 """ExecuTorch's Python runtime over a ``.pte``. The KV cache lives in the program's mutable
-buffers, shared by its prefill and decode methods; reset reloads the program (zeroed buffers)."""
+buffers, shared by its prefill and decode methods; reset runs the program's reset_cache method."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import torch
 
 from omni_export.errors import OmniExportError
 from omni_export.runtime_py.backends.base import SESSIONS, Session
+
+
+RESET = "reset_cache"
 
 
 class ExecuTorchSession(Session):
@@ -30,10 +33,13 @@ class ExecuTorchSession(Session):
         return cls(path)
 
     def reset(self) -> None:
-        self._program = self._runtime.load_program(self.path)
-        # Load every method before running any: loading a method initialises the shared mutable
-        # buffers (the KV cache), so a decode loaded after prefill ran would start from zeros.
-        self._loaded = {name: self._program.load_method(name) for name in sorted(self._program.method_names)}
+        if not hasattr(self, "_program"):
+            self._program = self._runtime.load_program(self.path)
+            # Load every method before running any: the methods share the KV cache's memory, and
+            # it must not be set up again after a prefill has filled it.
+            self._loaded = {name: self._program.load_method(name) for name in sorted(self._program.method_names)}
+        if RESET in self._loaded:  # planned memory starts undefined: zero the cache before use
+            self._loaded[RESET].execute([])
 
     @property
     def methods(self) -> set[str]:
