@@ -67,7 +67,9 @@ def export(target: str, model: str | Path | None = None, quant: str | None = Non
     Returns (ExportPlan, BuildResult); raises DoesNotFitError before any work when the model does
     not fit the device, ParityGateError (with the result) when a component misses its threshold."""
     from omni_export.compiler import build_bundle
+    from omni_export.targets import TARGETS
 
+    TARGETS.get(get_profile(target).target)  # an unavailable target fails before any work
     plan = plan_export(target, model, quant, context)
     if not plan.fit.fits:
         raise DoesNotFitError(plan)

@@ -25,7 +25,7 @@ from omni_export.errors import OmniExportError
 from omni_export.export.checkpoint import load_checkpoint
 from omni_export.export.components.qwen import QwenModel
 from omni_export.export.golden import Context, make_golden
-from omni_export.export.trace import trace_component
+from omni_export.export.trace import prepare, trace_component
 from omni_export.export.trace_specs import Limits
 from omni_export.files import atomic_write_text
 from omni_export.profiles import Profile
@@ -67,14 +67,14 @@ class BuildResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _kv_layout(module: torch.nn.Module, limits: Limits) -> dict[str, Any] | None:
+def _kv_layout(module: torch.nn.Module, layout: str) -> dict[str, Any] | None:
     stacks = [m for m in module.modules() if isinstance(m, QwenModel) and m.cache_len]
     if not stacks:
         return None
     c = stacks[0].cfg
     return {"layers": c.num_hidden_layers, "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
             "max_len": stacks[0].cache_len, "dtype": "float32", "held_as": "mutable_buffers",
-            "layout": "[1, kv_heads, max_len, head_dim] per layer, written at input_pos"}  # fmt: skip
+            "layout": layout}  # fmt: skip
 
 
 def _tensor_dict(t) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -122,6 +122,12 @@ def build_bundle(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     gctx = Context(ckpt.tokenizer, limits)
+    rc = ckpt.family.runtime_config(ckpt)
+    # Baked into every artifact as constant methods, so a .pte alone says how to drive it.
+    meta = {"omni_max_context": limits.max_context, "omni_prefill_chunk": limits.prefill_chunk,
+            "omni_audio_sample_rate": rc["audio_sample_rate"], "omni_output_sample_rate": rc["output_sample_rate"],
+            "omni_eos_id": rc["eos_ids"][0], "omni_image_token_id": rc["image_token_id"],
+            "omni_audio_token_id": rc["audio_token_id"]}  # fmt: skip
     components: dict[str, Any] = {}
     builds: list[ComponentBuild] = []
     try:
@@ -129,11 +135,11 @@ def build_bundle(
             t: dict[str, float] = {}
             step(name, "tracing")
             t0 = time.perf_counter()
-            traced = trace_component(name, module, limits)
+            prepare(module, limits)
+            with target.trace_context(module, limits):
+                traced = trace_component(name, module, limits)
             t["trace_s"] = time.perf_counter() - t0
             step(name, f"lowering ({target.name})")
-            meta = {"omni_max_context": limits.max_context, "omni_audio_sample_rate": ckpt.family.audio_sample_rate,
-                    "omni_output_sample_rate": ckpt.family.output_sample_rate}  # fmt: skip
             artifact = target.lower(traced, profile, tmp, meta)
             t["lower_s"] = artifact.build_s
             step(name, "golden I/O")
@@ -154,7 +160,7 @@ def build_bundle(
                 "file": artifact.file, "backend": artifact.backend, "description": spec.description,
                 "methods": {s.name: {"inputs": [_tensor_dict(x) for x in s.inputs], "outputs": [_tensor_dict(x) for x in s.outputs]}
                             for s in traced.specs.values()},
-                "kv_cache": _kv_layout(module, limits), "golden": f"golden/{name}.npz", "precision": precision,
+                "kv_cache": _kv_layout(module, target.kv_layout()), "golden": f"golden/{name}.npz", "precision": precision,
                 "delegation": {m: {"delegated_nodes": d.delegated_nodes, "portable_nodes": d.portable_nodes, "subgraphs": d.subgraphs,
                                    "share": round(d.share, 4), "portable_ops": d.fallback_ops} for m, d in artifact.delegation.items()},
             }  # fmt: skip
@@ -203,6 +209,7 @@ def _finish(tmp: Path, ckpt, profile: Profile, recipe: QuantRecipe, precision: s
     model_cfg = ckpt.family.runtime_config(ckpt)
     model_cfg["assets"] = assets
     model_cfg["max_context"] = limits.max_context
+    model_cfg["prefill_chunk"] = limits.prefill_chunk
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "toolchain": _versions(),

@@ -40,3 +40,31 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
+
+
+class ClassRegistry(Generic[T]):
+    """Values keyed by class, looked up along the MRO: a subclass inherits its base's entry."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[type, T] = {}
+
+    def register(self, *classes: type) -> Callable[[T], T]:
+        def deco(item: T) -> T:
+            for cls in classes:
+                self._items[cls] = item
+            return item
+
+        return deco
+
+    def __setitem__(self, cls: type, item: T) -> None:
+        self._items[cls] = item
+
+    def __delitem__(self, cls: type) -> None:
+        del self._items[cls]
+
+    def lookup(self, obj: object) -> T:
+        for cls in type(obj).__mro__:
+            if cls in self._items:
+                return self._items[cls]
+        raise KeyError(f"no {self.kind} registered for {type(obj).__name__}")

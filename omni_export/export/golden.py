@@ -28,6 +28,7 @@ from omni_export.export.components.whisper import WhisperAudioEncoder
 from omni_export.export.families.common import chat_prompt, encode
 from omni_export.export.trace import prepare
 from omni_export.export.trace_specs import Limits, method_specs
+from omni_export.registry import ClassRegistry
 from omni_export.runtime_py.audio import KaldiFbank, WhisperLogMel
 from omni_export.runtime_py.backends.eager import EagerSession
 
@@ -75,16 +76,8 @@ def image_tiles(n: int, size: int) -> torch.Tensor:
     return torch.stack(tiles)
 
 
-SCRIPTS: dict[type, Callable[[nn.Module, Context, EagerSession], Script]] = {}
-
-
-def register(*classes: type) -> Callable:
-    def deco(fn: Callable) -> Callable:
-        for cls in classes:
-            SCRIPTS[cls] = fn
-        return fn
-
-    return deco
+SCRIPTS: ClassRegistry[Callable[[nn.Module, Context, EagerSession], Script]] = ClassRegistry("golden script")
+register = SCRIPTS.register
 
 
 @register(WhisperLogMel, KaldiFbank)
@@ -188,13 +181,6 @@ def _codec(m: CodecDecoder, ctx, ref) -> Script:
     return [("forward", (codes, m.default_global_codes.detach()[None].clone()))]
 
 
-def _script_for(module: nn.Module) -> Callable[[nn.Module, Context, EagerSession], Script]:
-    for cls in type(module).__mro__:
-        if cls in SCRIPTS:
-            return SCRIPTS[cls]
-    raise KeyError(f"no golden script registered for {type(module).__name__}")
-
-
 def _to_np(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().numpy() if x.is_floating_point() else x.detach().numpy()
 
@@ -203,7 +189,7 @@ def make_golden(module: nn.Module, ctx: Context) -> tuple[list[GoldenCall], dict
     """Golden calls for one fp32 eager component, with fp32 and fp16 reference outputs."""
     ref32, io = eager_session(module, ctx.limits)
     with torch.inference_mode():
-        script = _script_for(module)(module, ctx, ref32)
+        script = SCRIPTS.lookup(module)(module, ctx, ref32)
         half = copy.deepcopy(module).half()
         ref16, _ = eager_session(half, ctx.limits)
         outs = {}

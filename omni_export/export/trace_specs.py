@@ -20,6 +20,7 @@ from omni_export.export.components.speech_lm import SpeechLM
 from omni_export.export.components.vita_tts import VitaTTSAr, VitaTTSNar
 from omni_export.export.components.whale import WhaleAudioEncoder
 from omni_export.export.components.whisper import WhisperAudioEncoder
+from omni_export.registry import ClassRegistry
 from omni_export.runtime_py.audio import KaldiFbank, WhisperLogMel
 
 
@@ -91,22 +92,12 @@ class LLMStep(Call):
         return self.module.logits(hidden), hidden
 
 
-SPECS: dict[type, Callable[[nn.Module, Limits], list[MethodSpec]]] = {}
-
-
-def register(cls: type) -> Callable:
-    def deco(fn: Callable[[nn.Module, Limits], list[MethodSpec]]) -> Callable:
-        SPECS[cls] = fn
-        return fn
-
-    return deco
+SPECS: ClassRegistry[Callable[[nn.Module, Limits], list[MethodSpec]]] = ClassRegistry("trace spec")
+register = SPECS.register
 
 
 def method_specs(module: nn.Module, limits: Limits) -> list[MethodSpec]:
-    for cls in type(module).__mro__:
-        if cls in SPECS:
-            return SPECS[cls](module, limits)
-    raise KeyError(f"no trace spec registered for {type(module).__name__}")
+    return SPECS.lookup(module)(module, limits)
 
 
 F32, I64 = "float32", "int64"

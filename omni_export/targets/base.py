@@ -4,14 +4,18 @@ profile into artifact files, and name the runtime backend that opens them."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
 
 from omni_export.registry import Registry
 
 if TYPE_CHECKING:
     from omni_export.export.trace import TracedComponent
+    from omni_export.export.trace_specs import Limits
     from omni_export.profiles import Profile
 
 
@@ -52,6 +56,13 @@ class Target(ABC):
 
     def supports(self, traced: TracedComponent) -> bool:
         return True
+
+    def trace_context(self, module: nn.Module, limits: Limits) -> AbstractContextManager[None]:
+        """Export-only patches this target wants while ``module`` is traced (none by default)."""
+        return nullcontext()
+
+    def kv_layout(self) -> str:
+        return "[1, kv_heads, max_len, head_dim] per layer, written at input_pos"
 
     @abstractmethod
     def lower(self, traced: TracedComponent, profile: Profile, root: Path, metadata: dict[str, Any]) -> Artifact:

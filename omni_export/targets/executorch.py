@@ -9,10 +9,15 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from omni_export.errors import OmniExportError
+from omni_export.export.components.qwen import QwenModel
 from omni_export.targets.base import TARGETS, Artifact, Delegation, Target
 
 log = logging.getLogger(__name__)
@@ -37,10 +42,36 @@ def _delegation(graph_module) -> Delegation:  # type: ignore[no-untyped-def]
     return Delegation(info.num_delegated_nodes, sum(fallback.values()), info.num_delegated_subgraphs, fallback)
 
 
+@contextmanager
+def llm_custom_ops(module: nn.Module) -> Iterator[None]:
+    """While tracing: every KV-cached stack uses ExecuTorch's llama::update_cache (in place) and
+    llama::custom_sdpa (attends to the filled prefix only, grouped heads without copies) instead
+    of index_put + masked SDPA over repeated heads, which copy whole caches every step."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers the ops)
+
+    stacks = [m for m in module.modules() if isinstance(m, QwenModel) and m.cache_len]
+    saved = [(m, m.cache_len, m.norm.weight.dtype) for m in stacks]
+    try:
+        for m, n, dtype in saved:
+            m.kv_impl = "et_custom"
+            m.setup_cache(n, dtype)
+        yield
+    finally:
+        for m, n, dtype in saved:
+            m.kv_impl = "reference"
+            m.setup_cache(n, dtype)
+
+
 class ExecuTorchTarget(Target):
     name = "executorch"
     backend = "executorch"
     extension = ".pte"
+
+    def trace_context(self, module: nn.Module, limits) -> AbstractContextManager[None]:  # type: ignore[no-untyped-def]
+        return llm_custom_ops(module)
+
+    def kv_layout(self) -> str:
+        return "[1, max_len, kv_heads, head_dim] per layer (llama::update_cache), written at input_pos[0]"
 
     @staticmethod
     def _lower(traced, partitioners: list, metadata: dict[str, Any]):  # type: ignore[no-untyped-def]

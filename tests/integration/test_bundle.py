@@ -132,6 +132,19 @@ def test_parity_command_reruns_and_catches_drift(bundle_copy):
     assert bad.exit_code == 4 and "vocoder" in bad.output and "cosine" in bad.output
 
 
+def test_parity_in_a_fresh_process(bundles):
+    """A fresh interpreter has none of the compile-time imports: the runtime must register the
+    LLM custom-op kernels itself."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "omni_export", "parity", str(bundles["vita15"].bundle), "--json"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout[r.stdout.index("[") :])
+    assert {row["component"] for row in rows} >= {"llm", "tts_ar"} and all(row["passed"] for row in rows)
+
+
 def test_inspect_summarises(bundles):
     r = runner.invoke(app, ["inspect", str(bundles["vita15"].bundle)])
     assert r.exit_code == 0

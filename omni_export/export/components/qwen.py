@@ -131,8 +131,11 @@ class QwenAttention(nn.Module):
         mask: torch.Tensor | None,
         cache: tuple[torch.Tensor, torch.Tensor] | None,
         input_pos: torch.Tensor | None,
+        kv_impl: str = "reference",
     ) -> torch.Tensor:
         cfg = self.cfg
+        if cache is not None and kv_impl == "et_custom":
+            return self._forward_et_custom(x, cos, sin, cache, input_pos)
         q = split_heads(self.q_proj(x), cfg.num_attention_heads)
         k = split_heads(self.k_proj(x), cfg.num_key_value_heads)
         v = split_heads(self.v_proj(x), cfg.num_key_value_heads)
@@ -147,6 +150,27 @@ class QwenAttention(nn.Module):
         n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
         out = sdpa(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask)
         return self.o_proj(merge_heads(out))
+
+
+    def _forward_et_custom(self, x, cos, sin, cache, input_pos):  # type: ignore[no-untyped-def]
+        """ExecuTorch's LLM ops: in-place cache update and SDPA over the filled prefix only, with
+        caches laid out [1, max_len, kv_heads, head_dim]. Used only while tracing for ExecuTorch."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+        k_cache, v_cache = cache
+        start = input_pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start < k_cache.shape[1])
+        torch.ops.llama.update_cache(k, k_cache, start)
+        torch.ops.llama.update_cache(v, v_cache, start)
+        out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)
+        return self.o_proj(out.reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
 
 
 class QwenMLP(nn.Module):
@@ -168,8 +192,8 @@ class QwenDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, input_pos):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos)
+    def forward(self, x, cos, sin, mask, cache, input_pos, kv_impl="reference"):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos, kv_impl)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -185,6 +209,9 @@ class QwenModel(nn.Module):
         self.layers = nn.ModuleList(QwenDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.cache_len = 0
+        # "reference": caches [1, kv_heads, max_len, head_dim], plain SDPA under a mask.
+        # "et_custom": caches [1, max_len, kv_heads, head_dim], ExecuTorch's llama ops (export only).
+        self.kv_impl = "reference"
 
     # -- KV cache --------------------------------------------------------------------------
     def setup_cache(self, max_len: int, dtype: torch.dtype | None = None, device: Any = None) -> None:
@@ -193,7 +220,10 @@ class QwenModel(nn.Module):
         ref = self.norm.weight
         dtype = dtype or ref.dtype
         device = device or ref.device
-        shape = (1, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        if self.kv_impl == "et_custom":
+            shape = (1, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        else:
+            shape = (1, cfg.num_key_value_heads, max_len, cfg.head_dim)
         for i in range(cfg.num_hidden_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -223,13 +253,14 @@ class QwenModel(nn.Module):
         """
         cfg = self.cfg
         cos, sin = rope_cos_sin(input_pos, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
-        if attn_mask is None:
+        custom = self.kv_impl == "et_custom" and self.cache_len
+        if attn_mask is None and not custom:
             keys = torch.arange(self.cache_len or inputs_embeds.shape[1], device=input_pos.device)
             ref = input_pos if self.cache_len else keys[: inputs_embeds.shape[1]]
             attn_mask = keys[None, :] <= ref[:, None]
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn_mask, self._cache(i), input_pos)
+            x = layer(x, cos, sin, attn_mask, self._cache(i), input_pos, self.kv_impl)
         return self.norm(x)
 
 

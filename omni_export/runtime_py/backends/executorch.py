@@ -24,6 +24,8 @@ class ExecuTorchSession(Session):
             from executorch.runtime import Runtime
         except ImportError as exc:  # the runtime is an optional install on a device
             raise OmniExportError(f"the ExecuTorch runtime is not installed ({exc}); pip install executorch") from None
+        # LLM artifacts call llama::update_cache / llama::custom_sdpa; their kernels register on import.
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
         self.path = Path(path)
         self._runtime = Runtime.get()
         self.reset()
