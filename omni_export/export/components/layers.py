@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -56,8 +55,17 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 def sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
 ) -> torch.Tensor:
-    """Scaled dot-product attention with a boolean 'may attend' mask ([T, S] or broadcastable)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    """Scaled dot-product attention with a boolean 'may attend' mask ([T, S] or broadcastable).
+
+    Written as matmul + additive mask + softmax rather than F.scaled_dot_product_attention, whose
+    exported decomposition (a 'safe softmax' guarding fully-masked rows with any/eq/logical_not/
+    where) splits every attention into pieces a delegate cannot take. Every row here attends at
+    least to itself, so no row is fully masked."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q * scale) @ k.transpose(-1, -2)
+    if mask is not None:
+        scores = scores + torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
