@@ -61,16 +61,17 @@ def plan_export(target: str, model: str | Path | None = None, quant: str | None 
 
 
 def export(target: str, model: str | Path | None = None, quant: str | None = None, out: str | Path | None = None,
-           context: int | None = None, overwrite: bool = False, progress=None):  # type: ignore[no-untyped-def]  # fmt: skip
+           context: int | None = None, overwrite: bool = False, progress=None, plan: ExportPlan | None = None):  # type: ignore[no-untyped-def]  # fmt: skip
     """The main job: fit check, then load -> trace -> lower -> golden -> parity -> bundle.
 
+    ``plan``: a plan_export result already shown to the user (skips checking again).
     Returns (ExportPlan, BuildResult); raises DoesNotFitError before any work when the model does
     not fit the device, ParityGateError (with the result) when a component misses its threshold."""
     from omni_export.compiler import build_bundle
     from omni_export.targets import TARGETS
 
     TARGETS.get(get_profile(target).target)  # an unavailable target fails before any work
-    plan = plan_export(target, model, quant, context)
+    plan = plan or plan_export(target, model, quant, context)
     if not plan.fit.fits:
         raise DoesNotFitError(plan)
     out = Path(out) if out is not None else Path(f"{plan.profile.name}-bundle")

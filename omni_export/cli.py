@@ -114,8 +114,18 @@ def main_job(
 
 
 def _run_main_job(api, target, model, quant, out, context, overwrite):  # type: ignore[no-untyped-def]
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
+    from omni_export.profiles import get_profile
+    from omni_export.targets import TARGETS
+
+    TARGETS.get(get_profile(target).target)  # an unavailable target fails before any work
     plan = _with_progress("preparing", lambda cb: api.plan_export(target, model, quant, context, progress=cb))
     console.print(f"checkpoint: {plan.model}")
     console.print(_fit_table(plan.fit))
@@ -125,7 +135,7 @@ def _run_main_job(api, target, model, quant, out, context, overwrite):  # type: 
                   TimeElapsedColumn(), console=err, transient=True) as prog:  # fmt: skip
         n = len(plan.fit.plan.components)
         task = prog.add_task("building", total=4 * n + 2)
-        return api.export(target, plan.model, quant, out, context, overwrite,
+        return api.export(target, plan.model, quant, out, context, overwrite, plan=plan,
                           progress=lambda comp, step: prog.update(task, advance=1, description=f"{comp}: {step}"))[1]  # fmt: skip
 
 

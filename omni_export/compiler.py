@@ -115,7 +115,8 @@ def build_bundle(
     step("checkpoint", "loading")
     ckpt = load_checkpoint(model, dtype=torch.float32)
     llm_cfg = ckpt.family.llm_config(ckpt.config)
-    limits = Limits(max_context=min(context or profile.max_context, llm_cfg.max_position_embeddings),
+    max_context = min(context or profile.max_context, llm_cfg.max_position_embeddings)
+    limits = Limits(max_context=max_context, prefill_chunk=min(Limits.prefill_chunk, max_context),
                     max_tiles=ckpt.config.max_dynamic_patch + 1)  # fmt: skip
     tmp = out.with_name(f".{out.name}.partial")
     if tmp.exists():

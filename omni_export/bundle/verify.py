@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omni_export.bundle.manifest import MANIFEST, BundleError, read_json, schema_problems, sha256_file
+from omni_export.bundle.manifest import (
+    MANIFEST,
+    BundleError,
+    read_json,
+    schema_problems,
+    sha256_file,
+)
 
 
 def verify_bundle(bundle: Path) -> list[str]:

@@ -17,12 +17,12 @@ from omni_export.export.checkpoint import meta_build
 from omni_export.export.components.internvit import InternViTConfig
 from omni_export.export.components.qwen import QwenModel
 from omni_export.export.families import ComponentSpec, Family
+from omni_export.export.trace_specs import Limits
 from omni_export.profiles import Profile
 from omni_export.quantize.recipe import QuantConfig, QuantRecipe
 
 GB = 1e9
 RUNTIME_OVERHEAD = 300_000_000  # interpreter/runtime, tokenizer, audio and I/O buffers
-PREFILL_CHUNK = 512
 AUDIO_FRAMES = 1500  # 30 s at 50 Hz, Whisper's window
 
 
@@ -115,11 +115,11 @@ def _linear_dims(module: nn.Module) -> tuple[int, int]:
 
 
 def activation_estimate(family: Family, cfg: Any, modules: dict[str, nn.Module], context: int, elem: int) -> int:
-    """Peak of: an LLM prefill chunk (hidden states, MLP intermediates, attention scores against the
+    """Peak of: an LLM prefill chunk of the traced size (hidden states, MLP intermediates, attention scores against the
     whole cache, fp32 logits of the last token); one vision tile; 30 s through the audio encoder.
     Components run one after another, so the peak is the largest of them, not their sum."""
     llm = family.llm_config(cfg)
-    chunk = min(context, PREFILL_CHUNK)
+    chunk = min(context, Limits.prefill_chunk)
     peaks = [
         chunk * (4 * llm.hidden_size + 2 * llm.intermediate_size) * elem
         + llm.num_attention_heads * chunk * context * elem

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omni_export.quantize.recipe import QuantConfig, QuantRecipe, QuantRule, load_recipe_toml
+from omni_export.quantize.recipe import (
+    QuantConfig,
+    QuantRecipe,
+    QuantRule,
+    load_recipe_toml,
+)
 from omni_export.registry import Registry
 
 DECODERS = r"^(llm|speech_lm|tts_nar|tts_ar)\."

@@ -1,8 +1,7 @@
 """Lowering targets, registered by name. Heavy backend imports happen inside each target's lower()."""
 
-from omni_export.targets.base import TARGETS, Artifact, Target
-
 # Importing registers them.
 from omni_export.targets import executorch as _executorch  # noqa: E402,F401
+from omni_export.targets.base import TARGETS, Artifact, Target
 
 __all__ = ["TARGETS", "Artifact", "Target"]

@@ -47,7 +47,9 @@ def llm_custom_ops(module: nn.Module) -> Iterator[None]:
     """While tracing: every KV-cached stack uses ExecuTorch's llama::update_cache (in place) and
     llama::custom_sdpa (attends to the filled prefix only, grouped heads without copies) instead
     of index_put + masked SDPA over repeated heads, which copy whole caches every step."""
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers the ops)
+    from executorch.extension.llm.custom_ops import (
+        custom_ops,  # noqa: F401  (registers the ops)
+    )
 
     stacks = [m for m in module.modules() if isinstance(m, QwenModel) and m.cache_len]
     saved = [(m, m.cache_len, m.norm.weight.dtype) for m in stacks]
@@ -75,7 +77,11 @@ class ExecuTorchTarget(Target):
 
     @staticmethod
     def _lower(traced, partitioners: list, metadata: dict[str, Any]):  # type: ignore[no-untyped-def]
-        from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir import (
+            EdgeCompileConfig,
+            ExecutorchBackendConfig,
+            to_edge_transform_and_lower,
+        )
         from executorch.exir.passes import MemoryPlanningPass
 
         edge = to_edge_transform_and_lower(
@@ -97,7 +103,9 @@ class ExecuTorchTarget(Target):
         return program, delegation
 
     def lower(self, traced, profile, root: Path, metadata: dict[str, Any]) -> Artifact:  # type: ignore[no-untyped-def]
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+            XnnpackPartitioner,
+        )
 
         delegates = profile.executorch.delegates if profile.executorch else ("xnnpack",)
         partitioners = {"xnnpack": XnnpackPartitioner}

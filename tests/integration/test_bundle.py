@@ -88,6 +88,24 @@ def test_llm_golden_holds_ids_and_logits_under_manifest_names(bundles):
     assert not np.array_equal(calls[1].outputs["fp16"]["logits"], calls[1].outputs["fp32"]["logits"])
 
 
+def test_artifacts_carry_their_metadata(bundles):
+    from executorch.runtime import Runtime
+
+    m = read_manifest(bundles["interactiveomni"].bundle)
+    program = Runtime.get().load_program(bundles["interactiveomni"].bundle / m["components"]["llm"]["file"])
+    read = lambda name: program.load_method(name).execute([])[0]  # noqa: E731
+    assert read("omni_max_context") == CONTEXT
+    assert read("omni_output_sample_rate") == 24000
+    assert read("omni_image_token_id") == m["model"]["image_token_id"]
+    assert read("omni_eos_id") == m["model"]["eos_ids"][0]
+
+
+def test_unavailable_target_fails_before_work(tiny_dirs, tmp_path):
+    r = runner.invoke(app, ["--target", "jetson", "--model", str(tiny_dirs["vita15"]), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "unknown target 'tensorrt'" in r.output and "executorch" in r.output
+    assert not (tmp_path / "b").exists()
+
+
 def test_verify_names_a_changed_byte(bundle_copy):
     root = bundle_copy("vita15")
     pte = root / "artifacts" / "llm.pte"

@@ -4,7 +4,12 @@ import soundfile as sf
 
 from omni_export.errors import AudioInputError, ImageInputError
 from omni_export.runtime_py.audio import prepare_audio, read_audio, write_wav
-from omni_export.runtime_py.image import closest_grid, load_image, preprocess_image, tile_image
+from omni_export.runtime_py.image import (
+    closest_grid,
+    load_image,
+    preprocess_image,
+    tile_image,
+)
 
 
 def test_resamples_to_the_requested_rate(tmp_path):

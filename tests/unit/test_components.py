@@ -8,7 +8,11 @@ import torch
 from torch import nn
 from torch.export import Dim, export
 
-from omni_export.export.components.internvit import InternViTConfig, VisionEncoder, mlp1_projector
+from omni_export.export.components.internvit import (
+    InternViTConfig,
+    VisionEncoder,
+    mlp1_projector,
+)
 from omni_export.export.components.layers import merge_placeholders
 from omni_export.export.families import FAMILIES
 from omni_export.runtime_py.audio import KaldiFbank, WhisperLogMel

@@ -4,8 +4,17 @@ deliberately odd sizes (3 layers, hidden 96, 6 heads, 2 KV heads, vocabulary 517
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, WhisperConfig, WhisperFeatureExtractor
-from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
+from transformers import (
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+)
+from transformers.models.whisper.modeling_whisper import (
+    WhisperEncoder as HFWhisperEncoder,
+)
 
 from omni_export.export.components.qwen import QwenConfig, QwenForCausalLM
 from omni_export.export.components.whisper import WhisperEncoder, WhisperEncoderConfig

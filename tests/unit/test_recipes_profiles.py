@@ -5,7 +5,12 @@ from omni_export.export.families import FAMILIES
 from omni_export.profiles import all_profiles, get_profile
 from omni_export.profiles.fit import fit_check, memory_plan
 from omni_export.quantize.presets import PRESETS, resolve_recipe
-from omni_export.quantize.recipe import QuantConfig, QuantRecipe, QuantRule, load_recipe_toml
+from omni_export.quantize.recipe import (
+    QuantConfig,
+    QuantRecipe,
+    QuantRule,
+    load_recipe_toml,
+)
 
 IO = FAMILIES.get("interactiveomni")
 

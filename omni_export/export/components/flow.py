@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni_export.export.components.layers import chunk_causal_mask, merge_heads, sdpa, sinusoidal_embedding, split_heads
+from omni_export.export.components.layers import (
+    chunk_causal_mask,
+    merge_heads,
+    sdpa,
+    sinusoidal_embedding,
+    split_heads,
+)
 
 
 @dataclass(frozen=True)

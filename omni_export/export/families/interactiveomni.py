@@ -28,12 +28,25 @@ from omni_export.configs import from_dict, to_dict
 from omni_export.errors import ConfigError
 from omni_export.export.components.flow import FlowConfig, FlowDecoder
 from omni_export.export.components.hifigan import HiFiGAN, VocoderConfig
-from omni_export.export.components.internvit import InternViTConfig, VisionEncoder, mlp1_projector
+from omni_export.export.components.internvit import (
+    InternViTConfig,
+    VisionEncoder,
+    mlp1_projector,
+)
 from omni_export.export.components.qwen import QwenConfig, QwenForCausalLM
 from omni_export.export.components.speech_lm import SOS, TASK, SpeechLM, SpeechLMConfig
-from omni_export.export.components.whisper import WhisperAudioEncoder, WhisperEncoderConfig
+from omni_export.export.components.whisper import (
+    WhisperAudioEncoder,
+    WhisperEncoderConfig,
+)
 from omni_export.export.families.base import ComponentSpec, Family, register
-from omni_export.export.families.common import chat_prompt, check_keys, encode, require, sample
+from omni_export.export.families.common import (
+    chat_prompt,
+    check_keys,
+    encode,
+    require,
+    sample,
+)
 from omni_export.runtime_py.audio import WhisperLogMel
 
 TOP_KEYS = {

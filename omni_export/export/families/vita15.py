@@ -29,14 +29,18 @@ import torch
 
 from omni_export.configs import from_dict, to_dict
 from omni_export.errors import ConfigError
-from omni_export.files import read_json
 from omni_export.export.components.codec import CodecConfig, CodecDecoder
-from omni_export.export.components.internvit import InternViTConfig, VisionEncoder, mlp2x_gelu_projector
+from omni_export.export.components.internvit import (
+    InternViTConfig,
+    VisionEncoder,
+    mlp2x_gelu_projector,
+)
 from omni_export.export.components.qwen import QwenConfig, QwenForCausalLM
 from omni_export.export.components.vita_tts import VitaTTSAr, VitaTTSConfig, VitaTTSNar
 from omni_export.export.components.whale import WhaleAudioEncoder, WhaleConfig
 from omni_export.export.families.base import ComponentSpec, Family, register
 from omni_export.export.families.common import chat_prompt, encode, require, sample
+from omni_export.files import read_json
 from omni_export.runtime_py.audio import KaldiFbank
 
 TTS_DIR = "vita_tts_ckpt/decoder"

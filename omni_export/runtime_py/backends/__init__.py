@@ -1,9 +1,8 @@
 """Backend sessions behind one call surface; registered by backend name."""
 
-from omni_export.runtime_py.backends.base import SESSIONS, Session, open_session
-
 # Importing registers them.
 from omni_export.runtime_py.backends import eager as _eager  # noqa: E402,F401
 from omni_export.runtime_py.backends import executorch as _executorch  # noqa: E402,F401
+from omni_export.runtime_py.backends.base import SESSIONS, Session, open_session
 
 __all__ = ["SESSIONS", "Session", "open_session"]

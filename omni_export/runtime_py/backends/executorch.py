@@ -11,7 +11,6 @@ import torch
 from omni_export.errors import OmniExportError
 from omni_export.runtime_py.backends.base import SESSIONS, Session
 
-
 RESET = "reset_cache"
 
 
