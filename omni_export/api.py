@@ -41,6 +41,34 @@ def load(path: str | Path, dtype: str = "fp32", progress: Callable[[str], None] 
     return load_checkpoint(path, DTYPES[dtype], progress=progress)
 
 
+def eager_pipeline(ckpt: Checkpoint, max_context: int = 4096):  # type: ignore[no-untyped-def]  # -> Pipeline
+    """The reference: the checkpoint's eager modules behind the same Pipeline a bundle uses."""
+    from omni_export.export.golden import eager_methods
+    from omni_export.export.trace_specs import Limits
+    from omni_export.runtime_py.pipeline import Pipeline
+
+    context = min(max_context, ckpt.family.llm_config(ckpt.config).max_position_embeddings)
+    limits = Limits(max_context=context, prefill_chunk=min(Limits.prefill_chunk, context))
+    sessions, components = {}, {}
+    for name, module in ckpt.components.items():
+        sessions[name], specs = eager_methods(module, limits)
+        components[name] = {"methods": {s.name: s.manifest() for s in specs}}
+    config = ckpt.family.runtime_config(ckpt)
+    config.update(max_context=limits.max_context, prefill_chunk=limits.prefill_chunk)
+    return Pipeline(sessions, components, config, ckpt.tokenizer, ckpt.family.assets(ckpt))
+
+
+def open_pipeline(path: str | Path, dtype: str = "fp32", max_context: int = 4096, progress=None):  # type: ignore[no-untyped-def]
+    """A bundle directory (has manifest.json) or a checkpoint directory, ready to respond."""
+    from omni_export.bundle import MANIFEST
+    from omni_export.runtime_py.pipeline import Pipeline
+
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return Pipeline.from_bundle(path)
+    return eager_pipeline(load(path, dtype, progress), max_context)
+
+
 @dataclass(frozen=True)
 class ExportPlan:
     profile: Profile

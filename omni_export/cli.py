@@ -173,27 +173,28 @@ def synth(
 
 @app.command()
 def run(
-    checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
+    path: Path = typer.Argument(..., metavar="BUNDLE_OR_CHECKPOINT", help="a bundle (runs its artifacts) or a checkpoint (eager reference)"),
     audio: Optional[Path] = typer.Option(None, "--audio", "-a", help="question as a sound file (resampled as needed)"),
     image: Optional[Path] = typer.Option(None, "--image", "-i"),
     text: Optional[str] = typer.Option(None, "--text"),
     out: Path = typer.Option(Path("reply.wav"), "--out", "-o", help="where to write the spoken reply (24 kHz wav)"),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16"),
+    dtype: str = typer.Option("fp32", "--dtype", help="checkpoints: fp32 or fp16"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    max_context: int = typer.Option(4096, "--max-context", help="checkpoints: KV cache length"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Answer one question with the eager reference model: text to stdout, speech to --out."""
+    """Answer one question: text to stdout, speech to --out. A bundle runs through its own backend
+    (ExecuTorch here); a checkpoint runs the eager fp32/fp16 reference through the same pipeline."""
     from omni_export import api
-    from omni_export.export.reference import respond
     from omni_export.runtime_py.audio import write_wav
 
     if dtype not in ("fp32", "fp16"):
         _fail(ValueError(f"--dtype must be fp32 or fp16, got {dtype!r}"))
     try:
-        ckpt = _with_progress("loading", lambda cb: api.load(checkpoint, dtype, progress=cb))
-        reply = _with_progress("answering", lambda cb: respond(ckpt, audio=audio, image=image, text=text,
-                                                               max_new_tokens=max_new_tokens, seed=seed))  # fmt: skip
+        pipeline = _with_progress("loading", lambda cb: api.open_pipeline(path, dtype, max_context, progress=cb))
+        reply = _with_progress("answering", lambda cb: pipeline.respond(audio=audio, image=image, text=text,
+                                                                        max_new_tokens=max_new_tokens, seed=seed))  # fmt: skip
     except OmniExportError as exc:
         _fail(exc)
     write_wav(out, reply.audio, reply.sample_rate)

@@ -77,10 +77,6 @@ def _kv_layout(module: torch.nn.Module, layout: str) -> dict[str, Any] | None:
             "layout": layout}  # fmt: skip
 
 
-def _tensor_dict(t) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
-
-
 def _versions() -> dict[str, str]:
     out = {"omni_export": omni_export.__version__, "torch": torch.__version__}
     try:
@@ -159,8 +155,7 @@ def build_bundle(
             spec = ckpt.specs[name]
             components[name] = {
                 "file": artifact.file, "backend": artifact.backend, "description": spec.description,
-                "methods": {s.name: {"inputs": [_tensor_dict(x) for x in s.inputs], "outputs": [_tensor_dict(x) for x in s.outputs]}
-                            for s in traced.specs.values()},
+                "methods": {s.name: s.manifest() for s in traced.specs.values()},
                 "kv_cache": _kv_layout(module, target.kv_layout()), "golden": f"golden/{name}.npz", "precision": precision,
                 "delegation": {m: {"delegated_nodes": d.delegated_nodes, "portable_nodes": d.portable_nodes, "subgraphs": d.subgraphs,
                                    "share": round(d.share, 4), "portable_ops": d.fallback_ops} for m, d in artifact.delegation.items()},

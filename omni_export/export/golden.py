@@ -25,12 +25,13 @@ from omni_export.export.components.speech_lm import SpeechLM
 from omni_export.export.components.vita_tts import VitaTTSAr, VitaTTSNar
 from omni_export.export.components.whale import WhaleAudioEncoder
 from omni_export.export.components.whisper import WhisperAudioEncoder
-from omni_export.export.families.common import chat_prompt, encode
+from omni_export.export.families.common import encode
 from omni_export.export.trace import prepare
 from omni_export.export.trace_specs import Limits, method_specs
 from omni_export.registry import ClassRegistry
 from omni_export.runtime_py.audio import KaldiFbank, WhisperLogMel
 from omni_export.runtime_py.backends.eager import EagerSession
+from omni_export.runtime_py.prompt import chat_prompt
 
 DECODE_STEPS = 32
 GOLDEN_TEXT = "Describe the picture and answer the spoken question in one short sentence."
@@ -46,6 +47,11 @@ class Context:
 
 def eager_session(module: nn.Module, limits: Limits) -> tuple[EagerSession, dict[str, tuple[list[str], list[str]]]]:
     """The component's traced methods, run eagerly: the same wrappers torch.export saw."""
+    session, specs = eager_methods(module, limits)
+    return session, {s.name: ([t.name for t in s.inputs], [t.name for t in s.outputs]) for s in specs}
+
+
+def eager_methods(module: nn.Module, limits: Limits) -> tuple[EagerSession, list]:  # list[MethodSpec]
     prepare(module, limits)
     specs = method_specs(module, limits)
 
@@ -54,8 +60,8 @@ def eager_session(module: nn.Module, limits: Limits) -> tuple[EagerSession, dict
             if isinstance(m, QwenModel) and m.cache_len:
                 m.reset_cache()
 
-    io = {s.name: ([t.name for t in s.inputs], [t.name for t in s.outputs]) for s in specs}
-    return EagerSession({s.name: s.module for s in specs}, reset), io
+    dtype = next((p.dtype for p in module.parameters()), None)
+    return EagerSession({s.name: s.module for s in specs}, reset, dtype), specs
 
 
 def voiced_signal(seconds: float, sr: int = 16000) -> torch.Tensor:
@@ -194,9 +200,8 @@ def make_golden(module: nn.Module, ctx: Context) -> tuple[list[GoldenCall], dict
         ref16, _ = eager_session(half, ctx.limits)
         outs = {}
         for prec, sess in (("fp32", ref32), ("fp16", ref16)):
-            sess.reset()
-            cast = (lambda t: t.half() if t.is_floating_point() else t) if prec == "fp16" else (lambda t: t)
-            outs[prec] = [sess.run(method, tuple(cast(x) for x in inputs)) for method, inputs in script]
+            sess.reset()  # the fp16 session casts inputs itself
+            outs[prec] = [sess.run(method, inputs) for method, inputs in script]
         ref32.reset()
     calls = []
     for i, (method, inputs) in enumerate(script):

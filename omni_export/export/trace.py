@@ -73,8 +73,10 @@ def trace_component(name: str, module: nn.Module, limits: Limits) -> TracedCompo
         varargs = spec.module.forward.__code__.co_flags & 0x04  # Call(*args): shapes nest one level
         dyn = (spec.dynamic_shapes,) if varargs and spec.dynamic_shapes is not None else spec.dynamic_shapes
         try:
-            with torch.no_grad():
-                programs[spec.name] = torch.export.export(spec.module, spec.example_inputs, dynamic_shapes=dyn, strict=False)
+            # Default grad mode, as ExecuTorch's own exports do; under no_grad the host's conv kernel
+            # choice differed and, re-traced in lowering, cut dynamic ranges (see the target's
+            # oneDNN note and its range check).
+            programs[spec.name] = torch.export.export(spec.module, spec.example_inputs, dynamic_shapes=dyn, strict=False)
         except Exception as exc:  # torch.export raises many unrelated types
             raise TraceError(_explain(name, spec.name, module, exc)) from exc
         log.info("traced %s.%s: %d nodes", name, spec.name, len(programs[spec.name].graph.nodes))

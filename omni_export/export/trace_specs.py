@@ -55,6 +55,11 @@ class MethodSpec:
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
 
+    def manifest(self) -> dict[str, list[dict]]:
+        """The method's I/O as the manifest records it."""
+        as_dict = lambda t: {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}  # noqa: E731
+        return {"inputs": [as_dict(t) for t in self.inputs], "outputs": [as_dict(t) for t in self.outputs]}
+
 
 class Call(nn.Module):
     """Exposes one method of a component as ``forward`` (what torch.export traces). Every method
@@ -148,10 +153,13 @@ def _whisper(m: WhisperAudioEncoder, lim: Limits) -> list[MethodSpec]:
                        (Tensor("features", F32, (1, cfg.num_mel_bins, "frames")),), (Tensor("tokens", F32, (1, "frames/4", h)),))]  # fmt: skip
 
 
+WHALE_MAX_FRAMES = 3000  # 30 s at 100 Hz; the runtime encodes longer audio in windows of this size
+
+
 @register(WhaleAudioEncoder)
 def _whale(m: WhaleAudioEncoder, lim: Limits) -> list[MethodSpec]:
     cfg = m.encoder.cfg
-    frames = dim("frames", 16, lim.max_audio_s * 100)
+    frames = dim("frames", 16, min(lim.max_audio_s * 100, WHALE_MAX_FRAMES))
     h = m.adpter.project.out_features
     return [MethodSpec("forward", Call(m), (torch.randn(1, 200, cfg.input_dim, dtype=_dtype(m)),), ({1: frames},),
                        (Tensor("features", F32, (1, "frames", cfg.input_dim)),), (Tensor("tokens", F32, (1, "frames/8", h)),))]  # fmt: skip

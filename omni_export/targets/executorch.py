@@ -10,10 +10,11 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from omni_export.errors import OmniExportError
@@ -42,6 +43,13 @@ def _delegation(graph_module) -> Delegation:  # type: ignore[no-untyped-def]
     return Delegation(info.num_delegated_nodes, sum(fallback.values()), info.num_delegated_subgraphs, fallback)
 
 
+def _no_onednn() -> AbstractContextManager[None]:
+    """Host CPU kernel choice must not shape a device graph: with oneDNN on, convolutions pick an
+    algorithm by input size while exporting and lowering re-trace, and that choice becomes a shape
+    guard on the example size (a Whisper encoder declared for 30 s came out accepting 6.4 s)."""
+    return torch.backends.mkldnn.flags(enabled=False)
+
+
 @contextmanager
 def llm_custom_ops(module: nn.Module) -> Iterator[None]:
     """While tracing: every KV-cached stack uses ExecuTorch's llama::update_cache (in place) and
@@ -64,13 +72,28 @@ def llm_custom_ops(module: nn.Module) -> Iterator[None]:
             m.setup_cache(n, dtype)
 
 
+def _check_ranges(traced, edge) -> None:  # type: ignore[no-untyped-def]
+    """The lowered program must accept every size the trace declared: a lowered upper bound would
+    pass parity on the golden sizes and fail on the device. (Lower bounds are not enforced by the
+    runtime, which only checks capacity; torch specialises size-1 minimums to 2 anyway.)"""
+    for method, program in traced.programs.items():
+        declared = {str(k): v.upper for k, v in program.range_constraints.items()}
+        lowered = {str(k): v.upper for k, v in edge.exported_program(method).range_constraints.items()}
+        narrowed = {k: (declared[k], lowered[k]) for k in declared if k in lowered and lowered[k] < declared[k]}
+        if narrowed:
+            raise LoweringError(f"{traced.name}.{method}: lowering cut dynamic upper bounds {narrowed} (declared, lowered)")
+
+
 class ExecuTorchTarget(Target):
     name = "executorch"
     backend = "executorch"
     extension = ".pte"
 
     def trace_context(self, module: nn.Module, limits) -> AbstractContextManager[None]:  # type: ignore[no-untyped-def]
-        return llm_custom_ops(module)
+        stack = ExitStack()
+        stack.enter_context(_no_onednn())
+        stack.enter_context(llm_custom_ops(module))
+        return stack
 
     def kv_layout(self) -> str:
         return "[1, max_len, kv_heads, head_dim] per layer (llama::update_cache), written at input_pos[0]"
@@ -91,6 +114,7 @@ class ExecuTorchTarget(Target):
             constant_methods=metadata or None,
         )
         delegation = {m: _delegation(edge.exported_program(m).graph_module) for m in traced.programs}
+        _check_ranges(traced, edge)
         program = edge.to_executorch(
             ExecutorchBackendConfig(
                 # Caches are not stored initialised (that is a cache image per method); the component's
@@ -118,7 +142,8 @@ class ExecuTorchTarget(Target):
             warnings.simplefilter("ignore", FutureWarning)
             warnings.filterwarnings("ignore", message="Mutation on a buffer")
             try:
-                program, delegation = self._lower(traced, [partitioners[d]() for d in delegates], metadata)
+                with _no_onednn():
+                    program, delegation = self._lower(traced, [partitioners[d]() for d in delegates], metadata)
             except Exception as exc:  # exir raises many types; name the component and the first line
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise LoweringError(f"ExecuTorch cannot lower {traced.name}: {type(exc).__name__}: {first}") from exc

@@ -16,7 +16,7 @@ from omni_export.profiles import get_profile
 from omni_export.quantize.presets import PRESETS
 
 runner = CliRunner()
-CONTEXT = 160
+CONTEXT = 320
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +100,38 @@ def test_artifacts_carry_their_metadata(bundles):
     assert read("omni_eos_id") == m["model"]["eos_ids"][0]
 
 
+def test_artifacts_accept_their_declared_maximum_sizes(bundles):
+    """Lowering once cut these (30 s of audio -> 6.4 s, 2048 mel frames -> 64) while parity on the
+    short golden inputs still passed."""
+    from executorch.runtime import Runtime
+
+    def max_sizes(family, component, method):
+        b = bundles[family].bundle
+        prog = Runtime.get().load_program(b / read_manifest(b)["components"][component]["file"])
+        md = prog.metadata(method)
+        return [str(md.input_tensor_meta(i)).split("sizes=[")[1].split("]")[0] for i in range(md.num_inputs())]
+
+    assert max_sizes("interactiveomni", "audio_encoder", "forward") == ["1, 128, 3000"]
+    assert max_sizes("interactiveomni", "vocoder", "forward") == ["1, 80, 2048"]
+    assert max_sizes("vita15", "audio_encoder", "forward") == ["1, 3000, 80"]
+    assert max_sizes("vita15", "codec_decoder", "forward")[0] == "1, 1024"
+    assert max_sizes("vita15", "llm", "prefill")[0] == f"1, {min(256, CONTEXT)}, 64"
+
+
+def test_lowering_refuses_to_cut_a_declared_range(tiny):
+    """With the host's oneDNN kernel selection active while lowering, ExecuTorch's edge pass cuts
+    the Whisper encoder's frame range; the target must refuse, naming the method."""
+    import torch
+
+    from omni_export.export.trace import trace_component
+    from omni_export.export.trace_specs import Limits
+    from omni_export.targets.executorch import ExecuTorchTarget, LoweringError
+
+    traced = trace_component("audio_encoder", tiny["interactiveomni"].components["audio_encoder"], Limits())
+    with torch.backends.mkldnn.flags(enabled=True), pytest.raises(LoweringError, match="audio_encoder.forward: lowering cut"):
+        ExecuTorchTarget._lower(traced, [], {})
+
+
 def test_unavailable_target_fails_before_work(tiny_dirs, tmp_path):
     r = runner.invoke(app, ["--target", "jetson", "--model", str(tiny_dirs["vita15"]), "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "unknown target 'tensorrt'" in r.output and "executorch" in r.output
@@ -161,6 +193,31 @@ def test_parity_in_a_fresh_process(bundles):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(r.stdout[r.stdout.index("[") :])
     assert {row["component"] for row in rows} >= {"llm", "tts_ar"} and all(row["passed"] for row in rows)
+
+
+@pytest.mark.parametrize("family", ["interactiveomni", "vita15"])
+def test_run_a_bundle_end_to_end(bundles, tiny_dirs, speech_wav, photo, tmp_path, family):
+    """The bundle's ExecuTorch artifacts answer a spoken question about an image, and give the
+    same greedy text as the eager checkpoint through the same pipeline."""
+    out = tmp_path / "reply.wav"
+    args = ["--audio", str(speech_wav), "--image", str(photo), "--max-new-tokens", "6", "--json", "--max-context", str(CONTEXT)]
+    r = runner.invoke(app, ["run", str(bundles[family].bundle), "--out", str(out), *args])
+    assert r.exit_code == 0, r.output
+    from_bundle = json.loads(r.output.strip().splitlines()[-1])
+    import soundfile as sf
+
+    info = sf.info(out)
+    assert info.samplerate == 24000 and info.frames > 0 and len(from_bundle["tokens"]) == 6
+    eager = runner.invoke(app, ["run", str(tiny_dirs[family]), "--out", str(tmp_path / "e.wav"), *args])
+    assert eager.exit_code == 0, eager.output
+    assert json.loads(eager.output.strip().splitlines()[-1])["tokens"] == from_bundle["tokens"]
+
+
+def test_run_refuses_a_bundle_that_fails_verify(bundle_copy, tmp_path):
+    root = bundle_copy("vita15")
+    (root / "golden" / "llm.npz").unlink()
+    r = runner.invoke(app, ["run", str(root), "--text", "hi", "--out", str(tmp_path / "o.wav")])
+    assert r.exit_code == 2 and "fails verify" in r.output and "golden/llm.npz: missing" in r.output
 
 
 def test_inspect_summarises(bundles):

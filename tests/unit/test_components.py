@@ -13,9 +13,9 @@ from omni_export.export.components.internvit import (
     VisionEncoder,
     mlp1_projector,
 )
-from omni_export.export.components.layers import merge_placeholders
 from omni_export.export.families import FAMILIES
 from omni_export.runtime_py.audio import KaldiFbank, WhisperLogMel
+from omni_export.runtime_py.prompt import merge_placeholders
 
 g = torch.Generator().manual_seed(0)
 
@@ -107,16 +107,6 @@ def test_vision_encoder_gives_256_tokens_per_448px_tile():
     with torch.no_grad():
         out = enc(torch.randn(3, 3, 448, 448))
     assert enc.tokens_per_tile() == 256 and out.shape == (3 * 256, 24)
-
-
-def test_audio_rates(tiny):
-    wav = torch.randn(16000 * 2, generator=g) * 0.1  # 2 s
-    io, vita = tiny["interactiveomni"], tiny["vita15"]
-    with torch.no_grad():
-        io_tok = io.family.audio_tokens(io, wav)
-        vita_tok = vita.family.audio_tokens(vita, wav)
-    assert io_tok.shape == (50, io.config.llm.hidden_size)  # 25 Hz
-    assert abs(vita_tok.shape[0] - 25) <= 1 and vita_tok.shape[1] == vita.config.llm.hidden_size  # 12.5 Hz
 
 
 def test_speech_output_rates(tiny):

@@ -23,6 +23,7 @@ from omni_export.export.components.layers import (
     sinusoidal_embedding,
     split_heads,
 )
+from omni_export.runtime_py.sampler import cosine_timesteps
 
 
 @dataclass(frozen=True)
@@ -160,9 +161,7 @@ class FlowDecoder(nn.Module):
         return x + dt * ((1.0 + r) * v_cond - r * v_uncond)
 
     def timesteps(self) -> list[float]:
-        """Cosine schedule t = 1 - cos(pi/2 * s) as CosyVoice uses."""
-        n = self.cfg.n_timesteps
-        return [1.0 - math.cos(0.5 * math.pi * i / n) for i in range(n + 1)]
+        return cosine_timesteps(self.cfg.n_timesteps)
 
     def solve(self, mu: torch.Tensor, spks: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         cond = torch.zeros_like(mu) if cond is None else cond

@@ -98,18 +98,3 @@ def chunk_causal_mask(length: int, chunk: int, device: torch.device | None = Non
     """Boolean [T, T]: frame i sees frame j when j's chunk is not after i's chunk (streamable)."""
     idx = torch.arange(length, device=device) // chunk
     return idx[None, :] <= idx[:, None]
-
-
-def merge_placeholders(
-    embeds: torch.Tensor, ids: torch.Tensor, features: torch.Tensor, token_id: int
-) -> torch.Tensor:
-    """Replace the embeddings at ``token_id`` positions with rows of ``features`` in order.
-
-    embeds [1, T, H], ids [1, T], features [N, H]. Written with cumsum + gather + where instead of
-    masked_scatter so the graph has no data-dependent shapes and traces with torch.export.
-    """
-    mask = ids == token_id
-    order = (torch.cumsum(mask.to(torch.int64), dim=-1) - 1).clamp(min=0)
-    order = order.clamp(max=max(features.shape[0] - 1, 0))
-    gathered = features[order[0]].unsqueeze(0).to(embeds.dtype)
-    return torch.where(mask[..., None], gathered, embeds)

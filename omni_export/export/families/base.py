@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 from torch import nn
 
 from omni_export.registry import Registry
+from omni_export.runtime_py.prompt import SYSTEM_PROMPT
 
 if TYPE_CHECKING:
     from omni_export.export.checkpoint import Checkpoint
@@ -74,21 +74,11 @@ class Family(ABC):
     def llm_config(self, cfg: Any) -> Any:
         return cfg.llm
 
-    # -- reference pipeline hooks (eager, used by the reference runner) ---------------------------
-    @abstractmethod
-    def audio_tokens(self, ckpt: Checkpoint, wav: torch.Tensor) -> torch.Tensor:
-        """16 kHz mono waveform [N] -> LLM-width audio tokens [M, H]."""
-
-    @abstractmethod
-    def prompt(self, ckpt: Checkpoint, n_image: int, n_audio: int, text: str | None) -> list[int]:
-        """Token ids of one user turn plus the assistant header, with placeholders expanded."""
-
-    @abstractmethod
-    def speak(self, ckpt: Checkpoint, text_ids: torch.Tensor, text_states: torch.Tensor, seed: int) -> np.ndarray:
-        """Speech for the generated text: 24 kHz float waveform."""
-
     image_token: ClassVar[str]
     audio_token: ClassVar[str]
+    # How the placeholders are wrapped in the user turn: (prefix, suffix).
+    image_wrap: ClassVar[tuple[str, str]] = ("", "\n")
+    audio_wrap: ClassVar[tuple[str, str]] = ("", "\n")
 
     # -- what a bundle carries for the runtime --------------------------------------------------
     def runtime_config(self, ckpt: Checkpoint) -> dict[str, Any]:
@@ -100,6 +90,8 @@ class Family(ABC):
             "eos_ids": [ids[t] for t in self.eos_tokens],
             "image_token_id": ids[self.image_token],
             "audio_token_id": ids[self.audio_token],
+            "prompt": {"system": SYSTEM_PROMPT, "image_token": self.image_token, "audio_token": self.audio_token,
+                       "image": list(self.image_wrap), "audio": list(self.audio_wrap)},
             "audio_sample_rate": self.audio_sample_rate,
             "output_sample_rate": self.output_sample_rate,
             "image": {"tile_size": vision.cfg.image_size, "tokens_per_tile": vision.tokens_per_tile(),

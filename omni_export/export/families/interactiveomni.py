@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from omni_export.configs import from_dict, to_dict
 from omni_export.errors import ConfigError
@@ -40,13 +39,7 @@ from omni_export.export.components.whisper import (
     WhisperEncoderConfig,
 )
 from omni_export.export.families.base import ComponentSpec, Family, register
-from omni_export.export.families.common import (
-    chat_prompt,
-    check_keys,
-    encode,
-    require,
-    sample,
-)
+from omni_export.export.families.common import check_keys, require
 from omni_export.runtime_py.audio import WhisperLogMel
 
 TOP_KEYS = {
@@ -127,6 +120,8 @@ class InteractiveOmni(Family):
     sizes = ("tiny", "small", "full", "full-8b")
     image_token = "<IMG_CONTEXT>"
     audio_token = "<AUDIO_CONTEXT>"
+    image_wrap = ("<img>", "</img>\n")
+    audio_wrap = ("<audio>", "</audio>\n")
     special_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
                       "<audio>", "</audio>", "<AUDIO_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 
@@ -208,68 +203,6 @@ class InteractiveOmni(Family):
 
     def assets(self, ckpt) -> dict[str, np.ndarray]:
         return {"default_speaker_embedding": ckpt.components["flow"].default_speaker_embedding.detach().float().numpy()}
-
-    # -- reference pipeline -------------------------------------------------------------------
-    def audio_tokens(self, ckpt, wav: torch.Tensor) -> torch.Tensor:
-        enc = ckpt.components["audio_encoder"]
-        mel = WhisperAudioEncoder.pad_frames(ckpt.components["audio_frontend"](wav))
-        window = 2 * ckpt.config.audio.max_source_positions  # Whisper positions cover 30 s of frames
-        dtype = next(enc.parameters()).dtype
-        parts = [enc(mel[..., i : i + window].to(dtype))[0] for i in range(0, mel.shape[-1], window)]
-        return torch.cat(parts)
-
-    def prompt(self, ckpt, n_image: int, n_audio: int, text: str | None) -> list[int]:
-        user = ""
-        if n_image:
-            user += "<img>" + "<IMG_CONTEXT>" * n_image + "</img>\n"
-        if n_audio:
-            user += "<audio>" + "<AUDIO_CONTEXT>" * n_audio + "</audio>\n"
-        user += text or ""
-        return encode(ckpt.tokenizer, chat_prompt(user))
-
-    def speak(self, ckpt, text_ids: torch.Tensor, text_states: torch.Tensor, seed: int) -> np.ndarray:
-        slm: SpeechLM = ckpt.components["speech_lm"]
-        flow: FlowDecoder = ckpt.components["flow"]
-        vocoder = ckpt.components["vocoder"]
-        c = slm.cfg
-        gen = torch.Generator().manual_seed(seed)
-        n_text = max(text_states.shape[1], 1)
-        limit = c.max_speech_per_text * n_text
-        slm.llm.setup_cache(2 + n_text + limit + c.speech_chunk * (n_text // c.text_chunk + 1))
-        pos = 0
-
-        def run(embeds: torch.Tensor) -> torch.Tensor:
-            nonlocal pos
-            logits = slm(embeds, torch.arange(pos, pos + embeds.shape[1]))
-            pos += embeds.shape[1]
-            return logits[0, -1]
-
-        speech: list[int] = []
-        logits = run(slm.embed_special(SOS))
-        chunks = list(torch.split(text_states, c.text_chunk, dim=1))
-        for i, chunk in enumerate(chunks):
-            logits = run(slm.embed_text(chunk.to(slm.text_projector.weight.dtype)))
-            if i == len(chunks) - 1:
-                break
-            for _ in range(c.speech_chunk):  # bistream: a fixed speech run per text chunk
-                tok = sample(logits, 25, gen, allowed=c.speech_vocab)
-                speech.append(tok)
-                logits = run(slm.embed_speech(torch.tensor([[tok]])))
-        logits = run(slm.embed_special(TASK))
-        while len(speech) < limit:
-            tok = sample(logits, 25, gen, allowed=c.speech_vocab + 1)
-            if tok == c.eos:
-                break
-            speech.append(tok)
-            logits = run(slm.embed_speech(torch.tensor([[tok]])))
-        if not speech:
-            return np.zeros(0, dtype=np.float32)
-        dtype = flow.input_embedding.weight.dtype
-        mu = flow.encode(torch.tensor([speech]))
-        spks = flow.speaker(flow.default_speaker_embedding[None])
-        noise = torch.randn(mu.shape, generator=gen).to(dtype)
-        mel = flow.solve(mu, spks, noise)
-        return vocoder(mel.to(dtype))[0].float().numpy()
 
 
 register(InteractiveOmni())

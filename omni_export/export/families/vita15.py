@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from omni_export.configs import from_dict, to_dict
 from omni_export.errors import ConfigError
@@ -39,7 +38,7 @@ from omni_export.export.components.qwen import QwenConfig, QwenForCausalLM
 from omni_export.export.components.vita_tts import VitaTTSAr, VitaTTSConfig, VitaTTSNar
 from omni_export.export.components.whale import WhaleAudioEncoder, WhaleConfig
 from omni_export.export.families.base import ComponentSpec, Family, register
-from omni_export.export.families.common import chat_prompt, encode, require, sample
+from omni_export.export.families.common import require
 from omni_export.files import read_json
 from omni_export.runtime_py.audio import KaldiFbank
 
@@ -161,8 +160,11 @@ class Vita15(Family):
         ]  # fmt: skip
 
     def runtime_config(self, ckpt) -> dict[str, Any]:
+        from omni_export.export.trace_specs import WHALE_MAX_FRAMES
+
         t, c = ckpt.config.tts, ckpt.config.codec
         out = super().runtime_config(ckpt)
+        out["max_audio_frames"] = WHALE_MAX_FRAMES  # longer audio is encoded in windows
         out["speech"] = {
             "kind": "vita_codec", "codebook_size": t.codebook_size, "pad": t.pad, "bos": t.bos, "eos": t.eos,
             "top_k": t.top_k, "max_codec_per_text": t.max_codec_per_text, "codec_rate_hz": c.sample_rate // c.hop,
@@ -172,44 +174,6 @@ class Vita15(Family):
 
     def assets(self, ckpt) -> dict[str, np.ndarray]:
         return {"default_global_codes": ckpt.components["codec_decoder"].default_global_codes.detach().numpy()}
-
-    # -- reference pipeline -------------------------------------------------------------------
-    def audio_tokens(self, ckpt, wav: torch.Tensor) -> torch.Tensor:
-        enc = ckpt.components["audio_encoder"]
-        fbank = ckpt.components["audio_frontend"](wav)
-        return enc(fbank.to(next(enc.parameters()).dtype))[0]
-
-    def prompt(self, ckpt, n_image: int, n_audio: int, text: str | None) -> list[int]:
-        user = ("<image>" * n_image + "\n" if n_image else "") + ("<audio>" * n_audio + "\n" if n_audio else "") + (text or "")
-        return encode(ckpt.tokenizer, chat_prompt(user))
-
-    def speak(self, ckpt, text_ids: torch.Tensor, text_states: torch.Tensor, seed: int) -> np.ndarray:
-        llm: QwenForCausalLM = ckpt.components["llm"]
-        nar: VitaTTSNar = ckpt.components["tts_nar"]
-        ar: VitaTTSAr = ckpt.components["tts_ar"]
-        codec: CodecDecoder = ckpt.components["codec_decoder"]
-        c = ar.cfg
-        gen = torch.Generator().manual_seed(seed)
-        # VITA's TTS reads the LLM's *input* embeddings of the generated text, not hidden states.
-        context = nar(llm.embed(text_ids).to(nar.input_proj.weight.dtype))
-        limit = c.max_codec_per_text * max(text_ids.shape[1], 1)
-        ar.ar.setup_cache(context.shape[1] + 1 + limit)
-        prefix = torch.cat([context, ar.embed_codes(torch.tensor([[c.bos]]))], dim=1)
-        logits = ar(prefix, torch.arange(prefix.shape[1]))[0, -1]
-        pos, codes = prefix.shape[1], []
-        while len(codes) < limit:
-            logits = logits.clone()
-            logits[c.codebook_size : c.eos] = float("-inf")  # pad and bos are never emitted
-            tok = sample(logits, c.top_k, gen, allowed=c.eos + 1)
-            if tok == c.eos:
-                break
-            codes.append(tok)
-            logits = ar(ar.embed_codes(torch.tensor([[tok]])), torch.tensor([pos]))[0, -1]
-            pos += 1
-        if not codes:
-            return np.zeros(0, dtype=np.float32)
-        wav = codec(torch.tensor([codes]), codec.default_global_codes[None])
-        return wav[0].float().numpy()
 
 
 register(Vita15())

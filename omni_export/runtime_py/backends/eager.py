@@ -12,9 +12,13 @@ from omni_export.runtime_py.backends.base import SESSIONS, Session
 class EagerSession(Session):
     backend = "eager"
 
-    def __init__(self, methods: dict[str, Callable[..., object]], reset: Callable[[], None] | None = None) -> None:
+    def __init__(self, methods: dict[str, Callable[..., object]], reset: Callable[[], None] | None = None,
+                 dtype: torch.dtype | None = None) -> None:  # fmt: skip
+        """``dtype``: the modules' float dtype; float inputs are cast to it and outputs back to fp32,
+        so callers feed the same tensors to every backend."""
         self._methods = methods
         self._reset = reset
+        self._dtype = dtype
 
     @classmethod
     def open(cls, path):  # type: ignore[no-untyped-def]
@@ -26,8 +30,11 @@ class EagerSession(Session):
 
     @torch.inference_mode()
     def run(self, method: str, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self._dtype is not None and self._dtype != torch.float32:
+            inputs = [x.to(self._dtype) if x.is_floating_point() else x for x in inputs]
         out = self._methods[method](*inputs)
-        return list(out) if isinstance(out, (tuple, list)) else [out]
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        return [o.float() if o.is_floating_point() else o for o in outs]
 
     def reset(self) -> None:
         if self._reset is not None:

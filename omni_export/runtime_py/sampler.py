@@ -1,0 +1,24 @@
+"""Token sampling and the flow-matching time schedule, shared by every backend."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sample(logits: torch.Tensor, top_k: int, generator: torch.Generator | None, allowed: int | None = None) -> int:
+    """Greedy when top_k <= 1, else top-k sampling; ``allowed`` keeps only the first N ids."""
+    logits = logits.reshape(-1).float()
+    if allowed is not None:
+        logits = logits[:allowed]
+    if top_k <= 1:
+        return int(torch.argmax(logits))
+    vals, idx = torch.topk(logits, min(top_k, logits.numel()))
+    choice = torch.multinomial(torch.softmax(vals, -1), 1, generator=generator)
+    return int(idx[choice])
+
+
+def cosine_timesteps(n: int) -> list[float]:
+    """t = 1 - cos(pi/2 * s): CosyVoice's schedule, dense near t = 0 where the flow moves most."""
+    return [1.0 - math.cos(0.5 * math.pi * i / n) for i in range(n + 1)]
