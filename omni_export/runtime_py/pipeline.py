@@ -5,7 +5,6 @@ modules. (Non-streaming: the streaming, multi-turn Pipeline builds on these piec
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from omni_export.runtime_py.backends.base import Session
 from omni_export.runtime_py.image import preprocess_image
 from omni_export.runtime_py.prompt import chat_prompt, merge_placeholders, user_turn
 from omni_export.runtime_py.sampler import sample
+from omni_export.runtime_py.speech import SPEECH
 
 
 @dataclass
@@ -143,11 +143,3 @@ class Pipeline:
             decoder = SPEECH.get(cfg["speech"]["kind"])
             pcm = self._time("speech", lambda: decoder(self, torch.tensor([out_ids]), torch.cat(states, dim=1), seed))
         return Reply(text_out, out_ids, np.asarray(pcm, dtype=np.float32), cfg["output_sample_rate"], len(ids), dict(self.timings))
-
-    def describe(self) -> str:
-        return json.dumps({"components": list(self.sessions), "speech": self.config["speech"]["kind"]})
-
-
-from omni_export.runtime_py.speech import (
-    SPEECH,  # noqa: E402  (the decoders register against Pipeline's helpers)
-)
