@@ -29,7 +29,7 @@ from omni_export.export.families.common import encode
 from omni_export.export.trace import prepare
 from omni_export.export.trace_specs import Limits, method_specs
 from omni_export.registry import ClassRegistry
-from omni_export.runtime_py.audio import KaldiFbank, WhisperLogMel
+from omni_export.runtime_py.audio import KaldiFbank, WhisperLogMel, pad_to_multiple
 from omni_export.runtime_py.backends.eager import EagerSession
 from omni_export.runtime_py.prompt import chat_prompt
 
@@ -98,7 +98,8 @@ def _vision(m: VisionEncoder, ctx, ref) -> Script:
 
 @register(WhisperAudioEncoder)
 def _whisper(m: WhisperAudioEncoder, ctx, ref) -> Script:
-    return [("forward", (WhisperAudioEncoder.pad_frames(WhisperLogMel(m.encoder.cfg.num_mel_bins)(voiced_signal(1.0))),))]
+    mel = WhisperLogMel(m.encoder.cfg.num_mel_bins)(voiced_signal(1.0))
+    return [("forward", (pad_to_multiple(mel, -1, WhisperAudioEncoder.FRAME_MULTIPLE),))]
 
 
 @register(WhaleAudioEncoder)

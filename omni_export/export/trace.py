@@ -36,13 +36,8 @@ class TracedComponent:
 def prepare(module: nn.Module, limits: Limits) -> None:
     """Give every KV-cached stack a zeroed static cache of the traced length."""
     for m in module.modules():
-        if isinstance(m, QwenModel) and m is not module and _is_cached_stack(module, m):
+        if isinstance(m, QwenModel) and m.cached:
             m.setup_cache(limits.max_context)
-
-
-def _is_cached_stack(root: nn.Module, stack: QwenModel) -> bool:
-    # Bidirectional NAR stacks (VITA's pre_nn) never use a cache.
-    return not any(name.endswith("pre_nn") for name, m in root.named_modules() if m is stack)
 
 
 def _explain(component: str, method: str, root: nn.Module, exc: BaseException) -> str:

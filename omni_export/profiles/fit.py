@@ -102,7 +102,7 @@ def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe
 def _kv_bytes(module: nn.Module, context: int, elem: int) -> int:
     total = 0
     for m in module.modules():
-        if isinstance(m, QwenModel):
+        if isinstance(m, QwenModel) and m.cached:
             c = m.cfg
             total += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context * elem
     return total
@@ -142,7 +142,7 @@ def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, spe
     recipe.check_matches(fqns)
     elem = _float_bytes(recipe)
     comps = tuple(component_memory(s, modules[s.name], recipe) for s in specs)
-    kv = sum(_kv_bytes(modules[s.name], context, elem) for s in specs if "decode" in s.methods)
+    kv = sum(_kv_bytes(modules[s.name], context, elem) for s in specs)
     act = activation_estimate(family, cfg, modules, context, elem)
     return MemoryPlan(recipe.name, context, comps, kv, act, RUNTIME_OVERHEAD)
 

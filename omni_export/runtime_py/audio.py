@@ -66,6 +66,16 @@ def resample(samples: np.ndarray, sr: int, target: int, source: str = "audio") -
     return out
 
 
+def pad_to_multiple(x: torch.Tensor, axis: int, multiple: int) -> torch.Tensor:
+    """Pad features on the right along ``axis`` to a multiple of an encoder's stride, with the
+    clip's floor value (silence in log-mel and fbank alike)."""
+    pad = -x.shape[axis] % multiple
+    if not pad:
+        return x
+    widths = [0, 0] * (x.dim() - 1 - axis % x.dim()) + [0, pad]
+    return F.pad(x, widths, value=float(x.min()))
+
+
 def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int) -> Path:
     """Write 16-bit PCM atomically (temp file + rename)."""
     import soundfile as sf

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from omni_export.errors import ContextOverflowError, InputError
-from omni_export.runtime_py.audio import read_audio
+from omni_export.runtime_py.audio import pad_to_multiple, read_audio
 from omni_export.runtime_py.backends.base import Session
 from omni_export.runtime_py.image import preprocess_image
 from omni_export.runtime_py.prompt import chat_prompt, merge_placeholders, user_turn
@@ -86,10 +86,7 @@ class Pipeline:
         """16 kHz mono -> LLM-width audio tokens [N, H]."""
         feats = self.sessions["audio_frontend"].run("forward", [torch.from_numpy(np.asarray(wav, dtype=np.float32))])[0]
         axis = self._axis("audio_encoder", "forward", "features", "frames")
-        pad = -feats.shape[axis] % self.config.get("audio_frames_multiple", 1)
-        if pad:  # the encoder takes whole strides: pad with the clip's floor (silence)
-            widths = [0, 0] * (feats.dim() - 1 - axis) + [0, pad]
-            feats = torch.nn.functional.pad(feats, widths, value=float(feats.min()))
+        feats = pad_to_multiple(feats, axis, self.config.get("audio_frames_multiple", 1))  # whole strides only
         window = self.config.get("max_audio_frames") or feats.shape[axis]
         parts = [self.sessions["audio_encoder"].run("forward", [w.contiguous()])[0][0] for w in feats.split(window, dim=axis)]
         return torch.cat(parts)

@@ -201,9 +201,11 @@ class QwenModel(nn.Module):
     """The decoder stack (``model.*`` in transformers). ``with_embeddings=False`` for stacks fed
     with embeddings only (the speech decoders)."""
 
-    def __init__(self, cfg: QwenConfig, with_embeddings: bool = True) -> None:
+    def __init__(self, cfg: QwenConfig, with_embeddings: bool = True, cached: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
+        # False for bidirectional stacks (VITA's NAR pre_nn): they never hold a KV cache.
+        self.cached = cached
         if with_embeddings:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(QwenDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))

@@ -53,7 +53,7 @@ class VitaTTSNar(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.input_proj = nn.Linear(cfg.input_dim, cfg.hidden_size)
-        self.pre_nn = QwenModel(cfg.stack(cfg.nar_layers), with_embeddings=False)
+        self.pre_nn = QwenModel(cfg.stack(cfg.nar_layers), with_embeddings=False, cached=False)
 
     def forward(self, text_embeds: torch.Tensor) -> torch.Tensor:
         """[1, T, input_dim] -> [1, T, hidden]; every position sees every other."""

@@ -135,12 +135,6 @@ class WhisperAudioEncoder(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.encoder(features))
 
-    @classmethod
-    def pad_frames(cls, mel: torch.Tensor) -> torch.Tensor:
-        """Pad [1, n_mels, F] on the right with the clip's floor value to a multiple of 4 frames."""
-        pad = -mel.shape[-1] % cls.FRAME_MULTIPLE
-        return F.pad(mel, (0, pad), value=float(mel.min())) if pad else mel
-
     @staticmethod
     def tokens_for_frames(frames: int) -> int:
         return frames // 4

@@ -36,7 +36,6 @@ class ComponentSpec:
     weights: tuple[tuple[str, str], ...]
     source: str = MAIN_WEIGHTS
     description: str = ""
-    methods: tuple[str, ...] = ("forward",)
 
     def to_checkpoint_name(self, module_key: str) -> str:
         for ckpt_prefix, mod_prefix in sorted(self.weights, key=lambda w: -len(w[1])):

@@ -150,11 +150,11 @@ class Vita15(Family):
                           (("model.audio_encoder.encoder.", "encoder."), ("model.audio_encoder.adpter.", "adpter.")),
                           description="Whale encoder + CNN adapter: fbank -> LLM tokens (12.5 Hz)"),
             ComponentSpec("llm", lambda: QwenForCausalLM(cfg.llm), (("model.", "model."), ("lm_head.", "lm_head.")),
-                          description="Qwen2.5 decoder with static KV cache", methods=("prefill", "decode")),
+                          description="Qwen2.5 decoder with static KV cache"),
             ComponentSpec("tts_nar", lambda: VitaTTSNar(cfg.tts), (("", ""),), source=f"{TTS_DIR}/final.pt",
                           description="text embeddings -> bidirectional Llama stack"),
             ComponentSpec("tts_ar", lambda: VitaTTSAr(cfg.tts), (("", ""),), source=f"{TTS_DIR}/final.pt",
-                          description="autoregressive codec-token Llama stack", methods=("prefill", "decode")),
+                          description="autoregressive codec-token Llama stack"),
             ComponentSpec("codec_decoder", lambda: CodecDecoder(cfg.codec), (("", ""),), source=f"{CODEC_DIR}/final.pt",
                           description="codec tokens (40 Hz) -> 24 kHz"),
         ]  # fmt: skip
