@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from omni_export.errors import OmniExportError
+from omni_export.files import cache_dir
 from omni_export.export.checkpoint import Checkpoint, load_checkpoint
 from omni_export.export.synthetic import write_synthetic
 from omni_export.profiles import Profile, get_profile
@@ -21,11 +21,6 @@ log = logging.getLogger(__name__)
 
 DEMO_FAMILY, DEMO_SIZE, DEMO_SEED = "interactiveomni", "small", 0
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("OMNI_EXPORT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "omni-export"
-    return Path(root)
 
 
 def demo_checkpoint(progress: Callable[[str], None] | None = None) -> Path:

@@ -27,9 +27,12 @@ from omni_export.export.components.qwen import QwenModel
 from omni_export.export.golden import Context, make_golden
 from omni_export.export.trace import prepare, trace_component
 from omni_export.export.trace_specs import Limits
-from omni_export.files import atomic_write_text
+from omni_export.files import atomic_write_text, replace_dir
 from omni_export.profiles import Profile
+from omni_export.quantize.cache import quantize_checkpoint
+from omni_export.quantize.engine import plan
 from omni_export.quantize.recipe import QuantRecipe
+from omni_export.quantize.result import QTensor, QuantResult
 from omni_export.runtime_py.backends import open_session
 from omni_export.runtime_py.parity import ComponentParity, judge, replay
 from omni_export.targets import TARGETS
@@ -77,6 +80,17 @@ def _kv_layout(module: torch.nn.Module, layout: str) -> dict[str, Any] | None:
             "layout": layout}  # fmt: skip
 
 
+def _quant_summary(tensors: dict[str, QTensor], activation: str) -> dict[str, Any] | None:
+    if not tensors:
+        return None
+    kinds: dict[str, int] = {}
+    for t in tensors.values():
+        key = f"int{t.config.bits} g{t.config.group_size or 'channel'} {t.config.method}"
+        kinds[key] = kinds.get(key, 0) + 1
+    return {"linears": len(tensors), "kinds": kinds, "activations": activation,
+            "weight_bytes": sum(t.nbytes() for t in tensors.values())}  # fmt: skip
+
+
 def _versions() -> dict[str, str]:
     out = {"omni_export": omni_export.__version__, "torch": torch.__version__}
     try:
@@ -102,14 +116,22 @@ def build_bundle(
         raise OmniExportError(f"{out} already exists; remove it or pass --overwrite.")
     notes: list[str] = []
     precision = recipe.name
-    if not (recipe.is_float and recipe.float_dtype == "fp32"):
-        notes.append(f"quantization preset {recipe.name!r} is not implemented yet: lowered at fp32; the manifest says fp32")
+    if recipe.is_float and recipe.float_dtype != "fp32":
+        notes.append(f"{recipe.float_dtype} lowering is not implemented yet: lowered at fp32; the manifest says fp32")
         precision = "fp32"
+    elif not recipe.is_float and recipe.float_dtype != "fp32":
+        notes.append(f"unquantized tensors stay fp32 on this target (recipe asks {recipe.float_dtype})")
     target = TARGETS.get(profile.target)
     step = progress or (lambda c, s: None)
     start = time.perf_counter()
     step("checkpoint", "loading")
     ckpt = load_checkpoint(model, dtype=torch.float32)
+    quant: QuantResult | None = None
+    quant_where = None
+    if not recipe.is_float:
+        notes.extend(target.check_quant(plan(ckpt.components, recipe)))
+        step("quantize", f"{recipe.name} (calibrating where the recipe asks)")
+        quant, quant_where = quantize_checkpoint(ckpt, recipe, lambda what, i, n: step("quantize", f"{what} {i}/{n}"))
     llm_cfg = ckpt.family.llm_config(ckpt.config)
     max_context = min(context or profile.max_context, llm_cfg.max_position_embeddings)
     limits = Limits(max_context=max_context, prefill_chunk=min(Limits.prefill_chunk, max_context),
@@ -130,6 +152,15 @@ def build_bundle(
     try:
         for name, module in ckpt.components.items():
             t: dict[str, float] = {}
+            # The float module is the reference: golden I/O comes before any weight is encoded.
+            step(name, "golden I/O")
+            t0 = time.perf_counter()
+            calls, io = make_golden(module, gctx)
+            write_golden(tmp / "golden" / f"{name}.npz", calls)
+            t["golden_s"] = time.perf_counter() - t0
+            qtensors = quant.for_component(name) if quant else {}
+            if qtensors:
+                target.encode(module, qtensors, quant.floats_for(name))  # type: ignore[union-attr]
             step(name, "tracing")
             t0 = time.perf_counter()
             prepare(module, limits)
@@ -139,11 +170,6 @@ def build_bundle(
             step(name, f"lowering ({target.name})")
             artifact = target.lower(traced, profile, tmp, meta)
             t["lower_s"] = artifact.build_s
-            step(name, "golden I/O")
-            t0 = time.perf_counter()
-            calls, io = make_golden(module, gctx)
-            write_golden(tmp / "golden" / f"{name}.npz", calls)
-            t["golden_s"] = time.perf_counter() - t0
             step(name, "parity")
             t0 = time.perf_counter()
             session = open_session(target.backend, tmp / artifact.file)
@@ -156,7 +182,8 @@ def build_bundle(
             components[name] = {
                 "file": artifact.file, "backend": artifact.backend, "description": spec.description,
                 "methods": {s.name: s.manifest() for s in traced.specs.values()},
-                "kv_cache": _kv_layout(module, target.kv_layout()), "golden": f"golden/{name}.npz", "precision": precision,
+                "kv_cache": _kv_layout(module, target.kv_layout()), "golden": f"golden/{name}.npz", "precision": precision if qtensors else "fp32",
+                "quant": _quant_summary(qtensors, target.quant_activation),
                 "delegation": {m: {"delegated_nodes": d.delegated_nodes, "portable_nodes": d.portable_nodes, "subgraphs": d.subgraphs,
                                    "share": round(d.share, 4), "portable_ops": d.fallback_ops} for m, d in artifact.delegation.items()},
             }  # fmt: skip
@@ -164,6 +191,9 @@ def build_bundle(
                                          artifact.delegated_share, parity, t))  # fmt: skip
             del traced, session
         step("bundle", "writing")
+        if quant is not None:
+            atomic_write_text(tmp / "reports" / "quant.json", json.dumps(
+                {"recipe": recipe.name, "cache": str(quant_where), "seconds": round(quant.seconds, 2), "layers": quant.layers}, indent=1))
         _finish(tmp, ckpt, profile, recipe, precision, limits, components, builds, notes)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,9 +209,7 @@ def build_bundle(
             f"parity failed for {', '.join(b.name for b in failed)}; the bundle was not published (kept for inspection at {rejected})",
             result,
         )
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return result
 
 
@@ -213,7 +241,8 @@ def _finish(tmp: Path, ckpt, profile: Profile, recipe: QuantRecipe, precision: s
         "source": {"path": str(ckpt.root), "fingerprint": ckpt.fingerprint()},
         "profile": {"name": profile.name, "target": profile.target, "description": profile.description,
                     "max_context": limits.max_context, "bandwidth_gbs": profile.bandwidth_gbs},
-        "quant": {"preset": precision, "requested": recipe.name, "float_dtype": "fp32"},
+        "quant": {"preset": precision, "requested": recipe.name, "float_dtype": "fp32",
+                  "rules": [{"pattern": r.pattern, "config": None if r.config is None else r.config.__dict__} for r in recipe.rules]},
         "model": model_cfg,
         "components": components,
         "files": {},

@@ -63,8 +63,14 @@ class ClassRegistry(Generic[T]):
     def __delitem__(self, cls: type) -> None:
         del self._items[cls]
 
-    def lookup(self, obj: object) -> T:
+    def find(self, obj: object) -> T | None:
         for cls in type(obj).__mro__:
             if cls in self._items:
                 return self._items[cls]
+        return None
+
+    def lookup(self, obj: object) -> T:
+        found = self.find(obj)
+        if found is not None:
+            return found
         raise KeyError(f"no {self.kind} registered for {type(obj).__name__}")

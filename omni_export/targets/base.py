@@ -11,12 +11,19 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
+from omni_export.errors import OmniExportError
 from omni_export.registry import Registry
 
 if TYPE_CHECKING:
     from omni_export.export.trace import TracedComponent
     from omni_export.export.trace_specs import Limits
     from omni_export.profiles import Profile
+    from omni_export.quantize.recipe import QuantConfig
+    from omni_export.quantize.result import QTensor
+
+
+class QuantEncodingError(OmniExportError):
+    """The target cannot encode this quantization (bits, symmetry or activation handling)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class Target(ABC):
     name: ClassVar[str]
     backend: ClassVar[str]
     extension: ClassVar[str]
+    # How quantized linears treat their activations on this target (the manifest records it).
+    quant_activation: ClassVar[str] = "float"
 
     def supports(self, traced: TracedComponent) -> bool:
         return True
@@ -63,6 +72,17 @@ class Target(ABC):
 
     def kv_layout(self) -> str:
         return "[1, kv_heads, max_len, head_dim] per layer, written at input_pos"
+
+    def check_quant(self, configs: dict[str, QuantConfig]) -> list[str]:
+        """Refuse, before any work, quantization this target cannot encode; return notes on how
+        it will encode the rest. By default a target encodes none."""
+        if configs:
+            raise QuantEncodingError(f"target {self.name} cannot encode quantized weights yet; choose a float preset (fp32, fp16)")
+        return []
+
+    def encode(self, module: nn.Module, tensors: dict[str, QTensor], floats: dict[str, Any]) -> None:
+        """Put a component's QuantResult into ``module`` in the form this target lowers."""
+        raise QuantEncodingError(f"target {self.name} cannot encode quantized weights")
 
     @abstractmethod
     def lower(self, traced: TracedComponent, profile: Profile, root: Path, metadata: dict[str, Any]) -> Artifact:

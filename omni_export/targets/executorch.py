@@ -19,6 +19,7 @@ from torch import nn
 
 from omni_export.errors import OmniExportError
 from omni_export.export.components.qwen import QwenModel
+from omni_export.targets import torchao_encode
 from omni_export.targets.base import TARGETS, Artifact, Delegation, Target
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class ExecuTorchTarget(Target):
     name = "executorch"
     backend = "executorch"
     extension = ".pte"
+    quant_activation = "int8 dynamic, asymmetric per token (XNNPACK)"
 
     def trace_context(self, module: nn.Module, limits) -> AbstractContextManager[None]:  # type: ignore[no-untyped-def]
         stack = ExitStack()
@@ -125,6 +127,12 @@ class ExecuTorchTarget(Target):
             )
         )
         return program, delegation
+
+    def check_quant(self, configs):  # type: ignore[no-untyped-def]
+        return torchao_encode.check(configs, self.name)
+
+    def encode(self, module, tensors, floats):  # type: ignore[no-untyped-def]
+        torchao_encode.encode(module, tensors, floats)
 
     def lower(self, traced, profile, root: Path, metadata: dict[str, Any]) -> Artifact:  # type: ignore[no-untyped-def]
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import (

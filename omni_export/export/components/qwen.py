@@ -278,8 +278,16 @@ class QwenForCausalLM(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight)
+        head = getattr(self, "lm_head", None)
+        return head(hidden) if head is not None else F.linear(hidden, self.model.embed_tokens.weight)
+
+    def untie_head(self) -> None:
+        """Give a tied output projection its own Linear, so it can be quantized while the
+        embedding table stays float (the checkpoint is unchanged: this is an export-time copy)."""
+        if getattr(self, "lm_head", None) is None:
+            w = self.model.embed_tokens.weight
+            self.lm_head = nn.Linear(self.cfg.hidden_size, self.cfg.vocab_size, bias=False, device=w.device, dtype=w.dtype)
+            self.lm_head.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
 
     def hidden(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         self.check_fits(input_pos)

@@ -1,0 +1,108 @@
+"""QuantResult: the integers, scales and zero points of every quantized weight, computed once
+per (checkpoint, recipe, calibration) and encoded unchanged by every target."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omni_export.errors import OmniExportError
+from omni_export.files import replace_dir
+from omni_export.quantize.grid import Grid
+from omni_export.quantize.recipe import QuantConfig
+
+
+class QuantCacheError(OmniExportError):
+    """A cached QuantResult is unreadable; delete it and run again."""
+
+
+@dataclass
+class QTensor:
+    """``w ~= (q - zero) * scale`` per group of ``group_size`` input channels.
+
+    q: int8 [out, in] holding ``bits``-bit codes; scale: fp32 [out, in // group_size], every
+    value exact in bf16 and fp16; zero: int8 like scale (all zero when symmetric)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    config: QuantConfig
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.config.bits, self.group_size, self.config.symmetric)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out, k = self.q.shape
+        g = self.group_size
+        w = Grid.dequant(self.q.reshape(out, k // g, g), self.scale, self.zero)
+        return w.reshape(out, k).to(dtype)
+
+    def nbytes(self) -> int:
+        """Deployed size: packed codes, bf16 scales, int8 zero points when asymmetric."""
+        return self.q.numel() * self.config.bits // 8 + self.scale.numel() * 2 + (0 if self.config.symmetric else self.zero.numel())
+
+
+@dataclass
+class QuantResult:
+    recipe: str
+    source_fingerprint: str
+    tensors: dict[str, QTensor] = field(default_factory=dict)
+    # Float tensors an algorithm changed (AWQ folds its scales into the preceding norm).
+    floats: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Per quantized weight: method, relative weight error, calibration output error when measured.
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def for_component(self, component: str) -> dict[str, QTensor]:
+        prefix = component + "."
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def floats_for(self, component: str) -> dict[str, torch.Tensor]:
+        prefix = component + "."
+        return {k[len(prefix):]: v for k, v in self.floats.items() if k.startswith(prefix)}
+
+    # -- storage ---------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save
+
+        directory = Path(directory)
+        tmp = directory.with_name(f".{directory.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        blobs: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"recipe": self.recipe, "source_fingerprint": self.source_fingerprint,
+                                "seconds": self.seconds, "layers": self.layers, "tensors": {}}  # fmt: skip
+        for name, t in self.tensors.items():
+            blobs[f"{name}::q"], blobs[f"{name}::scale"], blobs[f"{name}::zero"] = t.q, t.scale, t.zero
+            meta["tensors"][name] = t.config.__dict__
+        for name, w in self.floats.items():
+            blobs[f"{name}::float"] = w.contiguous()
+        (tmp / "tensors.safetensors").write_bytes(save({k: v.contiguous() for k, v in blobs.items()}))
+        (tmp / "result.json").write_text(json.dumps(meta, indent=1))
+        replace_dir(tmp, directory)
+
+    @classmethod
+    def load(cls, directory: Path) -> QuantResult:
+        from safetensors.torch import load
+
+        try:
+            meta = json.loads((directory / "result.json").read_text())
+            blobs = load((directory / "tensors.safetensors").read_bytes())
+            tensors = {
+                name: QTensor(blobs[f"{name}::q"], blobs[f"{name}::scale"], blobs[f"{name}::zero"], QuantConfig(**cfg))
+                for name, cfg in meta["tensors"].items()
+            }
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise QuantCacheError(f"cached quantization at {directory} is unreadable ({exc}); delete that directory and run again") from None
+        floats = {k[: -len("::float")]: v for k, v in blobs.items() if k.endswith("::float")}
+        return cls(meta["recipe"], meta["source_fingerprint"], tensors, floats, meta["layers"], meta["seconds"])

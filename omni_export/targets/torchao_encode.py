@@ -1,0 +1,53 @@
+"""QuantResult -> torchao quantized tensors, the form ExecuTorch's XNNPACK delegate lowers.
+
+The integers and scales are handed to torchao as they are; nothing is re-quantized, so what the
+``.pte`` holds is the QuantResult (a test reads it back out). XNNPACK's quantized linears take
+int8 activations quantized per token at run time (qd8-f32-qc8w / qb4w); ExecuTorch 1.5.1 has no
+correct weight-only path for these tensors (lowering one gave outputs wrong by two orders of
+magnitude in our probe), so weight-only configs run with dynamic int8 activations, as
+ExecuTorch's own LLM recipes (8da4w) do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from omni_export.quantize.recipe import Activation, QuantConfig
+from omni_export.quantize.result import QTensor
+from omni_export.targets.base import QuantEncodingError
+
+
+def check(configs: dict[str, QuantConfig], target: str) -> list[str]:
+    asym = sorted(f for f, c in configs.items() if not c.symmetric)
+    static = sorted(f for f, c in configs.items() if c.activation == Activation.INT8_STATIC.value)
+    if asym:
+        raise QuantEncodingError(f"{target}: XNNPACK encodes symmetric weights only; set symmetric = true for {asym[:3]}")
+    if static:
+        raise QuantEncodingError(f"{target}: static int8 activations are not supported by this target; use int8_dynamic for {static[:3]}")
+    weight_only = [f for f, c in configs.items() if c.activation == Activation.NONE.value]
+    if weight_only:
+        return [f"{target}: {len(weight_only)} weight-only linears run with dynamic int8 activations (XNNPACK's quantized linear)"]
+    return []
+
+
+def encode(module: nn.Module, tensors: dict[str, QTensor], floats: dict[str, Any]) -> None:
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+        IntxUnpackedToInt8TensorActivationQuantization,
+    )
+
+    for path, qt in tensors.items():
+        lin = module.get_submodule(path)
+        if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != tuple(qt.q.shape):
+            raise QuantEncodingError(f"{path}: the QuantResult does not fit this module (shape {tuple(qt.q.shape)}); re-run quantization")
+        weight = IntxUnpackedToInt8Tensor(
+            qt.q.contiguous(), qt.scale.float().contiguous(), qt.zero.contiguous(),
+            getattr(torch, f"int{qt.config.bits}"), (1, qt.group_size), torch.float32,
+            IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
+        )  # fmt: skip
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+    for name, value in floats.items():
+        owner, _, leaf = name.rpartition(".")
+        getattr(module.get_submodule(owner), leaf).data.copy_(value)
