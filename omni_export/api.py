@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from omni_export.errors import OmniExportError
-from omni_export.files import cache_dir
 from omni_export.export.checkpoint import Checkpoint, load_checkpoint
 from omni_export.export.synthetic import write_synthetic
+from omni_export.files import cache_dir
 from omni_export.profiles import Profile, get_profile
 from omni_export.profiles.fit import FitResult, fit_check
 from omni_export.quantize.presets import resolve_recipe
+from omni_export.quantize.recipe import QuantRecipe
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,35 @@ def plan_export(target: str, model: str | Path | None = None, quant: str | None 
     path = Path(model) if model is not None else demo_checkpoint(progress)
     recipe = resolve_recipe(quant or profile.default_quant)
     ckpt = load_checkpoint(path, components=[])  # name/shape/dtype check of every tensor, no weights read
+    check_recipe(ckpt, recipe, profile)
     return ExportPlan(profile, path, recipe.name, fit_check(profile, ckpt.family, ckpt.config, recipe, context))
+
+
+def check_recipe(ckpt: Checkpoint, recipe: QuantRecipe, profile: Profile) -> dict:
+    """Every recipe error (dead rule, group size that does not divide a width, something the
+    target cannot encode) on weightless modules, before any weight is read."""
+    from omni_export.quantize.engine import plan
+    from omni_export.targets import TARGETS
+
+    with torch.device("meta"):
+        modules = {name: spec.build() for name, spec in ckpt.specs.items()}
+    configs = plan(modules, recipe)
+    TARGETS.get(profile.target).check_quant(configs)
+    return configs
+
+
+def quant_report(model: str | Path, quant: str, target: str = "android", progress=None):  # type: ignore[no-untyped-def]
+    """Sensitivity of every quantized layer and a mixed-precision proposal meeting the profile's
+    parity threshold for ``quant`` (see quantize/sensitivity.py). Returns (reports, proposed recipe)."""
+    from omni_export.quantize.sensitivity import analyze, proposal_recipe
+
+    profile = get_profile(target)
+    recipe = resolve_recipe(quant)
+    ckpt = load_checkpoint(model, components=[])
+    check_recipe(ckpt, recipe, profile)
+    ckpt = load_checkpoint(model, dtype=torch.float32)
+    reports = analyze(ckpt.components, recipe, ckpt.tokenizer, profile.threshold(recipe.name), progress)
+    return reports, proposal_recipe(recipe, reports)
 
 
 def export(target: str, model: str | Path | None = None, quant: str | None = None, out: str | Path | None = None,

@@ -72,7 +72,7 @@ def main_job(
     ctx: typer.Context,
     target: Optional[str] = typer.Option(None, "--target", "-t", help="device profile or alias (see `omni-export profiles`)"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="checkpoint directory; default: the built-in demo"),
-    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="preset (fp32, fp16, int8, w8a8, int4, int4-all) or recipe .toml"),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="preset (fp32, fp16, int8, w8a8, int4, int4-awq, int4-gptq, int4-all) or recipe .toml"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="bundle directory (default: ./PROFILE-bundle)"),
     context: Optional[int] = typer.Option(None, "--context", help="max context (default: the profile's)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle at --out"),
@@ -134,7 +134,7 @@ def _run_main_job(api, target, model, quant, out, context, overwrite):  # type: 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=True) as prog:  # fmt: skip
         n = len(plan.fit.plan.components)
-        task = prog.add_task("building", total=4 * n + 2)
+        task = prog.add_task("building", total=5 * n + 2)
         return api.export(target, plan.model, quant, out, context, overwrite, plan=plan,
                           progress=lambda comp, step: prog.update(task, advance=1, description=f"{comp}: {step}"))[1]  # fmt: skip
 
@@ -207,6 +207,69 @@ def run(
     console.print(f"[bold]text:[/] {reply.text}")
     console.print(f"speech: {out} ({seconds:.2f} s at {reply.sample_rate} Hz); prompt {reply.prompt_tokens} tokens, "
                   + ", ".join(f"{k} {v:.0f} ms" for k, v in reply.timings_ms.items()))  # fmt: skip
+
+
+@app.command("quant-report")
+def quant_report(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="checkpoint directory; default: the built-in demo"),
+    quant: str = typer.Option("int4", "--quant", "-q", help="preset or recipe .toml to analyse"),
+    target: str = typer.Option("android", "--target", "-t", help="profile whose parity threshold the proposal must meet"),
+    top: int = typer.Option(10, "--top", help="layers to list per component"),
+    write_recipe: Optional[Path] = typer.Option(None, "--write-recipe", help="write the proposed mixed-precision recipe here (TOML)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Rank quantized layers by the damage each does alone and propose the smallest recipe that meets the parity target."""
+    from omni_export import api
+    from omni_export.files import atomic_write_text
+    from omni_export.quantize.recipe import recipe_toml
+
+    try:
+        path = model or api.demo_checkpoint()
+        with _spinner("sensitivity") as prog:
+            task = prog.add_task("starting")
+            reports, proposal = api.quant_report(path, quant, target, lambda what, i, n: prog.update(task, description=f"{what} {i}/{n}"))
+    except OmniExportError as exc:
+        _fail(exc)
+    if write_recipe:
+        atomic_write_text(write_recipe, recipe_toml(proposal))
+    if as_json:
+        console.print_json(json.dumps({"reports": [_sens_dict(r) for r in reports], "proposal_toml": recipe_toml(proposal)}))
+        return
+    for r in reports:
+        t = Table(title=f"{r.component}: {quant} all layers -> {_damage_str(r.all_quantized)}; worst layers alone")
+        for col in ("layer", "precision", "damage alone", "bytes"):
+            t.add_column(col, justify="left" if col == "layer" else "right")
+        for fqn, cfg, d, nbytes in r.layers[:top]:
+            t.add_row(fqn, f"int{cfg.bits} g{cfg.group_size or 'ch'}", _damage_str(d), _gb(nbytes))
+        console.print(t)
+    t = Table(title=f"proposal for {target} (meets its {quant} parity threshold?)")
+    for col in ("component", "recipe size", "proposal size", "int8 layers", "int4 layers", "damage", "meets"):
+        t.add_column(col, justify="left" if col == "component" else "right")
+    th = api.get_profile(target).threshold(quant)
+    for r in reports:
+        d = r.proposal_damage or r.all_quantized
+        bits = [c.bits for c in r.proposal.values()]
+        t.add_row(r.component, _gb(r.bytes_recipe), _gb(r.bytes_proposal), str(bits.count(8)), str(bits.count(4)), _damage_str(d),
+                  "[green]yes[/]" if d.meets(th) else "[red]no[/]")  # fmt: skip
+    console.print(t)
+    changed = len(proposal.rules) - len(api.resolve_recipe(quant).rules)
+    console.print(f"proposed recipe {proposal.name!r}: {changed} per-layer rule(s) before the {quant} rules"
+                  + (f", written to {write_recipe}" if write_recipe else "; pass --write-recipe FILE to save it"))  # fmt: skip
+
+
+def _damage_str(d) -> str:  # type: ignore[no-untyped-def]
+    if d.kl is not None:
+        return f"KL {d.kl:.4f}, top-1 {d.top1 * 100:.1f}%"
+    return f"cosine {d.cosine:.5f}"
+
+
+def _sens_dict(r) -> dict:  # type: ignore[no-untyped-def]
+    from dataclasses import asdict
+
+    return {"component": r.component, "all_quantized": asdict(r.all_quantized), "bytes_recipe": r.bytes_recipe,
+            "bytes_proposal": r.bytes_proposal, "proposal_damage": asdict(r.proposal_damage) if r.proposal_damage else None,
+            "layers": [{"layer": f, "bits": c.bits, "group_size": c.group_size, "damage": asdict(d), "bytes": b} for f, c, d, b in r.layers],
+            "proposal": {p: {"bits": c.bits, "group_size": c.group_size} for p, c in r.proposal.items()}}  # fmt: skip
 
 
 @app.command()

@@ -131,7 +131,7 @@ def build_bundle(
     if not recipe.is_float:
         notes.extend(target.check_quant(plan(ckpt.components, recipe)))
         step("quantize", f"{recipe.name} (calibrating where the recipe asks)")
-        quant, quant_where = quantize_checkpoint(ckpt, recipe, lambda what, i, n: step("quantize", f"{what} {i}/{n}"))
+        quant, quant_where = quantize_checkpoint(ckpt, recipe, lambda what, i, n: step("quantize", what) if i == n else None)
     llm_cfg = ckpt.family.llm_config(ckpt.config)
     max_context = min(context or profile.max_context, llm_cfg.max_position_embeddings)
     limits = Limits(max_context=max_context, prefill_chunk=min(Limits.prefill_chunk, max_context),

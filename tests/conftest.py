@@ -12,6 +12,15 @@ from omni_export.export.synthetic import write_synthetic
 FAMILY_NAMES = ("interactiveomni", "vita15")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_cache(tmp_path_factory):
+    """Quantization results and trained fixtures go to a per-run cache, never the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OMNI_EXPORT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")

@@ -83,9 +83,13 @@ class Profile:
             raise ProfileError(f"profile {self.name}: usable_memory_gb must be in (0, memory_gb]")
 
     def threshold(self, preset: str) -> ParityThreshold:
-        if preset in self.parity:
-            return self.parity[preset]
-        return DEFAULT_PARITY.get(preset, DEFAULT_PARITY["int4-all"])
+        """The preset's own threshold, else its family's (``int4-gptq``, ``int4-mixed`` -> ``int4``);
+        a recipe of unknown kind gets the loosest (``int4-all``)."""
+        for key in (preset, preset.rsplit("-", 1)[0]):
+            for table in (self.parity, DEFAULT_PARITY):
+                if key in table:
+                    return table[key]
+        return DEFAULT_PARITY["int4-all"]
 
 
 def _parse(name: str, text: str) -> Profile:

@@ -27,7 +27,12 @@ from omni_export.export.components.whale import WhaleAudioEncoder
 from omni_export.export.components.whisper import WhisperAudioEncoder
 from omni_export.export.families.common import encode
 from omni_export.registry import ClassRegistry
-from omni_export.runtime_py.audio import KaldiFbank, WhisperLogMel, pad_to_multiple, read_audio
+from omni_export.runtime_py.audio import (
+    KaldiFbank,
+    WhisperLogMel,
+    pad_to_multiple,
+    read_audio,
+)
 from omni_export.runtime_py.image import preprocess_image
 from omni_export.runtime_py.prompt import chat_prompt
 
@@ -79,8 +84,8 @@ def speech(sample_rate: int = 16000) -> tuple[np.ndarray, ...]:
 
 @dataclass
 class Calibration:
-    """``calls`` run the eager component while hooks watch its linears; ``sequences`` are the
-    embeddings entering an LLM's decoder stack, which is quantized layer by layer."""
+    """``calls`` run the eager component (while hooks watch its linears) and return its outputs;
+    ``sequences`` are the embeddings entering an LLM's decoder stack, quantized layer by layer."""
 
     calls: list[Callable[[], Any]] = field(default_factory=list)
     sequences: list[torch.Tensor] = field(default_factory=list)
@@ -115,11 +120,11 @@ def _golden(module: nn.Module, sources: Sources) -> Calibration:
     sess, _ = eager_session(module, limits)
     script = SCRIPTS.lookup(module)(module, Context(sources.tokenizer, limits), sess)
 
-    def run_all() -> None:
+    def run_all() -> list[torch.Tensor]:
         sess.reset()
-        for method, args in script:
-            sess.run(method, args)
+        outs = [y for method, args in script for y in sess.run(method, args)]
         sess.reset()
+        return outs
 
     return Calibration(calls=[run_all])
 

@@ -9,7 +9,6 @@ calibration at all."""
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -232,7 +231,7 @@ def _quantize_layer(layer: QwenDecoderLayer, cfgs: dict[str, QuantConfig], xs: l
         qt, info = _quantize_one(w, cfg, stats[path], col.get(path))
         result.tensors[prefix + path] = qt
         result.layers[prefix + path] = {**result.layers.get(prefix + path, {}), **info}
-    apply_to_layer(layer, result, prefix)
+    apply_dequantized(layer, result, prefix)
 
 
 @contextmanager
@@ -253,7 +252,7 @@ def _set(module: nn.Module, name: str, value: nn.Parameter) -> None:
     setattr(module.get_submodule(owner) if owner else module, leaf, value)
 
 
-def apply_to_layer(module: nn.Module, result: QuantResult, prefix: str) -> None:
+def apply_dequantized(module: nn.Module, result: QuantResult, prefix: str) -> None:
     """Write the dequantized weights (and folded floats) of ``prefix``* into ``module`` in place."""
     for fqn, qt in result.tensors.items():
         if fqn.startswith(prefix):
@@ -261,7 +260,3 @@ def apply_to_layer(module: nn.Module, result: QuantResult, prefix: str) -> None:
     for fqn, w in result.floats.items():
         if fqn.startswith(prefix) and fqn.endswith(".weight"):
             _set(module, fqn[len(prefix):], nn.Parameter(w.clone(), requires_grad=False))
-
-
-def fqns_matching(result: QuantResult, pattern: str) -> list[str]:
-    return [k for k in result.tensors if re.search(pattern, k)]

@@ -14,7 +14,9 @@ MIN_SCALE = 2.0**-14
 
 
 def exact_scale(scale: torch.Tensor) -> torch.Tensor:
-    return scale.clamp(min=MIN_SCALE).to(torch.bfloat16).to(torch.float32)
+    """The smallest bf16 value >= ``scale`` (rounding up, so no weight falls off the grid)."""
+    bits = scale.float().clamp(min=MIN_SCALE).contiguous().view(torch.int32)
+    return ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ PRESETS: Registry[QuantRecipe] = Registry("quantization preset")
 W8 = QuantConfig(bits=8)
 W8A8 = QuantConfig(bits=8, activation="int8_dynamic")
 W4G32 = QuantConfig(bits=4, group_size=32)
+W4_AWQ = QuantConfig(bits=4, group_size=32, method="awq")
+W4_GPTQ = QuantConfig(bits=4, group_size=32, method="gptq")
 
 for recipe in (
     QuantRecipe("fp32", (QuantRule(ANY, None),), float_dtype="fp32"),
@@ -31,6 +33,9 @@ for recipe in (
     QuantRecipe("w8a8", (QuantRule(VOCODERS, None), QuantRule(ANY, W8A8))),
     QuantRecipe("int4", (QuantRule(DECODERS, W4G32), QuantRule(ENCODERS, W8), QuantRule(VOCODERS, None))),
     QuantRecipe("int4-all", (QuantRule(ANY, W4G32),)),
+    # int4 with a calibrated method for the decoders (encoders stay 8-bit round-to-nearest).
+    QuantRecipe("int4-awq", (QuantRule(DECODERS, W4_AWQ), QuantRule(ENCODERS, W8), QuantRule(VOCODERS, None))),
+    QuantRecipe("int4-gptq", (QuantRule(DECODERS, W4_GPTQ), QuantRule(ENCODERS, W8), QuantRule(VOCODERS, None))),
 ):
     PRESETS.register(recipe.name, recipe)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -87,6 +87,15 @@ class QuantRecipe:
     @property
     def is_float(self) -> bool:
         return all(r.config is None for r in self.rules)
+
+
+def recipe_toml(recipe: QuantRecipe) -> str:
+    """The TOML form ``load_recipe_toml`` reads back."""
+    import tomli_w
+
+    rules = [{"pattern": r.pattern, "float": True} if r.config is None else {"pattern": r.pattern, **asdict(r.config)}
+             for r in recipe.rules]  # fmt: skip
+    return tomli_w.dumps({"name": recipe.name, "float_dtype": recipe.float_dtype, "rules": rules})
 
 
 def load_recipe_toml(path: Path) -> QuantRecipe:

@@ -102,7 +102,7 @@ class QuantResult:
                 name: QTensor(blobs[f"{name}::q"], blobs[f"{name}::scale"], blobs[f"{name}::zero"], QuantConfig(**cfg))
                 for name, cfg in meta["tensors"].items()
             }
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # safetensors' own error type, JSON, missing keys: all mean "re-run"
             raise QuantCacheError(f"cached quantization at {directory} is unreadable ({exc}); delete that directory and run again") from None
         floats = {k[: -len("::float")]: v for k, v in blobs.items() if k.endswith("::float")}
         return cls(meta["recipe"], meta["source_fingerprint"], tensors, floats, meta["layers"], meta["seconds"])

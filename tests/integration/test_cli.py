@@ -115,3 +115,34 @@ def test_main_job_on_the_demo_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "bundle for android-sd8g3" in r.stdout and (out / "manifest.json").is_file()
     assert subprocess.run([sys.executable, "-m", "omni_export", "verify", str(out)], capture_output=True).returncode == 0
+
+
+def test_recipe_errors_stop_before_any_work(tiny_dirs, tmp_path):
+    out = tmp_path / "b"
+    bad = tmp_path / "g128.toml"
+    # Tiny widths are 64 or 96: a 128-wide group divides none of them.
+    bad.write_text('[[rules]]\npattern = "^llm\\\\."\nbits = 4\ngroup_size = 128\n[[rules]]\npattern = "."\nfloat = true\n')
+    r = invoke("--target", "android", "--model", tiny_dirs["interactiveomni"], "--quant", bad, "--out", out)
+    assert r.exit_code == 2 and "group size does not divide" in r.output and "llm." in r.output
+    asym = tmp_path / "asym.toml"
+    asym.write_text('[[rules]]\npattern = "^llm\\\\."\nbits = 4\ngroup_size = 32\nsymmetric = false\n[[rules]]\npattern = "."\nfloat = true\n')
+    r = invoke("--target", "android", "--model", tiny_dirs["interactiveomni"], "--quant", asym, "--out", out)
+    assert r.exit_code == 2 and "symmetric" in r.output
+    r = invoke("--target", "android", "--model", tiny_dirs["interactiveomni"], "--quant", "int3", "--out", out)
+    assert r.exit_code == 2 and "unknown quantization preset 'int3'" in r.output
+    assert not out.exists() and not list(tmp_path.glob(".b*"))
+
+
+def test_quant_report_ranks_layers_and_writes_a_recipe(tiny_dirs, tmp_path):
+    from omni_export.quantize.presets import PRESETS
+    from omni_export.quantize.recipe import load_recipe_toml
+
+    proposal = tmp_path / "mixed.toml"
+    r = invoke("quant-report", "--model", tiny_dirs["interactiveomni"], "--quant", "int4", "--write-recipe", proposal, "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    llm = next(c for c in data["reports"] if c["component"] == "llm")
+    scores = [layer["damage"]["kl"] for layer in llm["layers"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 15  # 2 layers x 7 linears + the head
+    recipe = load_recipe_toml(proposal)
+    assert recipe.name == "int4-mixed" and recipe.rules[-3:] == PRESETS.get("int4").rules

@@ -1,0 +1,179 @@
+"""Sensitivity: which quantized layers hurt a component's output most, and the smallest
+mixed-precision recipe that meets a parity target.
+
+Each layer is quantized alone (the rest float) and the component's output on held-out inputs is
+compared with the float output (LLMs: KL and top-1 on held-out text; others: cosine on their
+calibration inputs). Layers are then promoted to 8-bit, most damaging first, until the whole
+component meets the target; if it meets it with room, 8-bit layers are demoted to 4-bit, least
+damaging first, while it still does. Ranking and proposal use round-to-nearest: AWQ and GPTQ
+only lower the error, so a proposal that passes with RTN passes with them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from omni_export.export.components.qwen import QwenForCausalLM
+from omni_export.profiles import ParityThreshold
+from omni_export.quantize.calibrate import Sources, calibration_for
+from omni_export.quantize.engine import plan
+from omni_export.quantize.recipe import Method, QuantConfig, QuantRecipe, QuantRule
+from omni_export.quantize.rtn import rtn
+from omni_export.runtime_py.parity import cosine, mean_kl, top1_agreement
+
+W8 = QuantConfig(bits=8)
+W4 = QuantConfig(bits=4, group_size=32)
+STEPS = 8  # promotion/demotion batches per component
+
+
+@dataclass
+class Damage:
+    cosine: float
+    kl: float | None = None
+    top1: float | None = None
+
+    def score(self) -> float:
+        """One number to rank by: KL for LLMs, 1 - cosine otherwise."""
+        return self.kl if self.kl is not None else 1.0 - self.cosine
+
+    def meets(self, th: ParityThreshold) -> bool:
+        ok = self.cosine >= th.cosine_min
+        if self.kl is not None:
+            ok = ok and self.kl <= th.kl_max and (self.top1 or 0.0) >= th.top1_min
+        return ok
+
+
+@dataclass
+class ComponentReport:
+    component: str
+    all_quantized: Damage
+    layers: list[tuple[str, QuantConfig, Damage, int]]  # (fqn, config, damage alone, bytes), worst first
+    proposal: dict[str, QuantConfig] = field(default_factory=dict)
+    proposal_damage: Damage | None = None
+    bytes_recipe: int = 0
+    bytes_proposal: int = 0
+
+
+def _evaluator(module: nn.Module, sources: Sources) -> Callable[[], list[torch.Tensor]]:
+    if isinstance(module, QwenForCausalLM):
+        from omni_export.quantize.fixture import SEQ, token_stream
+
+        tokens = token_stream(sources.tokenizer, "heldout")[: 2 * SEQ].reshape(2, SEQ)
+        pos = torch.arange(SEQ)
+        return lambda: [module(module.embed(t[None]), pos) for t in tokens]
+    calib = calibration_for(module, sources)
+
+    def run() -> list[torch.Tensor]:
+        outs: list[torch.Tensor] = []
+        for call in calib.calls:
+            y = call()
+            outs.extend(y if isinstance(y, (list, tuple)) else [y])
+        return outs
+
+    return run
+
+
+def _damage(outs: list[torch.Tensor], ref: list[torch.Tensor], logits: bool) -> Damage:
+    a = np.concatenate([o.detach().float().numpy().ravel() for o in outs])
+    r = np.concatenate([o.detach().float().numpy().ravel() for o in ref])
+    if not logits:
+        return Damage(cosine(a, r))
+    v = outs[0].shape[-1]
+    return Damage(cosine(a, r), mean_kl(a.reshape(-1, v), r.reshape(-1, v)), top1_agreement(a.reshape(-1, v), r.reshape(-1, v)))
+
+
+@contextmanager
+def _swapped(module: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    saved = {p: module.get_submodule(p).weight for p in weights}
+    for p, w in weights.items():
+        module.get_submodule(p).weight = nn.Parameter(w, requires_grad=False)
+    try:
+        yield
+    finally:
+        for p, w in saved.items():
+            module.get_submodule(p).weight = w
+
+
+def _rtn_cfg(cfg: QuantConfig) -> QuantConfig:
+    return replace(cfg, method=Method.RTN.value)
+
+
+def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: Any, threshold: ParityThreshold,
+            progress: Callable[[str, int, int], None] | None = None) -> list[ComponentReport]:  # fmt: skip
+    cfgs = plan(components, recipe)
+    step = progress or (lambda what, i, n: None)
+    sources = Sources(components, tokenizer)
+    reports = []
+    for cname, module in components.items():
+        mine = {f[len(cname) + 1:]: _rtn_cfg(c) for f, c in cfgs.items() if f.startswith(cname + ".")}
+        if not mine:
+            continue
+        logits = isinstance(module, QwenForCausalLM)
+        weights = {p: module.get_submodule(p).weight.detach().float() for p in mine}
+        evaluate = _evaluator(module, sources)
+
+        def damage_with(choice: dict[str, QuantConfig], ref: list[torch.Tensor]) -> Damage:
+            deq = {p: rtn(weights[p], c).dequantize() for p, c in choice.items()}
+            with torch.no_grad(), _swapped(module, deq):
+                return _damage(evaluate(), ref, logits)
+
+        with torch.no_grad():
+            ref = evaluate()
+        layers = []
+        for i, (p, c) in enumerate(mine.items()):
+            step(f"{cname} layers", i + 1, len(mine))
+            layers.append((f"{cname}.{p}", c, damage_with({p: c}, ref), rtn(weights[p], c).nbytes()))
+        layers.sort(key=lambda x: -x[2].score())
+        rep = ComponentReport(cname, damage_with(mine, ref), layers, bytes_recipe=sum(x[3] for x in layers))
+        w4_ok = {p for p, w in weights.items() if w.shape[1] % W4.group_size == 0}
+        rep.proposal, rep.proposal_damage = _propose(mine, w4_ok, layers, cname, threshold, lambda ch: damage_with(ch, ref), rep.all_quantized)
+        rep.bytes_proposal = sum(rtn(weights[p], c).nbytes() for p, c in rep.proposal.items())
+        reports.append(rep)
+    return reports
+
+
+def _propose(mine: dict[str, QuantConfig], w4_ok: set[str], ranked: list, cname: str, th: ParityThreshold,
+             damage: Callable[[dict[str, QuantConfig]], Damage], start: Damage) -> tuple[dict[str, QuantConfig], Damage]:  # fmt: skip
+    choice = dict(mine)
+    current = start
+    order = [fqn[len(cname) + 1:] for fqn, *_ in ranked]  # worst first
+    batch = max(1, math.ceil(len(order) / STEPS))
+    if not current.meets(th):
+        todo = [p for p in order if choice[p].bits == 4]
+        while todo and not current.meets(th):
+            for p in todo[:batch]:
+                choice[p] = W8
+            todo = todo[batch:]
+            current = damage(choice)
+        return choice, current
+    todo = [p for p in reversed(order) if choice[p].bits == 8 and p in w4_ok]
+    while todo:
+        trial = dict(choice)
+        for p in todo[:batch]:
+            trial[p] = W4
+        d = damage(trial)
+        if not d.meets(th):
+            break
+        choice, current, todo = trial, d, todo[batch:]
+    return choice, current
+
+
+def proposal_recipe(base: QuantRecipe, reports: list[ComponentReport]) -> QuantRecipe:
+    """The base recipe with one exact rule per layer whose precision the proposal changed."""
+    rules = []
+    base_cfg = {}
+    for r in reports:
+        for fqn, cfg, *_ in r.layers:
+            base_cfg[fqn] = cfg
+        for path, cfg in r.proposal.items():
+            fqn = f"{r.component}.{path}"
+            if cfg.bits != base_cfg[fqn].bits:
+                rules.append(QuantRule("^" + fqn.replace(".", r"\.") + "$", cfg))
+    return QuantRecipe(f"{base.name}-mixed", tuple(rules) + base.rules, base.float_dtype)

@@ -1,0 +1,84 @@
+"""Read the quantized weights back out of a ``.pte``: the XNNPACK delegate payloads are decoded
+with their flatbuffer schema and each quantized constant is unpacked from the program's named
+data. This is how a test proves an artifact holds the QuantResult's integers and scales, with
+no help from the code that wrote them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_QUANT_TYPES = {"xnn_datatype_qbint4": 4, "xnn_datatype_qcint4": 4, "xnn_datatype_qcint8": 8}
+
+
+@dataclass
+class PteQuantWeight:
+    bits: int
+    q: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # fp32 [out, in // group]
+
+
+def _xnn_graph(blob: bytes) -> dict:
+    from executorch.backends.xnnpack.serialization import xnnpack_graph_serialize
+    from executorch.exir._serialize._flatbuffer import _flatc_decompile
+
+    # XNNHeader: 4 zero bytes, magic "XH00", header size, then flatbuffer offset and size.
+    if blob[4:8] != b"XH00":
+        raise ValueError("not an XNNPACK delegate payload")
+    off, size = int.from_bytes(blob[10:14], "little"), int.from_bytes(blob[14:18], "little")
+    schema = Path(xnnpack_graph_serialize.__file__).with_name("schema.fbs")
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "graph.bin").write_bytes(blob[off : off + size])
+        _flatc_decompile(d, str(schema), os.path.join(d, "graph.bin"))
+        # flatc writes non-finite floats (clamp bounds) as bare inf/nan, which JSON has no word for.
+        text = re.sub(rb"(:\s*)(-?(?:inf|nan))(?=\s*[,}\]])", rb'\1"\2"', Path(d, "graph.json").read_bytes())
+        return json.loads(text)
+
+
+def _unpack(raw: bytes, bits: int, out: int, k: int) -> torch.Tensor:
+    data = np.frombuffer(raw, dtype=np.uint8)
+    if bits == 8:
+        return torch.from_numpy(data.view(np.int8).reshape(out, k).copy())
+    # Two codes per byte, even column in the low nibble, stored with a +8 offset.
+    cols = k + (k % 2)
+    pairs = data.reshape(out, cols // 2)
+    codes = np.stack([pairs & 0x0F, pairs >> 4], -1).reshape(out, cols)[:, :k]
+    return torch.from_numpy(codes.astype(np.int8) - 8)
+
+
+def read_quantized_weights(path: str | os.PathLike) -> list[PteQuantWeight]:
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary(Path(path).read_bytes())
+    named = pte.named_data
+    if named is None:
+        return []
+    store = {key: bytes(named.buffers[e.buffer_index]) for key, e in named.pte_data.items()}
+    out, seen = [], set()
+    for delegate in pte.program.backend_delegate_data:
+        graph = _xnn_graph(bytes(delegate.data))
+        consts = graph["constant_data"]
+        for value in graph["xvalues"]:
+            if value["xvalue_union_type"] != "XNNQuantizedTensorValue":
+                continue
+            tv, qp = value["xvalue_union"]["tensor_value"], value["xvalue_union"]["quant_params"]
+            bits = _QUANT_TYPES.get(tv["datatype"])
+            if bits is None or not tv["constant_buffer_idx"]:
+                continue
+            key = consts[tv["constant_buffer_idx"]]["named_key"]
+            if key in seen:  # methods of one component share their weights
+                continue
+            seen.add(key)
+            n_out, k = tv["dims"]
+            raw_scale = store[consts[qp["scale_buffer_idx"]]["named_key"]]
+            dtype = torch.bfloat16 if tv["datatype"] == "xnn_datatype_qbint4" else torch.float32
+            scale = torch.frombuffer(bytearray(raw_scale), dtype=dtype).float().reshape(n_out, -1)
+            out.append(PteQuantWeight(bits, _unpack(store[key], bits, n_out, k), scale))
+    return out

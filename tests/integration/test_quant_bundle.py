@@ -1,0 +1,79 @@
+"""Quantized bundles on the tiny families: the parity gate at the preset's thresholds, smaller
+artifacts, and the artifact holding exactly the QuantResult's integers and scales."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from omni_export.bundle import read_manifest, verify_bundle
+from omni_export.compiler import build_bundle
+from omni_export.profiles import get_profile
+from omni_export.quantize.presets import PRESETS
+from omni_export.quantize.result import QuantResult
+from omni_export.targets.pte_weights import read_quantized_weights
+
+CONTEXT = 320
+CASES = {"interactiveomni": "int4", "vita15": "int8"}
+
+
+@pytest.fixture(scope="module")
+def qbundles(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("qbundles")
+    return {f: build_bundle(get_profile("android"), tiny_dirs[f], PRESETS.get(q), root / f"{f}-{q}", context=CONTEXT)
+            for f, q in CASES.items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_quantized_bundle_passes_its_thresholds(qbundles, family):
+    result = qbundles[family]
+    preset = CASES[family]
+    assert result.precision == preset
+    th = get_profile("android").threshold(preset)
+    for b in result.components:
+        assert b.parity.passed, (b.name, b.parity.failures)
+        assert b.parity.gate_reference == "fp16" and b.parity.threshold["cosine_min"] == th.cosine_min
+    root = result.bundle
+    assert verify_bundle(root) == []
+    m = read_manifest(root)
+    assert m["quant"]["preset"] == preset
+    llm = m["components"]["llm"]
+    assert llm["quant"]["linears"] > 0 and "int8 dynamic" in llm["quant"]["activations"]
+    report = json.loads((root / "reports" / "quant.json").read_text())
+    assert all("weight_rel_err" in v for v in report["layers"].values())
+
+
+def _assert_artifact_holds(pte, tensors):
+    """Every quantized weight of the component is in the .pte with identical codes and scales."""
+    stored = read_quantized_weights(pte)
+    assert len(stored) == len(tensors), (len(stored), len(tensors))
+    unmatched = dict(tensors)
+    for w in stored:
+        hit = next((name for name, t in unmatched.items()
+                    if t.q.shape == w.q.shape and t.config.bits == w.bits and torch.equal(t.q, w.q)), None)  # fmt: skip
+        assert hit is not None, f"a {w.bits}-bit weight {tuple(w.q.shape)} in {pte.name} matches no QuantResult tensor"
+        assert torch.equal(unmatched[hit].scale, w.scale), f"{hit}: scales differ"
+        del unmatched[hit]
+    assert not unmatched
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_artifacts_hold_exactly_the_quant_result(qbundles, family):
+    root = qbundles[family].bundle
+    report = json.loads((root / "reports" / "quant.json").read_text())
+    result = QuantResult.load(Path(report["cache"]))
+    m = read_manifest(root)
+    checked = 0
+    for name, comp in m["components"].items():
+        tensors = result.for_component(name)
+        if tensors:
+            _assert_artifact_holds(root / comp["file"], tensors)
+            checked += 1
+    assert checked >= 2
+
+
+def test_int4_llm_artifact_is_smaller(qbundles, bundles):
+    q = {b.name: b.bytes for b in qbundles["interactiveomni"].components}
+    f = {b.name: b.bytes for b in bundles["interactiveomni"].components}
+    assert q["llm"] < 0.6 * f["llm"], (q["llm"], f["llm"])
