@@ -133,9 +133,13 @@ def _tiles(module: VisionEncoder) -> torch.Tensor:
     return torch.from_numpy(preprocess_image(photo_path(), tile=module.cfg.image_size, max_num=4))
 
 
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype  # a bf16 checkpoint is calibrated as stored
+
+
 @BUILDERS.register(VisionEncoder)
 def _vision(module: VisionEncoder, sources: Sources) -> Calibration:
-    tiles = _tiles(module)
+    tiles = _tiles(module).to(_dtype(module))
     return Calibration(calls=[lambda t=t: module(t[None]) for t in tiles])
 
 
@@ -149,7 +153,7 @@ def _features(module: nn.Module, wav: np.ndarray) -> torch.Tensor:
 
 @BUILDERS.register(WhisperAudioEncoder, WhaleAudioEncoder)
 def _audio(module: nn.Module, sources: Sources) -> Calibration:
-    feats = [_features(module, wav) for wav in speech()]
+    feats = [_features(module, wav).to(_dtype(module)) for wav in speech()]
     return Calibration(calls=[lambda f=f: module(f) for f in feats])
 
 
@@ -164,13 +168,14 @@ def _llm(module: QwenForCausalLM, sources: Sources) -> Calibration:
         for para in paragraphs[::step][: sources.samples]:
             ids = encode(sources.tokenizer, chat_prompt(para))[: sources.max_tokens]
             seqs.append(module.embed(torch.tensor([ids])).float())
-        parts = [module.embed(torch.tensor([encode(sources.tokenizer, chat_prompt("Look and listen:"))]))]
+        parts = [module.embed(torch.tensor([encode(sources.tokenizer, chat_prompt("Look and listen:"))])).float()]
         vision = sources.components.get("vision_encoder")
         if isinstance(vision, VisionEncoder):
-            parts.append(vision(_tiles(vision)[:1]).reshape(1, -1, module.cfg.hidden_size))
+            parts.append(vision(_tiles(vision)[:1].to(_dtype(vision))).reshape(1, -1, module.cfg.hidden_size).float())
         audio = sources.components.get("audio_encoder")
         if isinstance(audio, (WhisperAudioEncoder, WhaleAudioEncoder)):
-            parts.append(audio(_features(audio, speech()[0])).reshape(1, -1, module.cfg.hidden_size))
+            feats = _features(audio, speech()[0]).to(_dtype(audio))
+            parts.append(audio(feats).reshape(1, -1, module.cfg.hidden_size).float())
         if len(parts) > 1:
             seqs.append(torch.cat(parts, 1)[:, : sources.max_tokens].float())
     return Calibration(sequences=seqs)

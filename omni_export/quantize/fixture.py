@@ -73,7 +73,9 @@ def train_llm(model: QwenForCausalLM, tokens: torch.Tensor, seconds: float, batc
         for group in opt.param_groups:
             group["lr"] = lr * warm
         idx = torch.randint(0, len(tokens) - SEQ - 1, (batch,), generator=g)
-        loss = lm_loss(model, torch.stack([tokens[i : i + SEQ + 1] for i in idx]))
+        # bf16 autocast halves the step time on CPUs with bf16 dot products; weights stay fp32.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_loss(model, torch.stack([tokens[i : i + SEQ + 1] for i in idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
