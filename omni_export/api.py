@@ -21,15 +21,26 @@ from omni_export.quantize.recipe import QuantRecipe
 log = logging.getLogger(__name__)
 
 DEMO_FAMILY, DEMO_SIZE, DEMO_SEED = "interactiveomni", "small", 0
+# The demo's LLM is trained this long on pydoc's text: with random weights no quantizer's damage
+# is measurable (near-uniform logits), so the int4 parity gate would judge noise.
+DEMO_TRAIN_S = 300
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def demo_checkpoint(progress: Callable[[str], None] | None = None) -> Path:
-    """The built-in demo checkpoint (small InteractiveOmni), generated once and cached."""
-    path = cache_dir() / f"demo-{DEMO_FAMILY}-{DEMO_SIZE}-seed{DEMO_SEED}"
+    """The built-in demo checkpoint (small InteractiveOmni, its LLM trained for DEMO_TRAIN_S on
+    pydoc's text), generated once and cached."""
+    from omni_export.files import replace_dir
+    from omni_export.quantize.fixture import train_in_place
+
+    path = cache_dir() / f"demo-{DEMO_FAMILY}-{DEMO_SIZE}-seed{DEMO_SEED}-trained{DEMO_TRAIN_S}s"
     if not (path / "config.json").is_file():
         log.info("writing the demo checkpoint to %s (once)", path)
-        write_synthetic(DEMO_FAMILY, DEMO_SIZE, path, seed=DEMO_SEED, progress=progress, overwrite=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        write_synthetic(DEMO_FAMILY, DEMO_SIZE, tmp, seed=DEMO_SEED, progress=progress, overwrite=True)
+        step = progress or (lambda what: None)
+        train_in_place(tmp, DEMO_TRAIN_S, lambda i, loss: step(f"training the demo LLM ({DEMO_TRAIN_S} s, once): step {i}, loss {loss:.2f}"))
+        replace_dir(tmp, path)
     return path
 
 

@@ -259,7 +259,7 @@ def quant_report(
 
 def _damage_str(d) -> str:  # type: ignore[no-untyped-def]
     if d.kl is not None:
-        return f"KL {d.kl:.4f}, top-1 {d.top1 * 100:.1f}%"
+        return f"KL {d.kl:.4f}, top-1 {'n/a' if d.top1 is None else f'{d.top1 * 100:.1f}%'}"
     return f"cosine {d.cosine:.5f}"
 
 
@@ -368,7 +368,7 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle directory"), as_json
     if report.is_file():
         parity = {r["component"]: r for r in json.loads(report.read_text())}
     t = Table(title="components")
-    for col in ("component", "file", "size", "methods", "KV cache", "delegated", "parity"):
+    for col in ("component", "file", "size", "methods", "weights", "KV cache", "delegated", "parity"):
         t.add_column(col)
     for name, c in m["components"].items():
         kv = c.get("kv_cache")
@@ -376,7 +376,9 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle directory"), as_json
         shares = [d["share"] for d in c.get("delegation", {}).values()]
         size = m["files"].get(c["file"], {}).get("bytes", 0)
         p = parity.get(name)
-        t.add_row(name, c["file"], _gb(size), ", ".join(c["methods"]), kv_s,
+        q = c.get("quant")
+        weights = ", ".join(f"{k} x{v}" for k, v in q["kinds"].items()) if q else c.get("precision", "fp32")
+        t.add_row(name, c["file"], _gb(size), ", ".join(c["methods"]), weights, kv_s,
                   f"{min(shares) * 100:.0f}-{max(shares) * 100:.0f}%" if shares else "-",
                   "-" if p is None else ("pass" if p["passed"] else "FAIL"))  # fmt: skip
     console.print(t)

@@ -85,7 +85,7 @@ def _quant_summary(tensors: dict[str, QTensor], activation: str) -> dict[str, An
         return None
     kinds: dict[str, int] = {}
     for t in tensors.values():
-        key = f"int{t.config.bits} g{t.config.group_size or 'channel'} {t.config.method}"
+        key = f"int{t.config.bits} {f'g{t.config.group_size}' if t.config.group_size else 'per-channel'} {t.config.method}"
         kinds[key] = kinds.get(key, 0) + 1
     return {"linears": len(tensors), "kinds": kinds, "activations": activation,
             "weight_bytes": sum(t.nbytes() for t in tensors.values())}  # fmt: skip

@@ -35,6 +35,7 @@ def render(manifest: dict[str, Any], parity: list[dict[str, Any]]) -> str:
         "| `golden/COMPONENT.npz` | golden inputs and eager reference outputs (fp32 and fp16), call by call |",
         "| `assets/*.npy` | arrays the runtime needs beside the weights (default voice) |",
         "| `reports/parity.json`, `reports/build.json` | parity metrics per component and output; build times, sizes, delegation |",
+        "| `reports/quant.json` | quantized bundles: every quantized layer's method, bits, group and weight/output error |",
         "",
         "## Loading (ExecuTorch, Python)",
         "",
@@ -48,6 +49,16 @@ def render(manifest: dict[str, Any], parity: list[dict[str, Any]]) -> str:
         "",
         "On Android use the ExecuTorch `Module` API with the same method names. Reset a conversation by reloading the program.",
         "",
+    ]
+    quantized = {n: c["quant"] for n, c in m["components"].items() if c.get("quant")}
+    if quantized:
+        lines += ["## Quantization", "", f"Recipe `{m['quant']['requested']}`. Unquantized tensors are fp32.", "",
+                  "| component | quantized linears | kinds | weight bytes | activations |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for n, q in quantized.items():
+            kinds = ", ".join(f"{k} x{v}" for k, v in q["kinds"].items())
+            lines.append(f"| {n} | {q['linears']} | {kinds} | {q['weight_bytes'] / 1e6:.2f} MB | {q['activations']} |")
+        lines.append("")
+    lines += [
         "## I/O contract",
         "",
     ]

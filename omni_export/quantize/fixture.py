@@ -91,21 +91,14 @@ def train_llm(model: QwenForCausalLM, tokens: torch.Tensor, seconds: float, batc
     return TrainReport(step, step * batch * SEQ, time.perf_counter() - start, first, last)
 
 
-def trained_checkpoint(src: Path, seconds: float, progress: Callable[[int, float], None] | None = None) -> Path:
-    """A copy of ``src`` with its LLM trained for ``seconds``; cached beside the demo checkpoint."""
-    src = Path(src)
-    ckpt = load_checkpoint(src, dtype=torch.float32, components=["llm"])
-    out = cache_dir() / f"trained-{ckpt.fingerprint()[:16]}-{int(seconds)}s"
-    if (out / "config.json").is_file():
-        return out
+def train_in_place(root: Path, seconds: float, progress: Callable[[int, float], None] | None = None) -> TrainReport:
+    """Train the LLM of the (unpublished) checkpoint at ``root`` and rewrite its shards."""
+    ckpt = load_checkpoint(root, dtype=torch.float32, components=["llm"])
     model = ckpt.components["llm"]
     report = train_llm(model, token_stream(ckpt.tokenizer, "train"), seconds, progress=progress)
     spec = ckpt.specs["llm"]
     trained = {spec.to_checkpoint_name(k): v.detach() for k, v in model.state_dict().items()}
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    for shard in sorted(tmp.glob("*.safetensors")):
+    for shard in sorted(Path(root).glob("*.safetensors")):
         f = SafetensorsFile(shard)
         if not f.keys() & trained.keys():
             continue
@@ -116,5 +109,19 @@ def trained_checkpoint(src: Path, seconds: float, progress: Callable[[int, float
                         {"format": "pt", "omni_export_trained": f"{report.steps} steps, {report.tokens} tokens"})  # fmt: skip
         del f
         rewritten.replace(shard)
+    return report
+
+
+def trained_checkpoint(src: Path, seconds: float, progress: Callable[[int, float], None] | None = None) -> Path:
+    """A copy of ``src`` with its LLM trained for ``seconds``; cached beside the demo checkpoint."""
+    src = Path(src)
+    fingerprint = load_checkpoint(src, components=[]).fingerprint()
+    out = cache_dir() / f"trained-{fingerprint[:16]}-{int(seconds)}s"
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    train_in_place(tmp, seconds, progress)
     replace_dir(tmp, out)
     return out

@@ -26,7 +26,7 @@ from omni_export.quantize.calibrate import Sources, calibration_for
 from omni_export.quantize.engine import plan
 from omni_export.quantize.recipe import Method, QuantConfig, QuantRecipe, QuantRule
 from omni_export.quantize.rtn import rtn
-from omni_export.runtime_py.parity import cosine, mean_kl, top1_agreement
+from omni_export.runtime_py.parity import DECISIVE_P, cosine, mean_kl, top1_agreement
 
 W8 = QuantConfig(bits=8)
 W4 = QuantConfig(bits=4, group_size=32)
@@ -46,7 +46,7 @@ class Damage:
     def meets(self, th: ParityThreshold) -> bool:
         ok = self.cosine >= th.cosine_min
         if self.kl is not None:
-            ok = ok and self.kl <= th.kl_max and (self.top1 or 0.0) >= th.top1_min
+            ok = ok and self.kl <= th.kl_max and (self.top1 is None or self.top1 >= th.top1_min)
         return ok
 
 
@@ -86,7 +86,8 @@ def _damage(outs: list[torch.Tensor], ref: list[torch.Tensor], logits: bool) -> 
     if not logits:
         return Damage(cosine(a, r))
     v = outs[0].shape[-1]
-    return Damage(cosine(a, r), mean_kl(a.reshape(-1, v), r.reshape(-1, v)), top1_agreement(a.reshape(-1, v), r.reshape(-1, v)))
+    a, r = a.reshape(-1, v), r.reshape(-1, v)
+    return Damage(cosine(a, r), mean_kl(a, r), top1_agreement(a, r, min_p=DECISIVE_P))
 
 
 @contextmanager

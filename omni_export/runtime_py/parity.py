@@ -42,16 +42,30 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 # A token the reference rates within this many nats of its own top-1 is a tie, not a different
-# answer: on near-uniform distributions (untrained weights) the fp16 reference itself breaks such
-# ties differently from fp32. Trained models put their top-1 far above this.
+# answer: on near-uniform distributions the fp16 reference itself breaks such ties differently
+# from fp32. Trained models put their top-1 far above this.
 TIE_NATS = 0.02
+# Top-1 is judged where the reference has made a choice: its top token holds at least this
+# probability. An untrained decoder's logits are near-uniform (top-1 ~ 1/vocab) everywhere; any
+# perturbation reorders them, and agreement there says nothing about the artifact.
+DECISIVE_P = 0.05
 
 
-def top1_agreement(logits: np.ndarray, ref: np.ndarray, tie_nats: float = TIE_NATS) -> float:
-    """Share of positions where the artifact's argmax is the reference's, or ties with it."""
+def decisive(ref: np.ndarray, min_p: float = DECISIVE_P) -> np.ndarray:
+    """Mask of positions whose reference top-1 probability is at least ``min_p``."""
+    b = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    return np.exp(_log_softmax(b).max(-1)) >= min_p
+
+
+def top1_agreement(logits: np.ndarray, ref: np.ndarray, tie_nats: float = TIE_NATS, min_p: float = 0.0) -> float | None:
+    """Share of positions (those where the reference is decisive, with ``min_p``) where the
+    artifact's argmax is the reference's, or ties with it. None when no position qualifies."""
     a, b = logits.reshape(-1, logits.shape[-1]), ref.reshape(-1, ref.shape[-1]).astype(np.float64)
-    chosen = a.argmax(-1)
-    gap = b.max(-1) - b[np.arange(len(b)), chosen]  # logit gaps are log-prob gaps
+    keep = decisive(b, min_p) if min_p > 0 else np.ones(len(b), dtype=bool)
+    if not keep.any():
+        return None
+    chosen = a[keep].argmax(-1)
+    gap = b[keep].max(-1) - b[keep][np.arange(int(keep.sum())), chosen]  # logit gaps are log-prob gaps
     return float(np.mean(gap <= tie_nats))
 
 
@@ -71,8 +85,10 @@ class OutputParity:
     rel_l2: float
     max_abs: float
     psnr: float
-    top1: float | None = None
-    top1_strict: float | None = None  # argmax equality only, ties counted as misses
+    top1: float | None = None  # over decisive positions; None when the reference is decisive nowhere
+    top1_strict: float | None = None  # argmax equality at every position, ties counted as misses
+    decisive: int | None = None  # positions top-1 was judged on
+    positions: int | None = None
     kl: float | None = None
 
 
@@ -94,7 +110,9 @@ class ComponentParity:
         tops = [r.top1 for r in rows if r.top1 is not None]
         if tops:
             out["top1"] = min(tops)
-            out["kl"] = max(r.kl for r in rows if r.kl is not None)
+        kls = [r.kl for r in rows if r.kl is not None]
+        if kls:
+            out["kl"] = max(kls)
         return out
 
     def to_dict(self) -> dict:
@@ -128,8 +146,10 @@ def judge(component: str, calls: list[GoldenCall], got: list[dict[str, np.ndarra
             row = OutputParity(method, name, reference, cosine(a, r), rel_l2(a, r), max_abs(a, r), psnr(a, r))
             if name == "logits":
                 vocab = calls[idx[0]].outputs[reference][name].shape[-1]
-                row.top1 = top1_agreement(a.reshape(-1, vocab), r.reshape(-1, vocab))
-                row.top1_strict = top1_agreement(a.reshape(-1, vocab), r.reshape(-1, vocab), tie_nats=0.0)
+                a2, r2 = a.reshape(-1, vocab), r.reshape(-1, vocab)
+                row.top1 = top1_agreement(a2, r2, min_p=DECISIVE_P)
+                row.top1_strict = top1_agreement(a2, r2, tie_nats=0.0)
+                row.decisive, row.positions = int(decisive(r2).sum()), len(r2)
                 row.kl = mean_kl(a.reshape(-1, vocab), r.reshape(-1, vocab))
             report.results.append(row)
             if reference != gate_reference:

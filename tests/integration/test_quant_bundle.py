@@ -15,19 +15,29 @@ from omni_export.quantize.result import QuantResult
 from omni_export.targets.pte_weights import read_quantized_weights
 
 CONTEXT = 320
+# InteractiveOmni at int4 holds both XNNPACK weight formats (4-bit blockwise decoders, 8-bit
+# per-channel encoders); VITA at int8 repeats the per-channel case on the other family (slow).
 CASES = {"interactiveomni": "int4", "vita15": "int8"}
+FAMILIES = [pytest.param("interactiveomni"), pytest.param("vita15", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
 def qbundles(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("qbundles")
-    return {f: build_bundle(get_profile("android"), tiny_dirs[f], PRESETS.get(q), root / f"{f}-{q}", context=CONTEXT)
-            for f, q in CASES.items()}  # fmt: skip
+    built = {}
+
+    def get(family):
+        if family not in built:
+            preset = CASES[family]
+            built[family] = build_bundle(get_profile("android"), tiny_dirs[family], PRESETS.get(preset), root / f"{family}-{preset}", context=CONTEXT)
+        return built[family]
+
+    return get
 
 
-@pytest.mark.parametrize("family", list(CASES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_bundle_passes_its_thresholds(qbundles, family):
-    result = qbundles[family]
+    result = qbundles(family)
     preset = CASES[family]
     assert result.precision == preset
     th = get_profile("android").threshold(preset)
@@ -58,22 +68,22 @@ def _assert_artifact_holds(pte, tensors):
     assert not unmatched
 
 
-@pytest.mark.parametrize("family", list(CASES))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_artifacts_hold_exactly_the_quant_result(qbundles, family):
-    root = qbundles[family].bundle
+    root = qbundles(family).bundle
     report = json.loads((root / "reports" / "quant.json").read_text())
     result = QuantResult.load(Path(report["cache"]))
     m = read_manifest(root)
-    checked = 0
+    bits = set()
     for name, comp in m["components"].items():
         tensors = result.for_component(name)
         if tensors:
             _assert_artifact_holds(root / comp["file"], tensors)
-            checked += 1
-    assert checked >= 2
+            bits |= {t.config.bits for t in tensors.values()}
+    assert bits == ({4, 8} if CASES[family] == "int4" else {8})
 
 
 def test_int4_llm_artifact_is_smaller(qbundles, bundles):
-    q = {b.name: b.bytes for b in qbundles["interactiveomni"].components}
+    q = {b.name: b.bytes for b in qbundles("interactiveomni").components}
     f = {b.name: b.bytes for b in bundles["interactiveomni"].components}
     assert q["llm"] < 0.6 * f["llm"], (q["llm"], f["llm"])
