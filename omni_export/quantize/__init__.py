@@ -1,2 +1,3 @@
-"""Quantization: backend-agnostic recipes (which tensors, how many bits) and, later, the
-algorithms that compute one QuantResult every target encodes."""
+"""Quantization, computed once per (checkpoint, recipe) into a QuantResult that every target
+encodes unchanged: recipes and presets, the RTN / AWQ / GPTQ algorithms on one integer grid,
+multimodal calibration, the on-disk cache, sensitivity analysis and the trained fixture."""
