@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from llm_decode import decode_tok_s, golden_prefill
 
 from omni_export.bundle import read_manifest
 from omni_export.bundle.golden import read_golden
@@ -46,32 +47,16 @@ def test_component_latency_ratio(benchmark, small_bundle, eager_small, component
     print(f"\n{component}: {len(calls)} calls, eager {eager_s * 1e3:.1f} ms, ExecuTorch {et_s * 1e3:.1f} ms, ratio {ratio:.2f}")
 
 
-def _decode_tok_s(run_prefill, run_decode, embed, n_tokens: int) -> float:
-    logits = run_prefill()
-    tok = int(logits[0, -1].argmax())
-    t = time.perf_counter()
-    for i in range(n_tokens):
-        logits = run_decode(embed(tok), i)
-        tok = int(logits[0, -1].argmax())
-    return n_tokens / (time.perf_counter() - t)
-
-
 def test_llm_decode_tokens_per_s_and_roofline(benchmark, small_bundle, eager_small):
     m = read_manifest(small_bundle)
     comp = m["components"]["llm"]
-    calls = read_golden(small_bundle / comp["golden"])
-    prefill = next(c for c in calls if c.method == "prefill")
-    embeds, pos = torch.from_numpy(prefill.inputs["embeds"]), torch.from_numpy(prefill.inputs["input_pos"])
-    start = int(pos[-1]) + 1
+    embeds, pos = golden_prefill(small_bundle, comp)
     n = 64
     et = open_session("executorch", small_bundle / comp["file"])
     eager, _ = eager_session(eager_small.components["llm"], Limits(max_context=m["profile"]["max_context"]))
 
     def tok_s(sess) -> float:
-        sess.reset()
-        embed = lambda t: sess.run("embed", [torch.tensor([[t]])])[0]  # noqa: E731
-        return _decode_tok_s(lambda: sess.run("prefill", [embeds, pos])[0],
-                             lambda e, i: sess.run("decode", [e, torch.tensor([start + i])])[0], embed, n)  # fmt: skip
+        return decode_tok_s(sess, embeds, pos, n)
 
     eager_tps = tok_s(eager)
     et_tps = benchmark.pedantic(lambda: tok_s(et), rounds=3, warmup_rounds=1)

@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from llm_decode import decode_tok_s, golden_prefill
 
 from omni_export.bundle import read_manifest
-from omni_export.bundle.golden import read_golden
 from omni_export.compiler import build_bundle
 from omni_export.export.checkpoint import load_checkpoint
 from omni_export.files import cache_dir
@@ -100,22 +100,12 @@ def test_bundle_size_and_decode_speed_ratios(demo_checkpoint):
     for p, root in bundles.items():
         comp = read_manifest(root)["components"]["llm"]
         sessions[p] = open_session("executorch", root / comp["file"])
-        prefill = next(c for c in read_golden(root / comp["golden"]) if c.method == "prefill")
-        inputs[p] = (torch.from_numpy(prefill.inputs["embeds"]), torch.from_numpy(prefill.inputs["input_pos"]))
+        inputs[p] = golden_prefill(root, comp)
     n, rounds = 48, 3
     best = dict.fromkeys(presets, 0.0)
     for _ in range(rounds):  # interleaved, so host noise hits every precision alike
         for p in presets:
-            s = sessions[p]
-            s.reset()
-            embeds, pos = inputs[p]
-            logits = s.run("prefill", [embeds, pos])[0]
-            start = int(pos[-1]) + 1
-            t = time.perf_counter()
-            for i in range(n):
-                tok = int(logits[0, -1].argmax())
-                logits = s.run("decode", [s.run("embed", [torch.tensor([[tok]])])[0], torch.tensor([start + i])])[0]
-            best[p] = max(best[p], n / (time.perf_counter() - t))
+            best[p] = max(best[p], decode_tok_s(sessions[p], *inputs[p], n))
     sizes = {p: sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) for p, root in bundles.items()}
     llm = {p: (root / read_manifest(root)["components"]["llm"]["file"]).stat().st_size for p, root in bundles.items()}
     print(f"\n{'preset':7s} {'bundle MB':>10s} {'ratio':>6s} {'llm.pte MB':>11s} {'ratio':>6s} {'decode tok/s':>13s} {'ratio':>6s}")

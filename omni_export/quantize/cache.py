@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 ALGORITHM_VERSION = 1
 
 
-def cache_key(ckpt: Any, recipe: QuantRecipe, samples: int) -> str:
+def cache_key(ckpt: Any, fingerprint: str, recipe: QuantRecipe, samples: int) -> str:
     h = hashlib.sha256()
     mtimes = sorted((p.name, p.stat().st_mtime_ns) for p in Path(ckpt.root).rglob("*") if p.is_file())
-    payload = {"fingerprint": ckpt.fingerprint(), "mtimes": mtimes, "rules": [asdict(r) for r in recipe.rules],
+    payload = {"fingerprint": fingerprint, "mtimes": mtimes, "rules": [asdict(r) for r in recipe.rules],
                "samples": samples, "version": ALGORITHM_VERSION}  # fmt: skip
     h.update(json.dumps(payload, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
@@ -33,12 +33,13 @@ def quantize_checkpoint(ckpt: Any, recipe: QuantRecipe, progress: Progress | Non
                         use_cache: bool = True) -> tuple[QuantResult, Path]:  # fmt: skip
     """The recipe's QuantResult for ``ckpt`` (a loaded Checkpoint), from the cache when there."""
     plan(ckpt.components, recipe)  # validates the recipe and unties heads, cached or not
-    key = cache_key(ckpt, recipe, samples)
+    fingerprint = ckpt.fingerprint()
+    key = cache_key(ckpt, fingerprint, recipe, samples)
     where = cache_dir() / "quant" / key
     if use_cache and (where / "result.json").is_file():
         log.info("quantization %s: cached at %s", recipe.name, where)
         return QuantResult.load(where), where
-    result = quantize_components(ckpt.components, recipe, ckpt.fingerprint(), ckpt.tokenizer, progress, samples)
+    result = quantize_components(ckpt.components, recipe, fingerprint, ckpt.tokenizer, progress, samples)
     if use_cache:
         result.save(where)
     return result, where

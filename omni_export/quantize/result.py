@@ -52,6 +52,12 @@ class QTensor:
         return self.q.numel() * self.config.bits // 8 + self.scale.numel() * 2 + (0 if self.config.symmetric else self.zero.numel())
 
 
+def _under(entries: dict[str, Any], component: str) -> dict[str, Any]:
+    """``component.path`` keys of ``entries`` as module paths within that component."""
+    prefix = component + "."
+    return {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix)}
+
+
 @dataclass
 class QuantResult:
     recipe: str
@@ -64,12 +70,10 @@ class QuantResult:
     seconds: float = 0.0
 
     def for_component(self, component: str) -> dict[str, QTensor]:
-        prefix = component + "."
-        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return _under(self.tensors, component)
 
     def floats_for(self, component: str) -> dict[str, torch.Tensor]:
-        prefix = component + "."
-        return {k[len(prefix):]: v for k, v in self.floats.items() if k.startswith(prefix)}
+        return _under(self.floats, component)
 
     # -- storage ---------------------------------------------------------------------------
     def save(self, directory: Path) -> None:

@@ -24,12 +24,11 @@ from omni_export.export.components.qwen import QwenForCausalLM
 from omni_export.profiles import ParityThreshold
 from omni_export.quantize.calibrate import Sources, calibration_for
 from omni_export.quantize.engine import plan
+from omni_export.quantize.presets import W4G32, W8
 from omni_export.quantize.recipe import Method, QuantConfig, QuantRecipe, QuantRule
 from omni_export.quantize.rtn import rtn
 from omni_export.runtime_py.parity import DECISIVE_P, cosine, mean_kl, top1_agreement
 
-W8 = QuantConfig(bits=8)
-W4 = QuantConfig(bits=4, group_size=32)
 STEPS = 8  # promotion/demotion batches per component
 
 
@@ -133,7 +132,7 @@ def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: An
             layers.append((f"{cname}.{p}", c, damage_with({p: c}, ref), rtn(weights[p], c).nbytes()))
         layers.sort(key=lambda x: -x[2].score())
         rep = ComponentReport(cname, damage_with(mine, ref), layers, bytes_recipe=sum(x[3] for x in layers))
-        w4_ok = {p for p, w in weights.items() if w.shape[1] % W4.group_size == 0}
+        w4_ok = {p for p, w in weights.items() if w.shape[1] % W4G32.group_size == 0}
         rep.proposal, rep.proposal_damage = _propose(mine, w4_ok, layers, cname, threshold, lambda ch: damage_with(ch, ref), rep.all_quantized)
         rep.bytes_proposal = sum(rtn(weights[p], c).nbytes() for p, c in rep.proposal.items())
         reports.append(rep)
@@ -158,7 +157,7 @@ def _propose(mine: dict[str, QuantConfig], w4_ok: set[str], ranked: list, cname:
     while todo:
         trial = dict(choice)
         for p in todo[:batch]:
-            trial[p] = W4
+            trial[p] = W4G32
         d = damage(trial)
         if not d.meets(th):
             break

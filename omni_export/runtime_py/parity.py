@@ -64,8 +64,8 @@ def top1_agreement(logits: np.ndarray, ref: np.ndarray, tie_nats: float = TIE_NA
     keep = decisive(b, min_p) if min_p > 0 else np.ones(len(b), dtype=bool)
     if not keep.any():
         return None
-    chosen = a[keep].argmax(-1)
-    gap = b[keep].max(-1) - b[keep][np.arange(int(keep.sum())), chosen]  # logit gaps are log-prob gaps
+    a, b = a[keep], b[keep]
+    gap = b.max(-1) - b[np.arange(len(b)), a.argmax(-1)]  # logit gaps are log-prob gaps
     return float(np.mean(gap <= tie_nats))
 
 
@@ -150,7 +150,7 @@ def judge(component: str, calls: list[GoldenCall], got: list[dict[str, np.ndarra
                 row.top1 = top1_agreement(a2, r2, min_p=DECISIVE_P)
                 row.top1_strict = top1_agreement(a2, r2, tie_nats=0.0)
                 row.decisive, row.positions = int(decisive(r2).sum()), len(r2)
-                row.kl = mean_kl(a.reshape(-1, vocab), r.reshape(-1, vocab))
+                row.kl = mean_kl(a2, r2)
             report.results.append(row)
             if reference != gate_reference:
                 continue
