@@ -1,12 +1,22 @@
-"""One turn of a conversation, driven through Sessions: preprocess -> encoders -> LLM prefill (in
-chunks) and decode with the KV cache -> speech decoder -> 24 kHz PCM. Everything it needs comes
-from the manifest; the same code drives a bundle's ExecuTorch artifacts and a checkpoint's eager
-modules. (Non-streaming: the streaming, multi-turn Pipeline builds on these pieces.)"""
+"""The streaming conversation: the reference for how an app drives a bundle.
+
+A turn is built while the user speaks: ``push_audio`` takes microphone-sized chunks (the
+feature front end and the audio encoder run as soon as a whole encoder window has arrived, so
+only the last window is left for the end of the turn; Whisper and Whale attend across their
+whole window, so a window is the smallest piece that encodes exactly as offline), an energy VAD
+says when the user stopped, ``add_image`` encodes frames as they come. ``respond_stream`` then
+prefills only the turn's new tokens after the cached conversation, decodes, and feeds each
+text token to the speech decoder, yielding TextDelta / AudioChunk events as they are ready and
+a Stats at the end. ``interrupt`` (barge-in) stops before the next event; the KV cache then
+holds exactly the tokens yielded so far, and the next turn closes the cut reply and goes on.
+
+Everything it needs comes from the manifest; the same code drives a bundle's artifacts and a
+checkpoint's eager modules."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,13 +24,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from omni_export.errors import ContextOverflowError, InputError
-from omni_export.runtime_py.audio import pad_to_multiple, read_audio
+from omni_export.errors import (
+    AudioInputError,
+    ConfigError,
+    ContextOverflowError,
+    InputError,
+)
+from omni_export.runtime_py.audio import pad_to_multiple, prepare_audio, read_audio
 from omni_export.runtime_py.backends.base import Session
+from omni_export.runtime_py.events import AudioChunk, Event, Stats, TextDelta
 from omni_export.runtime_py.image import preprocess_image
-from omni_export.runtime_py.prompt import chat_prompt, merge_placeholders, user_turn
+from omni_export.runtime_py.kv_cache import KVStack
+from omni_export.runtime_py.prompt import (
+    chat_prompt,
+    merge_placeholders,
+    next_turn,
+    user_turn,
+)
 from omni_export.runtime_py.sampler import sample
 from omni_export.runtime_py.speech import SPEECH
+from omni_export.runtime_py.timing import Recorder, TimedSession, symbolic_axes
+from omni_export.runtime_py.vad import EnergyVAD, VADConfig
+
+CONTEXT_POLICIES = ("error", "reset")
+FRAMES_PER_S = 100  # both front ends (Whisper log-mel, Kaldi fbank) shift by 10 ms
+MIN_TAIL_S = 0.1  # a last window shorter than this adds nothing an encoder can use
 
 
 @dataclass
@@ -31,18 +59,44 @@ class Reply:
     sample_rate: int
     prompt_tokens: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    stats: Stats | None = None
+
+
+@dataclass
+class _Turn:
+    """What the user has given so far this turn."""
+
+    samples: list[np.ndarray] = field(default_factory=list)
+    pending: int = 0  # samples not yet encoded
+    audio_tokens: list[torch.Tensor] = field(default_factory=list)
+    image_tokens: list[torch.Tensor] = field(default_factory=list)
+    text: str = ""
+    end_t: float | None = None
+    start_t: float = field(default_factory=time.perf_counter)
 
 
 class Pipeline:
     def __init__(self, sessions: dict[str, Session], components: dict[str, Any], config: dict[str, Any],
-                 tokenizer: Any, assets: dict[str, np.ndarray]) -> None:  # fmt: skip
-        self.sessions, self.components, self.config = sessions, components, config
+                 tokenizer: Any, assets: dict[str, np.ndarray], context_policy: str = "error",
+                 vad: VADConfig | None = None, audio_window_frames: int | None = None) -> None:  # fmt: skip
+        if context_policy not in CONTEXT_POLICIES:
+            raise ConfigError(f"context policy {context_policy!r} is not one of {CONTEXT_POLICIES}")
+        self.recorder = Recorder()
+        self.raw_sessions = sessions
+        self.sessions = {n: TimedSession(s, n, self.recorder, symbolic_axes(components.get(n, {}))) for n, s in sessions.items()}
+        self.components, self.config = components, config
         self.tokenizer, self.assets = tokenizer, assets
-        self.timings: dict[str, float] = {}
+        self.context_policy = context_policy
+        self.vad_config = vad or VADConfig()
+        self.window = audio_window_frames or config.get("max_audio_frames") or 3000
+        self._stacks: dict[str, KVStack] = {}
+        self.llm = self.stack("llm")
+        self.turns = 0
+        self.reset()
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_bundle(cls, path: str | Path) -> Pipeline:
+    def from_bundle(cls, path: str | Path, **kwargs: Any) -> Pipeline:
         """Open a bundle; it must pass verify (a bundle that does not match its manifest is refused)."""
         from tokenizers import Tokenizer
 
@@ -57,86 +111,226 @@ class Pipeline:
         m = read_manifest(path)
         sessions = {name: open_session(c["backend"], path / c["file"]) for name, c in m["components"].items()}
         assets = {k: np.load(path / rel) for k, rel in m["model"].get("assets", {}).items()}
-        return cls(sessions, m["components"], m["model"], Tokenizer.from_file(str(path / "tokenizer" / "tokenizer.json")), assets)
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer" / "tokenizer.json"))
+        return cls(sessions, m["components"], m["model"], tokenizer, assets, **kwargs)
 
-    # -- helpers --------------------------------------------------------------------------------
-    def _time(self, name: str, fn: Callable[[], Any]) -> Any:
-        t = time.perf_counter()
-        out = fn()
-        self.timings[name] = self.timings.get(name, 0.0) + (time.perf_counter() - t) * 1000
-        return out
+    def stack(self, component: str) -> KVStack:
+        if component not in self._stacks:
+            kv = self.components.get(component, {}).get("kv_cache")
+            self._stacks[component] = KVStack(component, self.sessions[component], self.config["prefill_chunk"],
+                                              self.config["max_context"], kv)  # fmt: skip
+        return self._stacks[component]
 
-    def feed(self, component: str, embeds: torch.Tensor, start: int) -> list[torch.Tensor]:
-        """Run embeddings through a cached stack at positions start.. : prefill in chunks of the
-        traced size, decode for single tokens. Returns the last call's outputs."""
-        session, chunk = self.sessions[component], self.config["prefill_chunk"]
-        out: list[torch.Tensor] = []
-        for i in range(0, embeds.shape[1], chunk):
-            part = embeds[:, i : i + chunk]
-            pos = torch.arange(start + i, start + i + part.shape[1])
-            out = session.run("decode" if part.shape[1] == 1 else "prefill", [part, pos])
-        return out
+    # -- conversation state ---------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """Tokens of the conversation in the LLM's KV cache."""
+        return self.llm.position
+
+    def reset(self) -> None:
+        """A new conversation: empty KV cache, nothing pending."""
+        self.llm.reset()
+        self.turns = 0
+        self._turn = _Turn()
+        self._vad = EnergyVAD(self.config["audio_sample_rate"], self.vad_config)
+        self._interrupted = False
+
+    def interrupt(self) -> None:
+        """Barge-in: the running ``respond_stream`` yields no further text or audio."""
+        self._interrupted = True
+
+    # -- the user's turn ------------------------------------------------------------------------
+    def push_audio(self, samples: np.ndarray, sample_rate: int | None = None) -> bool:
+        """Add a chunk of microphone audio (mono float32; resampled when ``sample_rate`` differs).
+        Encodes every encoder window that is complete. Returns True once the VAD hears the end of
+        the turn (the caller may keep pushing; ``end_turn`` or ``respond_stream`` ends it)."""
+        sr = self.config["audio_sample_rate"]
+        wav = prepare_audio(samples, sample_rate or sr, sr, source="audio chunk")
+        turn = self._turn
+        turn.samples.append(wav)
+        turn.pending += len(wav)
+        window = self.window * sr // FRAMES_PER_S
+        while turn.pending >= window:
+            self._encode_pending(window)
+        return self._vad.push(wav)
+
+    def _encode_pending(self, n: int) -> None:
+        turn = self._turn
+        everything = np.concatenate(turn.samples)
+        turn.samples = [everything]
+        seg = everything[len(everything) - turn.pending : len(everything) - turn.pending + n]
+        turn.pending -= n
+        turn.audio_tokens.append(self.encode_audio(seg))
+
+    def add_image(self, image: str | Path | Any, max_tiles: int | None = None) -> int:
+        """Encode an image (a path or a PIL image) for this turn; a video is its frames, each with
+        ``max_tiles=1``. Returns the tokens it adds."""
+        tokens = self.encode_image(image, max_tiles)
+        self._turn.image_tokens.append(tokens)
+        return tokens.shape[0]
+
+    def add_text(self, text: str) -> None:
+        self._turn.text += text
+
+    def end_turn(self, t: float | None = None) -> float:
+        """The user has finished (explicitly, or the VAD said so): encode what audio is left. The
+        latency figures are measured from here."""
+        turn = self._turn
+        if turn.end_t is None:
+            turn.end_t = self.recorder.mark("audio_end", t)
+            sr = self.config["audio_sample_rate"]
+            if turn.pending and (turn.pending >= MIN_TAIL_S * sr or not turn.audio_tokens):
+                self._encode_pending(turn.pending)
+        return turn.end_t
+
+    # -- encoders -------------------------------------------------------------------------------
+    def encode_audio(self, wav: np.ndarray) -> torch.Tensor:
+        """16 kHz mono, at most one encoder window -> LLM-width audio tokens [N, H]."""
+        feats = self.sessions["audio_frontend"].run("forward", [torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))])[0]
+        axis = self._axis("audio_encoder", "forward", "features", "frames")
+        if feats.shape[axis] < 1:
+            raise AudioInputError(f"audio of {len(wav)} samples is too short to give one feature frame; give at least 0.1 s")
+        feats = pad_to_multiple(feats, axis, self.config.get("audio_frames_multiple", 1))  # whole strides only
+        return self.sessions["audio_encoder"].run("forward", [feats.contiguous()])[0][0]
+
+    def encode_image(self, image: str | Path | Any, max_tiles: int | None = None) -> torch.Tensor:
+        cfg = self.config["image"]
+        tiles = preprocess_image(image, cfg["tile_size"], max_tiles or cfg["max_tiles"])
+        return self.sessions["vision_encoder"].run("forward", [torch.from_numpy(tiles)])[0]
 
     def _axis(self, component: str, method: str, name: str, dim: str) -> int:
         shape = next(t["shape"] for t in self.components[component]["methods"][method]["inputs"] if t["name"] == name)
         return shape.index(dim)
 
-    # -- encoders -------------------------------------------------------------------------------
-    def encode_audio(self, wav: np.ndarray) -> torch.Tensor:
-        """16 kHz mono -> LLM-width audio tokens [N, H]."""
-        feats = self.sessions["audio_frontend"].run("forward", [torch.from_numpy(np.asarray(wav, dtype=np.float32))])[0]
-        axis = self._axis("audio_encoder", "forward", "features", "frames")
-        feats = pad_to_multiple(feats, axis, self.config.get("audio_frames_multiple", 1))  # whole strides only
-        window = self.config.get("max_audio_frames") or feats.shape[axis]
-        parts = [self.sessions["audio_encoder"].run("forward", [w.contiguous()])[0][0] for w in feats.split(window, dim=axis)]
-        return torch.cat(parts)
+    # -- the answer -----------------------------------------------------------------------------
+    def _prompt_ids(self, fresh: bool) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        turn, p = self._turn, self.config["prompt"]
+        image = torch.cat(turn.image_tokens) if turn.image_tokens else None
+        audio = torch.cat(turn.audio_tokens) if turn.audio_tokens else None
+        user = user_turn(p, 0 if image is None else image.shape[0], 0 if audio is None else audio.shape[0], turn.text,
+                         p["image_token"], p["audio_token"])  # fmt: skip
+        text = chat_prompt(user, p["system"]) if fresh else next_turn(user)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids, image, audio
 
-    def encode_image(self, image: str | Path) -> torch.Tensor:
-        cfg = self.config["image"]
-        tiles = preprocess_image(image, cfg["tile_size"], cfg["max_tiles"])
-        return self.sessions["vision_encoder"].run("forward", [torch.from_numpy(tiles)])[0]
-
-    # -- one turn -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def respond(self, audio: str | Path | np.ndarray | None = None, image: str | Path | None = None, text: str | None = None,
-                max_new_tokens: int = 32, top_k: int = 1, seed: int = 0, speech: bool = True) -> Reply:  # fmt: skip
-        if audio is None and image is None and not text:
-            raise InputError("nothing to answer: give audio, an image or text")
-        cfg, self.timings = self.config, {}
-        wav = read_audio(audio, cfg["audio_sample_rate"]) if isinstance(audio, (str, Path)) else audio
-        audio_tok = None if wav is None else self._time("audio_encoder", lambda: self.encode_audio(wav))
-        image_tok = None if image is None else self._time("vision_encoder", lambda: self.encode_image(image))
-        p = cfg["prompt"]
-        user = user_turn(p, 0 if image_tok is None else image_tok.shape[0], 0 if audio_tok is None else audio_tok.shape[0],
-                         text, p["image_token"], p["audio_token"])  # fmt: skip
-        ids = self.tokenizer.encode(chat_prompt(user, p["system"]), add_special_tokens=False).ids
-        if len(ids) + max_new_tokens > cfg["max_context"]:
-            raise ContextOverflowError(
-                f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the context of {cfg['max_context']}; "
-                "shorten the audio, use fewer image tiles or lower --max-new-tokens."
-            )
-        llm = self.sessions["llm"]
-        llm.reset()
+    def respond_stream(self, max_new_tokens: int = 64, top_k: int = 1, seed: int = 0, speech: bool = True) -> Iterator[Event]:
+        """End the turn (if not yet), answer it, and yield events as they happen."""
+        turn = self._turn
+        if not (turn.audio_tokens or turn.image_tokens or turn.text or turn.pending):
+            raise InputError("nothing to answer: push audio, add an image or text first")
+        self.end_turn()
+        cfg, llm = self.config, self.llm
+        ids, image, audio = self._prompt_ids(fresh=self.position == 0)
+        reset = False
+        if self.position + len(ids) + max_new_tokens > llm.max_len:
+            fresh_ids = ids if self.position == 0 else self._prompt_ids(fresh=True)[0]
+            if len(fresh_ids) + max_new_tokens > llm.max_len:
+                raise ContextOverflowError(
+                    f"this turn needs {len(fresh_ids)} prompt tokens + {max_new_tokens} new tokens, more than the "
+                    f"KV cache's {llm.max_len}; shorten the audio, use fewer image tiles or lower max_new_tokens."
+                )
+            if self.context_policy == "error":
+                raise ContextOverflowError(
+                    f"the conversation holds {self.position} tokens; this turn needs {len(ids)} + {max_new_tokens} more, "
+                    f"beyond the KV cache's {llm.max_len}. Call reset() to start a new conversation (nothing was "
+                    "changed), or open the pipeline with context_policy='reset' to drop the history automatically."
+                )
+            llm.reset()
+            ids, reset = fresh_ids, True
+        self._interrupted = False
         ids_t = torch.tensor([ids])
-        embeds = llm.run("embed", [ids_t])[0]
-        for feats, token_id in ((image_tok, cfg["image_token_id"]), (audio_tok, cfg["audio_token_id"])):
+        embeds = self.sessions["llm"].run("embed", [ids_t])[0]
+        for feats, token_id in ((image, cfg["image_token_id"]), (audio, cfg["audio_token_id"])):
             if feats is not None:
                 embeds = merge_placeholders(embeds, ids_t, feats, token_id)
-        logits = self._time("llm_prefill", lambda: self.feed("llm", embeds, 0))[0]
+        logits = llm.feed(embeds)[0]
+        stream = SPEECH.get(cfg["speech"]["kind"])(self, seed) if speech else None
         gen = torch.Generator().manual_seed(seed)
         out_ids: list[int] = []
-        states: list[torch.Tensor] = []
+        text, first_text, first_audio, audio_n, chunk_i = "", None, None, 0, 0
         for _ in range(max_new_tokens):
+            if self._interrupted:
+                break
             tok = sample(logits[0, -1], top_k, gen)
             if tok in cfg["eos_ids"]:
                 break
             out_ids.append(tok)
-            step = lambda t=tok: llm.run("decode", [llm.run("embed", [torch.tensor([[t]])])[0], torch.tensor([len(ids) + len(out_ids) - 1])])  # noqa: E731
-            logits, hidden = self._time("llm_decode", step)
-            states.append(hidden)
-        text_out = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-        pcm = np.zeros(0, dtype=np.float32)
-        if speech and out_ids:
-            decoder = SPEECH.get(cfg["speech"]["kind"])
-            pcm = self._time("speech", lambda: decoder(self, torch.tensor([out_ids]), torch.cat(states, dim=1), seed))
-        return Reply(text_out, out_ids, np.asarray(pcm, dtype=np.float32), cfg["output_sample_rate"], len(ids), dict(self.timings))
+            # Fed before it is shown: whatever the caller does next, the cache holds every token it saw.
+            logits, hidden = llm.feed(self.sessions["llm"].run("embed", [torch.tensor([[tok]])])[0])[:2]
+            new_text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            delta = "" if new_text.endswith("\ufffd") else new_text[len(text) :]
+            text = text if new_text.endswith("\ufffd") else new_text
+            ev = TextDelta(delta, tok, time.perf_counter())
+            first_text = first_text or ev.t
+            yield ev
+            if stream is not None and not self._interrupted:
+                for pcm in stream.push(tok, hidden):
+                    if self._interrupted:
+                        break
+                    ev = AudioChunk(pcm, cfg["output_sample_rate"], chunk_i, time.perf_counter())
+                    first_audio, audio_n, chunk_i = first_audio or ev.t, audio_n + len(pcm), chunk_i + 1
+                    yield ev
+        if stream is not None and not self._interrupted and out_ids:
+            for pcm in stream.finish():
+                if self._interrupted:
+                    break
+                ev = AudioChunk(pcm, cfg["output_sample_rate"], chunk_i, time.perf_counter())
+                first_audio, audio_n, chunk_i = first_audio or ev.t, audio_n + len(pcm), chunk_i + 1
+                yield ev
+        if first_audio is not None:
+            self.recorder.mark("first_audio", first_audio)
+        yield self._stats(turn, ids, out_ids, text, first_text, first_audio, audio_n, reset, stream)
+        self.turns += 1
+        self._turn = _Turn()
+        self._vad.reset()
+
+    def _stats(self, turn: _Turn, ids: list[int], out_ids: list[int], text: str, first_text: float | None,
+               first_audio: float | None, audio_n: int, reset: bool, stream: Any) -> Stats:  # fmt: skip
+        spans = self.recorder.since(turn.start_t)
+        stage: dict[str, float] = {}
+        for s in spans:
+            stage[s.stage] = stage.get(s.stage, 0.0) + s.ms
+        decode = [s for s in spans if s.component == "llm" and s.method == "decode"]
+        decode_s = sum(s.t1 - s.t0 for s in decode)
+        speech_parts = stream.components if stream is not None else ()
+        t_end = turn.end_t or 0.0
+        return Stats(
+            turn=self.turns, prompt_tokens=len(ids), position=self.position, new_tokens=len(out_ids), text=text,
+            ttft_ms=None if first_text is None else (first_text - t_end) * 1000,
+            ttfa_ms=None if first_audio is None else (first_audio - t_end) * 1000,
+            decode_tok_s=len(decode) / decode_s if decode_s else None,
+            audio_s=audio_n / self.config["output_sample_rate"],
+            speech_compute_s=sum(s.t1 - s.t0 for s in spans if s.component in speech_parts and s.t0 >= t_end),
+            interrupted=self._interrupted, context_reset=reset, stage_ms=stage,
+        )  # fmt: skip
+
+    # -- one-shot convenience -------------------------------------------------------------------
+    def respond(self, audio: str | Path | np.ndarray | None = None, image: str | Path | None = None, text: str | None = None,
+                max_new_tokens: int = 32, top_k: int = 1, seed: int = 0, speech: bool = True) -> Reply:  # fmt: skip
+        """A new conversation of one turn, collected: the streaming path, all at once."""
+        if audio is None and image is None and not text:
+            raise InputError("nothing to answer: give audio, an image or text")
+        self.reset()
+        if audio is not None:
+            sr = self.config["audio_sample_rate"]
+            self.push_audio(read_audio(audio, sr) if isinstance(audio, (str, Path)) else audio, sr)
+        if image is not None:
+            self.add_image(image)
+        if text:
+            self.add_text(text)
+        return collect(self.respond_stream(max_new_tokens, top_k, seed, speech), self.config["output_sample_rate"])
+
+
+def collect(events: Iterator[Event], sample_rate: int) -> Reply:
+    ids: list[int] = []
+    pcm: list[np.ndarray] = []
+    stats = None
+    for ev in events:
+        if isinstance(ev, TextDelta):
+            ids.append(ev.token_id)
+        elif isinstance(ev, AudioChunk):
+            pcm.append(ev.pcm)
+        else:
+            stats = ev
+    audio = np.concatenate(pcm).astype(np.float32) if pcm else np.zeros(0, dtype=np.float32)
+    return Reply(stats.text, ids, audio, sample_rate, stats.prompt_tokens, dict(stats.stage_ms), stats)

@@ -35,3 +35,9 @@ def merge_placeholders(embeds: torch.Tensor, ids: torch.Tensor, features: torch.
     order = order.clamp(max=max(features.shape[0] - 1, 0))
     gathered = features[order[0]].unsqueeze(0).to(embeds.dtype)
     return torch.where(mask[..., None], gathered, embeds)
+
+
+def next_turn(user: str) -> str:
+    """A later user turn: closes the assistant's previous reply (its end token was sampled, not
+    fed, or the reply was cut short) and opens the next one."""
+    return f"<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"

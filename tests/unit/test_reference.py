@@ -62,7 +62,7 @@ def test_nothing_to_answer(pipelines):
 
 def test_context_overflow_is_a_clear_error(tiny):
     p = eager_pipeline(tiny["vita15"], max_context=64)
-    with pytest.raises(ContextOverflowError, match="exceeds the context of 64"):
+    with pytest.raises(ContextOverflowError, match="more than the KV cache.s 64"):
         p.respond(audio=np.zeros(16000 * 3, dtype=np.float32) + 0.01, max_new_tokens=8)
 
 
