@@ -48,7 +48,7 @@ def load(path: str | Path, dtype: str = "fp32", progress: Callable[[str], None] 
     return load_checkpoint(path, DTYPES[dtype], progress=progress)
 
 
-def eager_pipeline(ckpt: Checkpoint, max_context: int = 4096):  # type: ignore[no-untyped-def]  # -> Pipeline
+def eager_pipeline(ckpt: Checkpoint, max_context: int = 4096, **pipeline_kwargs):  # type: ignore[no-untyped-def]  # -> Pipeline
     """The reference: the checkpoint's eager modules behind the same Pipeline a bundle uses."""
     from omni_export.export.golden import eager_methods
     from omni_export.export.trace_specs import Limits
@@ -62,7 +62,7 @@ def eager_pipeline(ckpt: Checkpoint, max_context: int = 4096):  # type: ignore[n
         components[name] = {"methods": {s.name: s.manifest() for s in specs}}
     config = ckpt.family.runtime_config(ckpt)
     config.update(max_context=limits.max_context, prefill_chunk=limits.prefill_chunk)
-    return Pipeline(sessions, components, config, ckpt.tokenizer, ckpt.family.assets(ckpt))
+    return Pipeline(sessions, components, config, ckpt.tokenizer, ckpt.family.assets(ckpt), **pipeline_kwargs)
 
 
 def open_pipeline(path: str | Path, dtype: str = "fp32", max_context: int = 4096, progress=None):  # type: ignore[no-untyped-def]
@@ -147,3 +147,91 @@ class DoesNotFitError(OmniExportError):
         super().__init__(f"the model needs {plan.fit.plan.total_bytes / 1e9:.2f} GB on {plan.profile.name}, "
                          f"{plan.fit.available_bytes / 1e9:.2f} GB usable; try a lower-bit --quant or a shorter --context")  # fmt: skip
         self.plan = plan
+
+
+# -- the runtime: run and profile -----------------------------------------------------------------
+PROFILE_SCRIPT_VERSION = 1
+PROFILE_TURNS = (
+    ("What do you see in this picture?", True),
+    ("Tell me more about her work.", False),
+    ("Thank you. Goodbye.", False),
+)
+
+
+def profile_script(max_new_tokens: int = 24) -> Path:
+    """The fixed three-turn conversation ``profile`` measures: espeak-ng questions (real speech),
+    the first with matplotlib's photo of Grace Hopper. Written once to the cache, as a directory
+    that can travel to a device (the device needs no espeak)."""
+    import shutil
+
+    from omni_export.files import atomic_write_text, replace_dir
+    from omni_export.quantize.calibrate import photo_path, say
+    from omni_export.runtime_py.script import Script, TurnSpec, script_toml
+
+    path = cache_dir() / f"profile-script-v{PROFILE_SCRIPT_VERSION}-{max_new_tokens}"
+    if not (path / "script.toml").is_file():
+        tmp = path.with_name(f".{path.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copy(photo_path(), tmp / "photo.jpg")
+        turns = []
+        for i, (sentence, with_photo) in enumerate(PROFILE_TURNS, 1):
+            say(sentence, tmp / f"turn{i}.wav")
+            turns.append(TurnSpec(audio=str(tmp / f"turn{i}.wav"), image=str(tmp / "photo.jpg") if with_photo else None,
+                                  image_max_tiles=1 if with_photo else None, max_new_tokens=max_new_tokens, end_of_turn="eof"))  # fmt: skip
+        atomic_write_text(tmp / "script.toml", script_toml(Script(turn=tuple(turns)), tmp))
+        replace_dir(tmp, path)
+    return path / "script.toml"
+
+
+def open_runtime(path: str | Path, dtype: str = "fp32", max_context: int = 4096, progress=None, **pipeline_kwargs):  # type: ignore[no-untyped-def]
+    """(Pipeline, weights for the roofline, default profile name) for a bundle or a checkpoint."""
+    from omni_export.bundle import MANIFEST, read_manifest
+    from omni_export.profiles.roofline import bundle_weights, module_weights
+    from omni_export.runtime_py.pipeline import Pipeline
+
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        pipeline = Pipeline.from_bundle(path, **pipeline_kwargs)
+        m = read_manifest(path)
+        return pipeline, bundle_weights(path, m), m["profile"]["name"]
+    ckpt = load(path, dtype, progress)
+    return eager_pipeline(ckpt, max_context, **pipeline_kwargs), module_weights(ckpt.components), "host-cpu"
+
+
+def profile(path: str | Path, device: str = "local", runs: int = 3, script: str | Path | None = None, profile_name: str | None = None,
+            dtype: str = "fp32", ssh=None, progress=None) -> dict:  # type: ignore[no-untyped-def]  # fmt: skip
+    """Measure the latency of a scripted conversation on ``device`` (``local`` or
+    ``ssh://user@host[:port]``, see remote.py); the report gets roofline floors for
+    ``profile_name`` (default: the bundle's profile; host-cpu for a checkpoint)."""
+    from omni_export.profiles.roofline import add_floors
+    from omni_export.remote import parse_device, remote_profile
+    from omni_export.runtime_py.profiler import measure
+    from omni_export.runtime_py.script import load_script
+
+    script_path = Path(script) if script is not None else profile_script()
+    parsed = load_script(script_path)  # bad scripts fail here, before anything is copied
+    target = parse_device(device)
+    if target is not None:
+        report = remote_profile(target, Path(path), script_path.parent, script_path.name, runs, profile_name, dtype, ssh, progress)
+        report["device"] = device
+        return report
+    pipeline, weights, default_profile = open_runtime(path, dtype, progress=progress)
+    report = measure(pipeline, parsed, runs, progress=progress)
+    report["device"], report["source"] = "local", str(path)
+    return add_floors(report, get_profile(profile_name or default_profile), weights)
+
+
+def write_latency_report(report: dict, out: str | Path) -> tuple[Path, Path]:
+    """reports/latency.json and reports/latency.png under ``out``."""
+    import json
+
+    from omni_export.files import atomic_write_text
+    from omni_export.runtime_py.timeline import draw_timeline
+
+    reports = Path(out) / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    js = reports / "latency.json"
+    atomic_write_text(js, json.dumps(report, indent=2))
+    title = f"{Path(report.get('source', '')).name or 'pipeline'} on {report.get('device', 'local')}"
+    return js, draw_timeline(report, reports / "latency.png", title)

@@ -171,44 +171,6 @@ def synth(
     console.print(f"wrote {family} {size} checkpoint to {path} ({_gb(total)})")
 
 
-@app.command()
-def run(
-    path: Path = typer.Argument(..., metavar="BUNDLE_OR_CHECKPOINT", help="a bundle (runs its artifacts) or a checkpoint (eager reference)"),
-    audio: Optional[Path] = typer.Option(None, "--audio", "-a", help="question as a sound file (resampled as needed)"),
-    image: Optional[Path] = typer.Option(None, "--image", "-i"),
-    text: Optional[str] = typer.Option(None, "--text"),
-    out: Path = typer.Option(Path("reply.wav"), "--out", "-o", help="where to write the spoken reply (24 kHz wav)"),
-    dtype: str = typer.Option("fp32", "--dtype", help="checkpoints: fp32 or fp16"),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
-    max_context: int = typer.Option(4096, "--max-context", help="checkpoints: KV cache length"),
-    seed: int = typer.Option(0, "--seed"),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
-) -> None:
-    """Answer one question: text to stdout, speech to --out. A bundle runs through its own backend
-    (ExecuTorch here); a checkpoint runs the eager fp32/fp16 reference through the same pipeline."""
-    from omni_export import api
-    from omni_export.runtime_py.audio import write_wav
-
-    if dtype not in ("fp32", "fp16"):
-        _fail(ValueError(f"--dtype must be fp32 or fp16, got {dtype!r}"))
-    try:
-        pipeline = _with_progress("loading", lambda cb: api.open_pipeline(path, dtype, max_context, progress=cb))
-        reply = _with_progress("answering", lambda cb: pipeline.respond(audio=audio, image=image, text=text,
-                                                                        max_new_tokens=max_new_tokens, seed=seed))  # fmt: skip
-    except OmniExportError as exc:
-        _fail(exc)
-    write_wav(out, reply.audio, reply.sample_rate)
-    seconds = len(reply.audio) / reply.sample_rate
-    if as_json:
-        print(json.dumps({"text": reply.text, "tokens": reply.token_ids, "wav": str(out), "seconds": seconds,
-                          "sample_rate": reply.sample_rate, "prompt_tokens": reply.prompt_tokens,
-                          "timings_ms": reply.timings_ms}))  # fmt: skip
-        return
-    console.print(f"[bold]text:[/] {reply.text}")
-    console.print(f"speech: {out} ({seconds:.2f} s at {reply.sample_rate} Hz); prompt {reply.prompt_tokens} tokens, "
-                  + ", ".join(f"{k} {v:.0f} ms" for k, v in reply.timings_ms.items()))  # fmt: skip
-
-
 @app.command("quant-report")
 def quant_report(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="checkpoint directory; default: the built-in demo"),
@@ -413,6 +375,10 @@ def parity(bundle: Path = typer.Argument(..., help="bundle directory"), as_json:
         err.print(f"[red]{r.component}: {'; '.join(r.failures)}[/]", soft_wrap=True)
     if failed:
         raise typer.Exit(EXIT_PARITY)
+
+
+# The runtime's commands (run, profile) live in their own module; importing it registers them.
+from omni_export import cli_runtime as _cli_runtime  # noqa: E402,F401
 
 
 def main() -> None:

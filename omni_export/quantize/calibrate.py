@@ -71,15 +71,19 @@ def photo_path() -> Path:
 @cache
 def speech(sample_rate: int = 16000) -> tuple[np.ndarray, ...]:
     """Spoken sentences from espeak-ng, resampled to ``sample_rate``."""
-    if shutil.which("espeak-ng") is None:
-        raise CalibrationError("calibration speech needs espeak-ng: apt-get install espeak-ng (or quantize with method = rtn)")
     out = []
     with tempfile.TemporaryDirectory() as d:
         for i, sentence in enumerate(SPOKEN):
-            wav = Path(d) / f"{i}.wav"
-            subprocess.run(["espeak-ng", "-w", str(wav), sentence], check=True, capture_output=True)
-            out.append(read_audio(wav, sample_rate))
+            out.append(read_audio(say(sentence, Path(d) / f"{i}.wav"), sample_rate))
     return tuple(out)
+
+
+def say(sentence: str, wav: Path) -> Path:
+    """Real speech for calibration, tests and demos: espeak-ng speaks ``sentence`` into ``wav``."""
+    if shutil.which("espeak-ng") is None:
+        raise CalibrationError("speech input needs espeak-ng: apt-get install espeak-ng (or quantize with method = rtn)")
+    subprocess.run(["espeak-ng", "-w", str(wav), sentence], check=True, capture_output=True)
+    return wav
 
 
 @dataclass

@@ -1,0 +1,77 @@
+"""What the device could do at best, beside what was measured.
+
+A call cannot beat reading its weights once from memory (bytes / bandwidth), nor its matmuls at
+the device's peak (2 x params x positions / peak). The larger of the two is the call's floor;
+a latency report shows measured / floor per stage. Both are floors, not predictions: caches,
+kernel efficiency and the runtime's own work sit between them and the measurement. Positions are
+the symbolic dims of the call's first input (tokens, frames, mel frames), which over-counts
+for encoders that subsample (Whisper's frames are 2x its tokens), so their compute floor errs high
+by that factor at most; the bandwidth floor has no such caveat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omni_export.profiles import Profile
+
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "w8a8": 1.0, "int4": 0.5}
+# Methods that read a row or two, not the component's weights: no meaningful floor.
+NO_FLOOR = ("embed", "reset_cache", "speaker", "embed_text", "embed_speech", "embed_special", "embed_codes")
+
+
+@dataclass(frozen=True)
+class Weights:
+    bytes: float  # weights a full call reads (the LLM's embedding table excluded)
+    params: float
+    quantized: bool
+
+
+def bundle_weights(bundle: Path, manifest: dict[str, Any]) -> dict[str, Weights]:
+    """From artifact sizes; params estimated from the component's precision."""
+    out = {}
+    for name, c in manifest["components"].items():
+        size = float((Path(bundle) / c["file"]).stat().st_size)
+        precision = c.get("precision", "fp32")
+        per = BYTES_PER_PARAM.get(precision.split("-")[0], 4.0)
+        if name == "llm":  # the export unties the head: one fp32 table copy serves `embed`, a row per token
+            llm = manifest["model"]["llm"]
+            size -= llm["vocab_size"] * llm["hidden_size"] * 4.0
+        out[name] = Weights(size, size / per, per < 2)
+    return out
+
+
+def module_weights(components: dict[str, Any]) -> dict[str, Weights]:
+    """Exact, from eager modules."""
+    out = {}
+    for name, m in components.items():
+        params = sum(p.numel() for p in m.parameters())
+        size = float(sum(p.numel() * p.element_size() for p in m.parameters()))
+        if name == "llm" and getattr(m, "lm_head", None) is not None:  # a tied table is read whole as the head
+            emb = m.model.embed_tokens.weight
+            params, size = params - emb.numel(), size - emb.numel() * emb.element_size()
+        out[name] = Weights(size, float(params), False)
+    return out
+
+
+def add_floors(report: dict[str, Any], profile: Profile, weights: dict[str, Weights]) -> dict[str, Any]:
+    bw = profile.bandwidth_gbs * 1e9
+    floors = {}
+    for stage, s in report["stages"].items():
+        component, method = stage.split(".", 1)
+        w = weights.get(component)
+        if w is None or method in NO_FLOOR or not w.params:  # a front end without weights (STFT) has no such floor
+            continue
+        peak = (profile.peak_int8_tops if w.quantized else profile.peak_fp16_tflops) * 1e12
+        mem = w.bytes / bw
+        compute = 2 * w.params * (s["positions_p50"] or 1) / peak
+        floors[stage] = {"floor_ms": max(mem, compute) * 1000, "bound": "memory" if mem >= compute else "compute",
+                         "measured_over_floor": (s["p50_ms"] / (max(mem, compute) * 1000)) if s["p50_ms"] else None}  # fmt: skip
+    llm = weights.get("llm")
+    report["roofline"] = {
+        "profile": profile.name, "device": profile.description, "bandwidth_gbs": profile.bandwidth_gbs,
+        "peak_fp16_tflops": profile.peak_fp16_tflops, "peak_int8_tops": profile.peak_int8_tops,
+        "decode_tok_s_ceiling": bw / llm.bytes if llm else None, "stages": floors,
+    }  # fmt: skip
+    return report
