@@ -1,0 +1,200 @@
+"""The streaming pipeline on the tiny families (eager reference): multi-turn KV reuse, barge-in,
+seamless streamed speech, VAD, incremental audio encoding, and its input errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from omni_export.api import eager_pipeline
+from omni_export.errors import (
+    AudioInputError,
+    ContextOverflowError,
+    ImageInputError,
+    InputError,
+)
+from omni_export.runtime_py.audio import read_audio
+from omni_export.runtime_py.events import AudioChunk, Stats, TextDelta
+from omni_export.runtime_py.prompt import chat_prompt, next_turn
+from omni_export.runtime_py.speech import CosyVoice2Stream, VitaCodecStream
+from omni_export.runtime_py.vad import EnergyVAD
+
+FAMILIES = ("interactiveomni", "vita15")
+QUESTIONS = ("Name three colours.", "And two animals?", "Which one is the largest?")
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny):
+    return {f: eager_pipeline(ck, max_context=512) for f, ck in tiny.items()}
+
+
+def turn(p, text, **kw):
+    p.add_text(text)
+    events = list(p.respond_stream(**kw))
+    assert isinstance(events[-1], Stats) and not any(isinstance(e, Stats) for e in events[:-1])
+    return events, events[-1]
+
+
+def ids_of(p, text):
+    return p.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_three_turns_keep_the_cache_and_equal_one_long_prefill(pipes, family):
+    """Turns 2 and 3 prefill only their own tokens; the answer of turn 3 equals greedy decoding
+    after prefilling the whole transcript at once on a fresh cache."""
+    p = pipes[family]
+    p.reset()
+    system = p.config["prompt"]["system"]
+    transcript, outs = [], []
+    for i, q in enumerate(QUESTIONS):
+        start = len(p.recorder.spans)
+        events, stats = turn(p, q, max_new_tokens=6, speech=False)
+        new = ids_of(p, chat_prompt(q, system) if i == 0 else next_turn(q))
+        prefilled = sum(s.positions for s in p.recorder.spans[start:] if s.stage == "llm.prefill")
+        assert stats.prompt_tokens == len(new) == prefilled
+        out = [e.token_id for e in events if isinstance(e, TextDelta)]
+        transcript += new + out
+        outs.append(out)
+        assert stats.position == len(transcript) == p.position
+    assert len(ids_of(p, next_turn(QUESTIONS[1]))) < len(ids_of(p, chat_prompt(QUESTIONS[1], system)))
+
+    p.reset()
+    ids = transcript[: len(transcript) - len(outs[-1])]
+    logits = p.llm.feed(p.sessions["llm"].run("embed", [torch.tensor([ids])])[0])[0]
+    greedy = []
+    for _ in outs[-1]:
+        greedy.append(int(logits[0, -1].argmax()))
+        logits = p.llm.feed(p.sessions["llm"].run("embed", [torch.tensor([[greedy[-1]]])])[0])[0]
+    assert greedy == outs[-1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_barge_in_stops_audio_within_one_chunk_and_the_next_turn_goes_on(pipes, family):
+    p = pipes[family]
+    p.reset()
+    p.add_text("Tell me a long story about a cat and a dog.")
+    after, shown, chunks = [], [], 0
+    for ev in p.respond_stream(max_new_tokens=60):
+        if chunks:
+            after.append(ev)
+        if isinstance(ev, TextDelta):
+            shown.append(ev.token_id)
+        if isinstance(ev, AudioChunk):
+            chunks += 1
+            p.interrupt()
+    stats = after[-1]
+    assert chunks == 1 and isinstance(stats, Stats) and stats.interrupted
+    assert not any(isinstance(e, (AudioChunk, TextDelta)) for e in after)  # nothing after the barge-in
+    assert stats.new_tokens == len(shown) < 60
+    assert p.position == stats.prompt_tokens + len(shown)  # the cache holds exactly what was shown
+    before = p.position
+    events, nxt = turn(p, "Stop. What is two plus two?", max_new_tokens=5)
+    assert not nxt.interrupted and nxt.prompt_tokens == len(ids_of(p, next_turn("Stop. What is two plus two?")))
+    assert p.position == before + nxt.prompt_tokens + nxt.new_tokens
+
+
+def test_streamed_speech_equals_one_shot_synthesis(pipes):
+    """CosyVoice2: streamed mel equals one flow solve over all tokens (chunk-causal), and the
+    streamed PCM equals one vocoder call over all mel: the seams add nothing (no clicks)."""
+    p = pipes["interactiveomni"]
+    g = torch.Generator().manual_seed(1)
+    st = CosyVoice2Stream(p, 0)
+    pieces = [x for i in range(30) for x in st.push(i, torch.randn(1, 1, p.config["llm"]["hidden_size"], generator=g))]
+    streamed_before_finish = len(pieces)
+    pieces += list(st.finish())
+    assert streamed_before_finish >= 2  # audio came out while text was still arriving
+    pcm = np.concatenate(pieces)
+    mu = p.sessions["flow"].run("encode", [torch.tensor([st.tokens])])[0]
+    assert mu.shape[-1] == st.mel.shape[-1] == len(pcm) // p.config["speech"]["vocoder_hop"]
+    one_shot = p.sessions["vocoder"].run("forward", [st.mel])[0][0].numpy()
+    assert np.abs(pcm - one_shot).max() < 1e-4 * max(1.0, np.abs(one_shot).max())
+    assert np.sqrt(np.mean(one_shot**2)) > 1e-3  # there is sound to compare
+
+
+def test_streamed_mel_equals_one_flow_solve(tiny, pipes):
+    p = pipes["interactiveomni"]
+    g = torch.Generator().manual_seed(2)
+    st = CosyVoice2Stream(p, 3)
+    for i in range(25):
+        list(st.push(i, torch.randn(1, 1, p.config["llm"]["hidden_size"], generator=g)))
+    list(st.finish())
+    flow = tiny["interactiveomni"].components["flow"]
+    with torch.no_grad():
+        mu = flow.encode(torch.tensor([st.tokens]))
+        mel = flow.solve(mu, st.spks, st.noise[..., : mu.shape[-1]])
+    assert torch.allclose(mel, st.mel, atol=1e-4), (mel - st.mel).abs().max()
+
+
+def test_vita_segments_join_without_steps(pipes):
+    p = pipes["vita15"]
+    st = VitaCodecStream(p, 0)
+    pieces = [x for i in range(40) for x in st.push(100 + i, torch.zeros(1))] + list(st.finish())
+    assert len(pieces) >= 2
+    for x in pieces:  # every seam starts and ends at silence
+        assert abs(x[0]) < 0.02 * np.abs(x).max() + 1e-6 and abs(x[-1]) < 0.02 * np.abs(x).max() + 1e-6
+
+
+def test_vad_ends_the_turn_after_the_speech(speech_wav):
+    sr = 16000
+    wav = np.concatenate([np.zeros(sr // 2, np.float32), read_audio(speech_wav, sr), np.zeros(sr * 2, np.float32)])
+    voiced = np.flatnonzero(np.abs(wav) > 0.02)
+    speech_end = voiced[-1] / sr
+    vad, step = EnergyVAD(sr), int(0.16 * sr)
+    ended_at = next(k / sr for k in range(0, len(wav), step) if vad.push(wav[k : k + step]))
+    assert speech_end < ended_at <= speech_end + vad.cfg.hangover_ms / 1000 + 0.2
+    quiet = EnergyVAD(sr)
+    assert not quiet.push(np.zeros(sr * 3, np.float32))  # silence alone never ends a turn
+
+
+def test_audio_is_encoded_window_by_window_while_it_arrives(tiny, speech_wav):
+    p = eager_pipeline(tiny["interactiveomni"], max_context=512, audio_window_frames=100)  # 1 s windows
+    spoken = read_audio(speech_wav, 16000)
+    wav = np.concatenate([spoken, spoken, spoken])[: int(2.5 * 16000)]
+    step = int(0.16 * 16000)
+    for k in range(0, len(wav), step):
+        p.push_audio(wav[k : k + step])
+    encoded_before_end = sum(s.stage == "audio_encoder.forward" for s in p.recorder.spans)
+    p.end_turn()
+    windows = [s for s in p.recorder.spans if s.stage == "audio_encoder.forward"]
+    assert encoded_before_end == 2 and len(windows) == 3  # only the last half second is left for the end
+    offline = torch.cat([p.encode_audio(wav[i : i + 16000]) for i in range(0, len(wav), 16000)])
+    assert torch.allclose(torch.cat(p._turn.audio_tokens), offline)
+    default = eager_pipeline(tiny["interactiveomni"], max_context=512)
+    default.push_audio(wav)
+    assert not any(s.stage == "audio_encoder.forward" for s in default.recorder.spans)  # Whisper: one 30 s window
+
+
+def test_bad_inputs_are_clear_errors(pipes, tmp_path):
+    p = pipes["vita15"]
+    p.reset()
+    with pytest.raises(AudioInputError, match="empty"):
+        p.push_audio(np.zeros(0, np.float32))
+    with pytest.raises(AudioInputError, match="cannot be resampled"):
+        p.push_audio(np.zeros(1000, np.float32), sample_rate=1_000_000)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ImageInputError, match="cannot decode image"):
+        p.add_image(bad)
+    with pytest.raises(InputError, match="nothing to answer"):
+        list(p.respond_stream())
+
+
+def test_context_policy_error_keeps_the_conversation_and_reset_drops_it(tiny, pipes):
+    first_q, second_q, new = "Hello there.", "Please go on with a longer answer.", 20
+    probe = pipes["interactiveomni"]
+    probe.reset()
+    turn(probe, first_q, max_new_tokens=new, speech=False)
+    context = probe.position + len(ids_of(probe, next_turn(second_q))) + new - 1  # turn 2 misses by one position
+    assert len(ids_of(probe, chat_prompt(second_q, probe.config["prompt"]["system"]))) + new <= context  # alone it fits
+
+    p = eager_pipeline(tiny["interactiveomni"], max_context=context)
+    turn(p, first_q, max_new_tokens=new, speech=False)
+    position = p.position
+    p.add_text(second_q)
+    with pytest.raises(ContextOverflowError, match="Call reset"):
+        list(p.respond_stream(max_new_tokens=new, speech=False))
+    assert p.position == position  # nothing was changed
+    q = eager_pipeline(tiny["interactiveomni"], max_context=context, context_policy="reset")
+    turn(q, first_q, max_new_tokens=new, speech=False)
+    _, second = turn(q, second_q, max_new_tokens=new, speech=False)
+    assert second.context_reset and second.position == second.prompt_tokens + second.new_tokens
