@@ -57,10 +57,17 @@ def run(
     if turns is not None and (audio or image or text):
         _fail(ValueError("give either --turns or --audio/--image/--text, not both"))
     pcm: list[np.ndarray] = []
+    tokens: list[list[int]] = []
 
     def show(i: int, ev) -> None:  # type: ignore[no-untyped-def]
-        if isinstance(ev, TextDelta) and not as_json:
-            console.print(ev.text, end="", soft_wrap=True, markup=False, highlight=False)
+        if isinstance(ev, TextDelta):
+            if len(tokens) <= i:
+                tokens.append([])
+                if not as_json:
+                    console.print(f"[bold]turn {i + 1} text:[/] ", end="")
+            tokens[i].append(ev.token_id)
+            if not as_json:
+                console.print(ev.text, end="", soft_wrap=True, markup=False, highlight=False)
         elif isinstance(ev, AudioChunk):
             pcm.append(ev.pcm)
 
@@ -82,7 +89,9 @@ def run(
                               f"{stats.new_tokens} tokens, TTFT {_ms(stats.ttft_ms)} ms, TTFA {_ms(stats.ttfa_ms)} ms, "
                               f"{stats.audio_s:.2f} s speech, RTF {_ms(stats.rtf and stats.rtf * 1000)}e-3"
                               + (", interrupted" if stats.interrupted else "") + (", history dropped" if stats.context_reset else "") + "[/]")  # fmt: skip
-            results.append(stats.to_dict())
+            while len(tokens) <= stats.turn:  # a turn that said nothing
+                tokens.append([])
+            results.append({**stats.to_dict(), "tokens": tokens[stats.turn]})
             pcm.append(silence(GAP_S, sr))
     except OmniExportError as exc:
         _fail(exc)
@@ -90,7 +99,9 @@ def run(
     audio_out = np.concatenate(pcm[:-1]) if len(pcm) > 1 else np.zeros(0, dtype=np.float32)
     write_wav(out, audio_out, sr)
     if as_json:
-        print(json.dumps({"turns": results, "wav": str(out), "seconds": len(audio_out) / sr, "sample_rate": sr}))
+        last = results[-1]  # the last turn's figures at the top level, for one-turn use
+        print(json.dumps({"text": last["text"], "tokens": last["tokens"], "prompt_tokens": last["prompt_tokens"], "turns": results,
+                          "wav": str(out), "seconds": len(audio_out) / sr, "sample_rate": sr}))  # fmt: skip
         return
     console.print(f"speech: {out} ({len(audio_out) / sr:.2f} s at {sr} Hz)")
 

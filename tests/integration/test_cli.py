@@ -45,7 +45,7 @@ def test_run_speaks_a_24k_reply(tiny_dirs, speech_wav, photo, tmp_path, family, 
 def test_run_prints_text(tiny_dirs, speech_wav, tmp_path):
     r = invoke("run", tiny_dirs["interactiveomni"], "--audio", speech_wav, "--out", tmp_path / "r.wav", "--max-new-tokens", "4")
     assert r.exit_code == 0, r.output
-    assert "text:" in r.output and "24000 Hz" in r.output
+    assert "turn 1 text:" in r.output and "24000 Hz" in r.output and "TTFT" in r.output
 
 
 @pytest.mark.parametrize("bad", ["empty", "garbage", "missing"])
