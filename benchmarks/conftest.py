@@ -40,3 +40,16 @@ def small_bundle(demo_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def eager_small(demo_checkpoint):
     return load_checkpoint(demo_checkpoint, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(demo_checkpoint):
+    """The demo checkpoint's android bundle at a preset (the main job's default is int4), built once into the cache."""
+
+    def get(preset: str) -> Path:
+        path = api.cache_dir() / f"bench-android-{preset}"
+        if not (path / "manifest.json").is_file():
+            build_bundle(get_profile("android"), demo_checkpoint, PRESETS.get(preset), path, overwrite=True)
+        return path
+
+    return get

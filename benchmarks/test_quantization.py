@@ -18,10 +18,7 @@ import torch
 from llm_decode import decode_tok_s, golden_prefill
 
 from omni_export.bundle import read_manifest
-from omni_export.compiler import build_bundle
 from omni_export.export.checkpoint import load_checkpoint
-from omni_export.files import cache_dir
-from omni_export.profiles import get_profile
 from omni_export.quantize.cache import quantize_checkpoint
 from omni_export.quantize.engine import apply_dequantized
 from omni_export.quantize.fixture import (
@@ -30,7 +27,6 @@ from omni_export.quantize.fixture import (
     token_stream,
     trained_checkpoint,
 )
-from omni_export.quantize.presets import PRESETS
 from omni_export.quantize.recipe import QuantConfig, QuantRecipe, QuantRule
 from omni_export.runtime_py.backends import open_session
 from omni_export.runtime_py.parity import DECISIVE_P, decisive, mean_kl, top1_agreement
@@ -86,16 +82,9 @@ def test_trained_fixture_perplexity(trained_demo):
     assert rows["int8"]["ppl"] < rows["int4-rtn"]["ppl"]
 
 
-def _bundle(demo_checkpoint, preset):
-    path = cache_dir() / f"bench-android-{preset}"
-    if not (path / "manifest.json").is_file():
-        build_bundle(get_profile("android"), demo_checkpoint, PRESETS.get(preset), path, overwrite=True)
-    return path
-
-
-def test_bundle_size_and_decode_speed_ratios(demo_checkpoint):
+def test_bundle_size_and_decode_speed_ratios(demo_bundle):
     presets = ("fp32", "int8", "int4")
-    bundles = {p: _bundle(demo_checkpoint, p) for p in presets}
+    bundles = {p: demo_bundle(p) for p in presets}
     sessions, inputs = {}, {}
     for p, root in bundles.items():
         comp = read_manifest(root)["components"]["llm"]

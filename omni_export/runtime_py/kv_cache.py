@@ -3,7 +3,8 @@
 *Stateful* sessions (ExecuTorch mutable buffers, Core ML states, the eager reference) keep the
 cache inside the artifact: ``reset`` zeroes it and each call writes at its positions. *Explicit*
 sessions (ONNX Runtime, TensorRT) take the cache as trailing inputs and return the updated cache
-as trailing outputs, 2 tensors (K, V) per layer shaped by the manifest's ``kv_cache`` entry.
+as trailing outputs, 2 tensors (K, V) per layer shaped by the manifest's ``kv_cache`` entry
+(``shape``, or [1, max_len, kv_heads, head_dim]).
 ``KVStack`` hides the difference and owns the one number both need: how many positions are
 filled."""
 
@@ -30,7 +31,7 @@ class KVStack:
         if self.session.stateful:
             self.session.reset()
         else:
-            shape = (1, self.kv["max_len"], self.kv["kv_heads"], self.kv["head_dim"])
+            shape = tuple(self.kv.get("shape") or (1, self.kv["max_len"], self.kv["kv_heads"], self.kv["head_dim"]))
             dtype = _DTYPES[self.kv.get("dtype", "float32")]
             self._cache = [torch.zeros(shape, dtype=dtype) for _ in range(2 * self.kv["layers"])]
 
