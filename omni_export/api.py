@@ -199,6 +199,20 @@ def open_runtime(path: str | Path, dtype: str = "fp32", max_context: int = 4096,
     return eager_pipeline(ckpt, max_context, **pipeline_kwargs), module_weights(ckpt.components), "host-cpu"
 
 
+def count_flops(pipeline, ckpt_path: str | Path, max_context: int = 4096) -> None:  # type: ignore[no-untyped-def]
+    """Put each eager method's flops_per_position into the pipeline's components, as the compiler
+    does into a bundle's manifest (one fp32 pass of every component's golden script)."""
+    from omni_export.export.golden import Context, method_flops
+    from omni_export.export.trace_specs import Limits
+
+    ckpt = load(ckpt_path)
+    context = min(max_context, ckpt.family.llm_config(ckpt.config).max_position_embeddings)
+    ctx = Context(ckpt.tokenizer, Limits(max_context=context, prefill_chunk=min(Limits.prefill_chunk, context)))
+    for name, module in ckpt.components.items():
+        for method, per in method_flops(module, ctx).items():
+            pipeline.components[name]["methods"][method]["flops_per_position"] = per
+
+
 def profile(path: str | Path, device: str = "local", runs: int = 3, script: str | Path | None = None, profile_name: str | None = None,
             dtype: str = "fp32", ssh=None, progress=None) -> dict:  # type: ignore[no-untyped-def]  # fmt: skip
     """Measure the latency of a scripted conversation on ``device`` (``local`` or
@@ -219,7 +233,11 @@ def profile(path: str | Path, device: str = "local", runs: int = 3, script: str 
     pipeline, weights, default_profile = open_runtime(path, dtype, progress=progress)
     report = measure(pipeline, parsed, runs, progress=progress)
     report["device"], report["source"] = "local", str(path)
-    return add_floors(report, get_profile(profile_name or default_profile), weights)
+    from omni_export.bundle import MANIFEST
+
+    if not (Path(path) / MANIFEST).is_file():
+        count_flops(pipeline, path)  # after measuring: the counting pass must not warm anything
+    return add_floors(report, get_profile(profile_name or default_profile), weights, pipeline.components)
 
 
 def write_latency_report(report: dict, out: str | Path) -> tuple[Path, Path]:

@@ -24,7 +24,7 @@ from omni_export.bundle.readme import render
 from omni_export.errors import OmniExportError
 from omni_export.export.checkpoint import load_checkpoint
 from omni_export.export.components.qwen import QwenModel
-from omni_export.export.golden import Context, make_golden
+from omni_export.export.golden import Context, flops_per_position, make_golden
 from omni_export.export.trace import prepare, trace_component
 from omni_export.export.trace_specs import Limits
 from omni_export.files import atomic_write_text, replace_dir
@@ -155,7 +155,7 @@ def build_bundle(
             # The float module is the reference: golden I/O comes before any weight is encoded.
             step(name, "golden I/O")
             t0 = time.perf_counter()
-            calls, io = make_golden(module, gctx)
+            calls, io, script, flops = make_golden(module, gctx)
             write_golden(tmp / "golden" / f"{name}.npz", calls)
             t["golden_s"] = time.perf_counter() - t0
             qtensors = quant.for_component(name) if quant else {}
@@ -181,7 +181,7 @@ def build_bundle(
             spec = ckpt.specs[name]
             components[name] = {
                 "file": artifact.file, "backend": artifact.backend, "description": spec.description,
-                "methods": {s.name: s.manifest() for s in traced.specs.values()},
+                "methods": _with_flops({s.name: s.manifest() for s in traced.specs.values()}, script, flops),
                 "kv_cache": _kv_layout(module, target.kv_layout()), "golden": f"golden/{name}.npz", "precision": precision if qtensors else "fp32",
                 "quant": _quant_summary(qtensors, target.quant_activation),
                 "delegation": {m: {"delegated_nodes": d.delegated_nodes, "portable_nodes": d.portable_nodes, "subgraphs": d.subgraphs,
@@ -252,3 +252,10 @@ def _finish(tmp: Path, ckpt, profile: Profile, recipe: QuantRecipe, precision: s
         p.relative_to(tmp).as_posix(): file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST
     }
     atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+
+
+def _with_flops(methods: dict[str, dict], script, flops: list[int]) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+    """Each method's operations per position, counted on the float module's golden calls: the
+    runtime's compute roofline reads it from the manifest."""
+    per = flops_per_position(script, flops, methods)
+    return {m: {**spec, "flops_per_position": per[m]} if m in per else spec for m, spec in methods.items()}

@@ -192,17 +192,63 @@ def _to_np(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().numpy() if x.is_floating_point() else x.detach().numpy()
 
 
-def make_golden(module: nn.Module, ctx: Context) -> tuple[list[GoldenCall], dict[str, tuple[list[str], list[str]]]]:
-    """Golden calls for one fp32 eager component, with fp32 and fp16 reference outputs."""
+def _counted(sess: EagerSession, script: Script) -> tuple[list[list[torch.Tensor]], list[int]]:
+    """Run a script, counting each call's floating-point operations against weights: linear
+    layers (mm, addmm) and convolutions. Attention's batched matmuls (bmm, sdpa) are left out: the
+    reference attends over its whole static KV cache where a device kernel reads only the filled
+    prefix, so counting them would lift the floor above what a device must do."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    outs, flops = [], []
+    for method, inputs in script:
+        with FlopCounterMode(display=False) as counter:
+            outs.append(sess.run(method, inputs))
+        per_op = counter.get_flop_counts().get("Global", {})
+        flops.append(int(sum(n for op, n in per_op.items() if not any(k in str(op) for k in ("bmm", "scaled_dot_product")))))
+    return outs, flops
+
+
+def flops_per_position(script: Script, flops: list[int], methods: dict[str, dict]) -> dict[str, float]:
+    """method -> operations per position of its first input's symbolic dims (tokens, frames,
+    tiles), averaged over the script's calls: what a compute roofline multiplies a call's
+    positions by."""
+    from omni_export.runtime_py.timing import symbolic_axes
+
+    axes = symbolic_axes({"methods": methods})
+    per: dict[str, list[float]] = {}
+    for (method, inputs), f in zip(script, flops, strict=True):
+        n = 1
+        for a in axes.get(method, []):
+            n *= int(inputs[0].shape[a])
+        per.setdefault(method, []).append(f / max(n, 1))
+    return {m: float(np.mean(v)) for m, v in per.items()}
+
+
+def method_flops(module: nn.Module, ctx: Context) -> dict[str, float]:
+    """flops_per_position for an eager component (a checkpoint run without a bundle)."""
+    ref32, _ = eager_session(module, ctx.limits)
+    _, specs = eager_methods(module, ctx.limits)
+    with torch.inference_mode():
+        script = SCRIPTS.lookup(module)(module, ctx, ref32)
+        ref32.reset()
+        _, flops = _counted(ref32, script)
+        ref32.reset()
+    return flops_per_position(script, flops, {s.name: s.manifest() for s in specs})
+
+
+def make_golden(module: nn.Module, ctx: Context) -> tuple[list[GoldenCall], dict[str, tuple[list[str], list[str]]], Script, list[int]]:
+    """Golden calls for one fp32 eager component, with fp32 and fp16 reference outputs; also the
+    script and each call's operation count (for the roofline)."""
     ref32, io = eager_session(module, ctx.limits)
     with torch.inference_mode():
         script = SCRIPTS.lookup(module)(module, ctx, ref32)
         half = copy.deepcopy(module).half()
         ref16, _ = eager_session(half, ctx.limits)
         outs = {}
-        for prec, sess in (("fp32", ref32), ("fp16", ref16)):
-            sess.reset()  # the fp16 session casts inputs itself
-            outs[prec] = [sess.run(method, inputs) for method, inputs in script]
+        ref32.reset()
+        outs["fp32"], flops = _counted(ref32, script)
+        ref16.reset()  # the fp16 session casts inputs itself
+        outs["fp16"] = [ref16.run(method, inputs) for method, inputs in script]
         ref32.reset()
     calls = []
     for i, (method, inputs) in enumerate(script):
@@ -212,4 +258,4 @@ def make_golden(module: nn.Module, ctx: Context) -> tuple[list[GoldenCall], dict
             {n: _to_np(x) for n, x in zip(in_names, inputs, strict=True)},
             {p: {n: _to_np(y) for n, y in zip(out_names, outs[p][i], strict=True)} for p in outs},
         ))  # fmt: skip
-    return calls, io
+    return calls, io, script, flops

@@ -1,12 +1,12 @@
 """What the device could do at best, beside what was measured.
 
-A call cannot beat reading its weights once from memory (bytes / bandwidth), nor its matmuls at
-the device's peak (2 x params x positions / peak). The larger of the two is the call's floor;
-a latency report shows measured / floor per stage. Both are floors, not predictions: caches,
-kernel efficiency and the runtime's own work sit between them and the measurement. Positions are
-the symbolic dims of the call's first input (tokens, frames, mel frames), which over-counts
-for encoders that subsample (Whisper's frames are 2x its tokens), so their compute floor errs high
-by that factor at most; the bandwidth floor has no such caveat."""
+A call cannot beat reading its weights once from memory (bytes / bandwidth), nor its operations
+at the device's peak. The larger of the two is the call's floor; a latency report shows
+measured / floor per stage. Both are floors, not predictions: caches, kernel efficiency and the
+runtime's own work sit between them and the measurement. Operations are counted at export on the
+float module's golden calls (torch's FlopCounterMode over linear layers and convolutions, so a
+vocoder's upsampling convolutions count as they run; attention is left out) per position of the call's first input (tokens,
+frames, tiles), and scaled by the call's positions."""
 
 from __future__ import annotations
 
@@ -55,19 +55,28 @@ def module_weights(components: dict[str, Any]) -> dict[str, Weights]:
     return out
 
 
-def add_floors(report: dict[str, Any], profile: Profile, weights: dict[str, Weights]) -> dict[str, Any]:
+def add_floors(report: dict[str, Any], profile: Profile, weights: dict[str, Weights], components: dict[str, Any]) -> dict[str, Any]:
+    """Floors beside each measured stage. Operations per call come from the manifest's
+    ``flops_per_position`` (counted on the float module's golden calls at export), times the
+    call's positions; without it, 2 x params x positions."""
     bw = profile.bandwidth_gbs * 1e9
     floors = {}
     for stage, s in report["stages"].items():
         component, method = stage.split(".", 1)
         w = weights.get(component)
-        if w is None or method in NO_FLOOR or not w.params:  # a front end without weights (STFT) has no such floor
+        if w is None or method in NO_FLOOR:
+            continue
+        per = components.get(component, {}).get("methods", {}).get(method, {}).get("flops_per_position")
+        positions = s["positions_p50"] or 1
+        ops = per * positions if per is not None else 2 * w.params * positions
+        if not ops and not w.bytes:
             continue
         peak = (profile.peak_int8_tops if w.quantized else profile.peak_fp16_tflops) * 1e12
-        mem = w.bytes / bw
-        compute = 2 * w.params * (s["positions_p50"] or 1) / peak
-        floors[stage] = {"floor_ms": max(mem, compute) * 1000, "bound": "memory" if mem >= compute else "compute",
-                         "measured_over_floor": (s["p50_ms"] / (max(mem, compute) * 1000)) if s["p50_ms"] else None}  # fmt: skip
+        mem, compute = w.bytes / bw, ops / peak
+        floor_ms = max(mem, compute) * 1000
+        floors[stage] = {"floor_ms": floor_ms, "bound": "memory" if mem >= compute else "compute", "ops": ops,
+                         "ops_source": "counted" if per is not None else "2 x params",
+                         "measured_over_floor": s["p50_ms"] / floor_ms if s["p50_ms"] and floor_ms else None}  # fmt: skip
     llm = weights.get("llm")
     report["roofline"] = {
         "profile": profile.name, "device": profile.description, "bandwidth_gbs": profile.bandwidth_gbs,
