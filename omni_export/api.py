@@ -48,8 +48,14 @@ def load(path: str | Path, dtype: str = "fp32", progress: Callable[[str], None] 
     return load_checkpoint(path, DTYPES[dtype], progress=progress)
 
 
-def eager_pipeline(ckpt: Checkpoint, max_context: int = 4096, **pipeline_kwargs):  # type: ignore[no-untyped-def]  # -> Pipeline
-    """The reference: the checkpoint's eager modules behind the same Pipeline a bundle uses."""
+def eager_pipeline(ckpt: Checkpoint, max_context: int = 4096, device: str = "cpu", **pipeline_kwargs):  # type: ignore[no-untyped-def]  # -> Pipeline
+    """The reference: the checkpoint's eager modules (on ``device``: cpu or cuda) behind the same
+    Pipeline a bundle uses."""
+    if device != "cpu":
+        if not torch.cuda.is_available():
+            raise OmniExportError(f"--torch-device {device}: this machine has no CUDA device; use cpu")
+        for module in ckpt.components.values():
+            module.to(device)
     from omni_export.export.golden import eager_methods
     from omni_export.export.trace_specs import Limits
     from omni_export.runtime_py.pipeline import Pipeline
@@ -184,7 +190,7 @@ def profile_script(max_new_tokens: int = 24) -> Path:
     return path / "script.toml"
 
 
-def open_runtime(path: str | Path, dtype: str = "fp32", max_context: int = 4096, progress=None, **pipeline_kwargs):  # type: ignore[no-untyped-def]
+def open_runtime(path: str | Path, dtype: str = "fp32", max_context: int = 4096, progress=None, device: str = "cpu", **pipeline_kwargs):  # type: ignore[no-untyped-def]
     """(Pipeline, weights for the roofline, default profile name) for a bundle or a checkpoint."""
     from omni_export.bundle import MANIFEST, read_manifest
     from omni_export.profiles.roofline import bundle_weights, module_weights
@@ -196,7 +202,7 @@ def open_runtime(path: str | Path, dtype: str = "fp32", max_context: int = 4096,
         m = read_manifest(path)
         return pipeline, bundle_weights(path, m), m["profile"]["name"]
     ckpt = load(path, dtype, progress)
-    return eager_pipeline(ckpt, max_context, **pipeline_kwargs), module_weights(ckpt.components), "host-cpu"
+    return eager_pipeline(ckpt, max_context, device, **pipeline_kwargs), module_weights(ckpt.components), "host-cpu"
 
 
 def count_flops(pipeline, ckpt_path: str | Path, max_context: int = 4096) -> None:  # type: ignore[no-untyped-def]
@@ -214,7 +220,7 @@ def count_flops(pipeline, ckpt_path: str | Path, max_context: int = 4096) -> Non
 
 
 def profile(path: str | Path, device: str = "local", runs: int = 3, script: str | Path | None = None, profile_name: str | None = None,
-            dtype: str = "fp32", ssh=None, progress=None) -> dict:  # type: ignore[no-untyped-def]  # fmt: skip
+            dtype: str = "fp32", ssh=None, progress=None, torch_device: str = "cpu") -> dict:  # type: ignore[no-untyped-def]  # fmt: skip
     """Measure the latency of a scripted conversation on ``device`` (``local`` or
     ``ssh://user@host[:port]``, see remote.py); the report gets roofline floors for
     ``profile_name`` (default: the bundle's profile; host-cpu for a checkpoint)."""
@@ -227,10 +233,10 @@ def profile(path: str | Path, device: str = "local", runs: int = 3, script: str 
     parsed = load_script(script_path)  # bad scripts fail here, before anything is copied
     target = parse_device(device)
     if target is not None:
-        report = remote_profile(target, Path(path), script_path.parent, script_path.name, runs, profile_name, dtype, ssh, progress)
+        report = remote_profile(target, Path(path), script_path.parent, script_path.name, runs, profile_name, dtype, ssh, progress, torch_device)
         report["device"] = device
         return report
-    pipeline, weights, default_profile = open_runtime(path, dtype, progress=progress)
+    pipeline, weights, default_profile = open_runtime(path, dtype, progress=progress, device=torch_device)
     report = measure(pipeline, parsed, runs, progress=progress)
     report["device"], report["source"] = "local", str(path)
     from omni_export.bundle import MANIFEST

@@ -30,6 +30,7 @@ def run(
     turns: Optional[Path] = typer.Option(None, "--turns", help="a multi-turn script (TOML, see runtime_py/script.py) instead of --audio/--image/--text"),
     out: Path = typer.Option(Path("reply.wav"), "--out", "-o", help="the spoken reply (24 kHz wav; turns joined by short silences)"),
     dtype: str = typer.Option("fp32", "--dtype", help="checkpoints: fp32 or fp16"),
+    torch_device: str = typer.Option("cpu", "--torch-device", help="checkpoints: cpu or cuda (the eager reference on a GPU)"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     max_context: int = typer.Option(4096, "--max-context", help="checkpoints: KV cache length"),
     chunk_ms: float = typer.Option(160.0, "--chunk-ms", help="microphone chunk size"),
@@ -78,7 +79,7 @@ def run(
             script = Script(turn=(TurnSpec(audio=str(audio) if audio else None, image=str(image) if image else None, text=text,
                                            max_new_tokens=max_new_tokens),), chunk_ms=chunk_ms, seed=seed).resolve(Path.cwd())  # fmt: skip
         script = replace(script, speech=script.speech and not no_speech)
-        pipeline, _, _ = _with_progress("loading", lambda cb: api.open_runtime(path, dtype, max_context, progress=cb,
+        pipeline, _, _ = _with_progress("loading", lambda cb: api.open_runtime(path, dtype, max_context, progress=cb, device=torch_device,
                                                                                 context_policy=context_policy))  # fmt: skip
         results = []
         for stats in play(pipeline, script, show):
@@ -115,6 +116,7 @@ def profile(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="directory for reports/latency.json and .png (default: profile-<name>)"),
     profile_name: Optional[str] = typer.Option(None, "--profile", help="device profile for the roofline (default: the bundle's)"),
     dtype: str = typer.Option("fp32", "--dtype", help="checkpoints: fp32 or fp16"),
+    torch_device: str = typer.Option("cpu", "--torch-device", help="checkpoints: cpu or cuda"),
     identity: Optional[Path] = typer.Option(None, "--identity", help="ssh: private key"),
     ssh_opt: list[str] = typer.Option([], "--ssh-opt", help="ssh: an -o option (repeatable), e.g. StrictHostKeyChecking=accept-new"),
     remote_python: str = typer.Option("python3", "--remote-python", help="ssh: the device's Python (with torch and the backend runtime)"),
@@ -130,11 +132,12 @@ def profile(
     out = out or Path(f"profile-{path.resolve().name}")
     try:
         if quiet:
-            report = api.profile(path, device, runs, script, profile_name, dtype, ssh)
+            report = api.profile(path, device, runs, script, profile_name, dtype, ssh, torch_device=torch_device)
         else:
             with _spinner("profiling") as prog:
                 task = prog.add_task("starting")
-                report = api.profile(path, device, runs, script, profile_name, dtype, ssh, lambda s: prog.update(task, description=s))
+                report = api.profile(path, device, runs, script, profile_name, dtype, ssh, lambda s: prog.update(task, description=s),
+                                     torch_device)  # fmt: skip
         js, png = api.write_latency_report(report, out)
     except OmniExportError as exc:
         _fail(exc)

@@ -88,7 +88,8 @@ def _pack(entries: dict[str, Path]) -> bytes:
 
 
 def remote_profile(target: SSHTarget, model: Path, script_dir: Path, script_name: str, runs: int, profile_name: str | None,
-                   dtype: str, opts: SSHOptions | None = None, progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+                   dtype: str, opts: SSHOptions | None = None, progress: Callable[[str], None] | None = None,
+                   torch_device: str = "cpu") -> dict:  # fmt: skip
     import omni_export
 
     opts = opts or SSHOptions()
@@ -102,7 +103,7 @@ def remote_profile(target: SSHTarget, model: Path, script_dir: Path, script_name
         payload = _pack({"pkg/omni_export": Path(omni_export.__file__).parent, "model": model, "script": script_dir})
         _ssh(target, opts, f"tar -xf - -C {shlex.quote(work)}", stdin=payload)
         argv = [opts.python, "-m", "omni_export", "profile", f"{work}/model", "--device", "local", "--runs", str(runs),
-                "--script", f"{work}/script/{script_name}", "--out", f"{work}/out", "--dtype", dtype, "--quiet"]  # fmt: skip
+                "--script", f"{work}/script/{script_name}", "--out", f"{work}/out", "--dtype", dtype, "--torch-device", torch_device, "--quiet"]  # fmt: skip
         if profile_name:
             argv += ["--profile", profile_name]
         step(f"profiling on {target.destination} ({runs} runs after a warm-up)")

@@ -60,8 +60,9 @@ def eager_methods(module: nn.Module, limits: Limits) -> tuple[EagerSession, list
             if isinstance(m, QwenModel) and m.cache_len:
                 m.reset_cache()
 
-    dtype = next((p.dtype for p in module.parameters()), None)
-    return EagerSession({s.name: s.module for s in specs}, reset, dtype), specs
+    first = next(module.parameters(), None)
+    dtype, device = (None, None) if first is None else (first.dtype, first.device)
+    return EagerSession({s.name: s.module for s in specs}, reset, dtype, device), specs
 
 
 def voiced_signal(seconds: float, sr: int = 16000) -> torch.Tensor:

@@ -66,8 +66,12 @@ class Reply:
 class _Turn:
     """What the user has given so far this turn."""
 
-    samples: list[np.ndarray] = field(default_factory=list)
-    pending: int = 0  # samples not yet encoded
+    unencoded: list[np.ndarray] = field(default_factory=list)  # audio not yet through the encoder
+
+    @property
+    def pending(self) -> int:
+        return sum(len(x) for x in self.unencoded)
+
     audio_tokens: list[torch.Tensor] = field(default_factory=list)
     image_tokens: list[torch.Tensor] = field(default_factory=list)
     text: str = ""
@@ -147,8 +151,7 @@ class Pipeline:
         sr = self.config["audio_sample_rate"]
         wav = prepare_audio(samples, sample_rate or sr, sr, source="audio chunk")
         turn = self._turn
-        turn.samples.append(wav)
-        turn.pending += len(wav)
+        turn.unencoded.append(wav)
         window = self.window * sr // FRAMES_PER_S
         while turn.pending >= window:
             self._encode_pending(window)
@@ -156,11 +159,9 @@ class Pipeline:
 
     def _encode_pending(self, n: int) -> None:
         turn = self._turn
-        everything = np.concatenate(turn.samples)
-        turn.samples = [everything]
-        seg = everything[len(everything) - turn.pending : len(everything) - turn.pending + n]
-        turn.pending -= n
-        turn.audio_tokens.append(self.encode_audio(seg))
+        pending = np.concatenate(turn.unencoded)
+        turn.unencoded = [pending[n:]] if len(pending) > n else []
+        turn.audio_tokens.append(self.encode_audio(pending[:n]))
 
     def add_image(self, image: str | Path | Any, max_tiles: int | None = None) -> int:
         """Encode an image (a path or a PIL image) for this turn; a video is its frames, each with

@@ -246,3 +246,17 @@ def test_explicit_cache_backends_hold_the_same_conversation(tiny, pipes):
     p = Pipeline(sessions, components, base.config, base.tokenizer, base.assets)
     got = [[e.token_id for e in turn(p, q, max_new_tokens=5, speech=False)[0] if isinstance(e, TextDelta)] for q in QUESTIONS]
     assert got == expected and p.llm._cache and p.position == ref.position
+
+
+@pytest.mark.gpu
+def test_eager_reference_on_cuda_matches_cpu(tiny_dirs):
+    """The GPU reference (fp32 on CUDA) answers with the CPU's greedy tokens and speech length."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (the lent GPU machine; never CI)")
+    from omni_export.api import load
+
+    cpu = eager_pipeline(load(tiny_dirs["interactiveomni"]), max_context=256)
+    gpu = eager_pipeline(load(tiny_dirs["interactiveomni"]), max_context=256, device="cuda")
+    a = cpu.respond(text="Name three colours.", max_new_tokens=8)
+    b = gpu.respond(text="Name three colours.", max_new_tokens=8)
+    assert a.token_ids == b.token_ids and b.audio.size > 0

@@ -13,12 +13,14 @@ class EagerSession(Session):
     backend = "eager"
 
     def __init__(self, methods: dict[str, Callable[..., object]], reset: Callable[[], None] | None = None,
-                 dtype: torch.dtype | None = None) -> None:  # fmt: skip
-        """``dtype``: the modules' float dtype; float inputs are cast to it and outputs back to fp32,
-        so callers feed the same tensors to every backend."""
+                 dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:  # fmt: skip
+        """``dtype``/``device``: the modules' float dtype and device (CUDA for the GPU reference);
+        inputs go there, outputs come back as fp32 on the CPU, so callers feed the same tensors to
+        every backend."""
         self._methods = methods
         self._reset = reset
         self._dtype = dtype
+        self._device = device if device is not None and torch.device(device).type != "cpu" else None
 
     @classmethod
     def open(cls, path):  # type: ignore[no-untyped-def]
@@ -32,9 +34,12 @@ class EagerSession(Session):
     def run(self, method: str, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self._dtype is not None and self._dtype != torch.float32:
             inputs = [x.to(self._dtype) if x.is_floating_point() else x for x in inputs]
+        if self._device is not None:
+            inputs = [x.to(self._device) for x in inputs]
         out = self._methods[method](*inputs)
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
-        return [o.float() if o.is_floating_point() else o for o in outs]
+        outs = [o.float() if o.is_floating_point() else o for o in outs]
+        return outs if self._device is None else [o.cpu() for o in outs]
 
     def reset(self) -> None:
         if self._reset is not None:
