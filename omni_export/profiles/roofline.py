@@ -3,7 +3,9 @@
 A call cannot beat reading its weights once from memory (bytes / bandwidth), nor its operations
 at the device's peak. The larger of the two is the call's floor; a latency report shows
 measured / floor per stage. Both are floors, not predictions: caches, kernel efficiency and the
-runtime's own work sit between them and the measurement. Operations are counted at export on the
+runtime's own work sit between them and the measurement; weights small enough to stay in the
+device's caches are read faster than its memory bandwidth, so a small model's decode can come in
+under its bandwidth floor (a ratio below 1 says just that). Operations are counted at export on the
 float module's golden calls (torch's FlopCounterMode over linear layers and convolutions, so a
 vocoder's upsampling convolutions count as they run; attention is left out) per position of the call's first input (tokens,
 frames, tiles), and scaled by the call's positions."""
