@@ -20,7 +20,10 @@ def render(manifest: dict[str, Any], parity: list[dict[str, Any]]) -> str:
         f"from a checkpoint with fingerprint `{m['source']['fingerprint'][:16]}...`.",
         "",
         "Check it before use: `omni-export verify .` (every file's sha256 against `manifest.json`). "
-        "Re-check numerics on any host with the backend: `omni-export parity .`.",
+        "Re-check numerics on any host with the backend: `omni-export parity .`. "
+        "Talk to it as the app will (audio streamed in chunks, speech out while the text decodes, multi-turn): "
+        "`omni-export run . --audio question.wav --out reply.wav`; measure it on the device: "
+        "`omni-export profile . --device ssh://user@device`.",
         "",
         "## Files",
         "",

@@ -249,6 +249,16 @@ class Pipeline:
         gen = torch.Generator().manual_seed(seed)
         out_ids: list[int] = []
         text, first_text, first_audio, audio_n, chunk_i = "", None, None, 0, 0
+
+        def play(pieces: Iterator[np.ndarray]) -> Iterator[AudioChunk]:
+            nonlocal first_audio, audio_n, chunk_i
+            for pcm in pieces:
+                if self._interrupted:  # barge-in: the piece in hand is never played
+                    return
+                ev = AudioChunk(pcm, cfg["output_sample_rate"], chunk_i, time.perf_counter())
+                first_audio, audio_n, chunk_i = first_audio or ev.t, audio_n + len(pcm), chunk_i + 1
+                yield ev
+
         for _ in range(max_new_tokens):
             if self._interrupted:
                 break
@@ -265,19 +275,9 @@ class Pipeline:
             first_text = first_text or ev.t
             yield ev
             if stream is not None and not self._interrupted:
-                for pcm in stream.push(tok, hidden):
-                    if self._interrupted:
-                        break
-                    ev = AudioChunk(pcm, cfg["output_sample_rate"], chunk_i, time.perf_counter())
-                    first_audio, audio_n, chunk_i = first_audio or ev.t, audio_n + len(pcm), chunk_i + 1
-                    yield ev
+                yield from play(stream.push(tok, hidden))
         if stream is not None and not self._interrupted and out_ids:
-            for pcm in stream.finish():
-                if self._interrupted:
-                    break
-                ev = AudioChunk(pcm, cfg["output_sample_rate"], chunk_i, time.perf_counter())
-                first_audio, audio_n, chunk_i = first_audio or ev.t, audio_n + len(pcm), chunk_i + 1
-                yield ev
+            yield from play(stream.finish())
         if first_audio is not None:
             self.recorder.mark("first_audio", first_audio)
         yield self._stats(turn, ids, out_ids, text, first_text, first_audio, audio_n, reset, stream)
