@@ -88,7 +88,7 @@ def run(
                 console.print()
                 console.print(f"[dim]turn {stats.turn + 1}: prompt {stats.prompt_tokens} new tokens (cache {stats.position}), "
                               f"{stats.new_tokens} tokens, TTFT {_ms(stats.ttft_ms)} ms, TTFA {_ms(stats.ttfa_ms)} ms, "
-                              f"{stats.audio_s:.2f} s speech, RTF {_ms(stats.rtf and stats.rtf * 1000)}e-3"
+                              f"{stats.audio_s:.2f} s speech, RTF " + ("-" if stats.rtf is None else f"{stats.rtf:.3f}")
                               + (", interrupted" if stats.interrupted else "") + (", history dropped" if stats.context_reset else "") + "[/]")  # fmt: skip
             while len(tokens) <= stats.turn:  # a turn that said nothing
                 tokens.append([])
