@@ -72,7 +72,7 @@ def measure_overhead(pipeline, script) -> dict:
 @pytest.mark.parametrize("backend", ["executorch-int4", "eager-fp32"])
 def test_streaming_latency_and_overhead(benchmark, demo_bundle, demo_checkpoint, backend):
     path = demo_bundle("int4") if backend.startswith("executorch") else demo_checkpoint
-    pipeline, _, _ = api.open_runtime(path)
+    pipeline = api.open_runtime(path).pipeline
     script = load_script(api.profile_script())
     runs = benchmark.pedantic(lambda: [measure_overhead(pipeline, script) for _ in range(REPEATS)], rounds=1, iterations=1)
     # Per turn, the median over the repeats: this host's neighbours make single runs swing by 30%.

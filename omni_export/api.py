@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -69,17 +70,6 @@ def eager_pipeline(ckpt: Checkpoint, max_context: int = 4096, device: str = "cpu
     config = ckpt.family.runtime_config(ckpt)
     config.update(max_context=limits.max_context, prefill_chunk=limits.prefill_chunk)
     return Pipeline(sessions, components, config, ckpt.tokenizer, ckpt.family.assets(ckpt), **pipeline_kwargs)
-
-
-def open_pipeline(path: str | Path, dtype: str = "fp32", max_context: int = 4096, progress=None):  # type: ignore[no-untyped-def]
-    """A bundle directory (has manifest.json) or a checkpoint directory, ready to respond."""
-    from omni_export.bundle import MANIFEST
-    from omni_export.runtime_py.pipeline import Pipeline
-
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        return Pipeline.from_bundle(path)
-    return eager_pipeline(load(path, dtype, progress), max_context)
 
 
 @dataclass(frozen=True)
@@ -190,8 +180,15 @@ def profile_script(max_new_tokens: int = 24) -> Path:
     return path / "script.toml"
 
 
-def open_runtime(path: str | Path, dtype: str = "fp32", max_context: int = 4096, progress=None, device: str = "cpu", **pipeline_kwargs):  # type: ignore[no-untyped-def]
-    """(Pipeline, weights for the roofline, default profile name) for a bundle or a checkpoint."""
+class Runtime(NamedTuple):
+    pipeline: Any  # runtime_py.pipeline.Pipeline
+    weights: dict  # component -> roofline Weights
+    profile: str  # the device profile its floors default to
+    checkpoint: Checkpoint | None  # the eager modules behind the pipeline; None for a bundle
+
+
+def open_runtime(path: str | Path, dtype: str = "fp32", max_context: int = 4096, progress=None, device: str = "cpu", **pipeline_kwargs) -> Runtime:  # type: ignore[no-untyped-def]
+    """A bundle (its artifacts, verified) or a checkpoint (the eager reference), ready to talk."""
     from omni_export.bundle import MANIFEST, read_manifest
     from omni_export.profiles.roofline import bundle_weights, module_weights
     from omni_export.runtime_py.pipeline import Pipeline
@@ -200,20 +197,21 @@ def open_runtime(path: str | Path, dtype: str = "fp32", max_context: int = 4096,
     if (path / MANIFEST).is_file():
         pipeline = Pipeline.from_bundle(path, **pipeline_kwargs)
         m = read_manifest(path)
-        return pipeline, bundle_weights(path, m), m["profile"]["name"]
+        return Runtime(pipeline, bundle_weights(path, m), m["profile"]["name"], None)
     ckpt = load(path, dtype, progress)
-    return eager_pipeline(ckpt, max_context, device, **pipeline_kwargs), module_weights(ckpt.components), "host-cpu"
+    pipeline = eager_pipeline(ckpt, max_context, device, **pipeline_kwargs)
+    return Runtime(pipeline, module_weights(ckpt.components), "host-cpu", ckpt)
 
 
-def count_flops(pipeline, ckpt_path: str | Path, max_context: int = 4096) -> None:  # type: ignore[no-untyped-def]
+def count_flops(pipeline, ckpt: Checkpoint) -> None:  # type: ignore[no-untyped-def]
     """Put each eager method's flops_per_position into the pipeline's components, as the compiler
-    does into a bundle's manifest (one fp32 pass of every component's golden script)."""
+    does into a bundle's manifest (one pass of every component's golden script, on the
+    pipeline's own modules and limits)."""
     from omni_export.export.golden import Context, method_flops
     from omni_export.export.trace_specs import Limits
 
-    ckpt = load(ckpt_path)
-    context = min(max_context, ckpt.family.llm_config(ckpt.config).max_position_embeddings)
-    ctx = Context(ckpt.tokenizer, Limits(max_context=context, prefill_chunk=min(Limits.prefill_chunk, context)))
+    cfg = pipeline.config
+    ctx = Context(ckpt.tokenizer, Limits(max_context=cfg["max_context"], prefill_chunk=cfg["prefill_chunk"]))
     for name, module in ckpt.components.items():
         for method, per in method_flops(module, ctx).items():
             pipeline.components[name]["methods"][method]["flops_per_position"] = per
@@ -236,14 +234,12 @@ def profile(path: str | Path, device: str = "local", runs: int = 3, script: str 
         report = remote_profile(target, Path(path), script_path.parent, script_path.name, runs, profile_name, dtype, ssh, progress, torch_device)
         report["device"] = device
         return report
-    pipeline, weights, default_profile = open_runtime(path, dtype, progress=progress, device=torch_device)
-    report = measure(pipeline, parsed, runs, progress=progress)
+    rt = open_runtime(path, dtype, progress=progress, device=torch_device)
+    report = measure(rt.pipeline, parsed, runs, progress=progress)
     report["device"], report["source"] = "local", str(path)
-    from omni_export.bundle import MANIFEST
-
-    if not (Path(path) / MANIFEST).is_file():
-        count_flops(pipeline, path)  # after measuring: the counting pass must not warm anything
-    return add_floors(report, get_profile(profile_name or default_profile), weights, pipeline.components)
+    if rt.checkpoint is not None:  # a bundle's manifest carries the counts; a checkpoint is counted now,
+        count_flops(rt.pipeline, rt.checkpoint)  # after measuring, so the counting pass warms nothing
+    return add_floors(report, get_profile(profile_name or rt.profile), rt.weights, rt.pipeline.components)
 
 
 def write_latency_report(report: dict, out: str | Path) -> tuple[Path, Path]:

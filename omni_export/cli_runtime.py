@@ -79,8 +79,8 @@ def run(
             script = Script(turn=(TurnSpec(audio=str(audio) if audio else None, image=str(image) if image else None, text=text,
                                            max_new_tokens=max_new_tokens),), chunk_ms=chunk_ms, seed=seed).resolve(Path.cwd())  # fmt: skip
         script = replace(script, speech=script.speech and not no_speech)
-        pipeline, _, _ = _with_progress("loading", lambda cb: api.open_runtime(path, dtype, max_context, progress=cb, device=torch_device,
-                                                                                context_policy=context_policy))  # fmt: skip
+        pipeline = _with_progress("loading", lambda cb: api.open_runtime(path, dtype, max_context, progress=cb, device=torch_device,
+                                                                          context_policy=context_policy)).pipeline  # fmt: skip
         results = []
         for stats in play(pipeline, script, show):
             sr = pipeline.config["output_sample_rate"]

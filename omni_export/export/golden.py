@@ -213,22 +213,18 @@ def flops_per_position(script: Script, flops: list[int], methods: dict[str, dict
     """method -> operations per position of its first input's symbolic dims (tokens, frames,
     tiles), averaged over the script's calls: what a compute roofline multiplies a call's
     positions by."""
-    from omni_export.runtime_py.timing import symbolic_axes
+    from omni_export.runtime_py.timing import positions, symbolic_axes
 
     axes = symbolic_axes({"methods": methods})
     per: dict[str, list[float]] = {}
     for (method, inputs), f in zip(script, flops, strict=True):
-        n = 1
-        for a in axes.get(method, []):
-            n *= int(inputs[0].shape[a])
-        per.setdefault(method, []).append(f / max(n, 1))
+        per.setdefault(method, []).append(f / max(positions(axes.get(method, []), inputs[0]), 1))
     return {m: float(np.mean(v)) for m, v in per.items()}
 
 
 def method_flops(module: nn.Module, ctx: Context) -> dict[str, float]:
     """flops_per_position for an eager component (a checkpoint run without a bundle)."""
-    ref32, _ = eager_session(module, ctx.limits)
-    _, specs = eager_methods(module, ctx.limits)
+    ref32, specs = eager_methods(module, ctx.limits)
     with torch.inference_mode():
         script = SCRIPTS.lookup(module)(module, ctx, ref32)
         ref32.reset()

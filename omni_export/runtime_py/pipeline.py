@@ -268,9 +268,9 @@ class Pipeline:
             out_ids.append(tok)
             # Fed before it is shown: whatever the caller does next, the cache holds every token it saw.
             logits, hidden = llm.feed(self.sessions["llm"].run("embed", [torch.tensor([[tok]])])[0])[:2]
-            new_text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-            delta = "" if new_text.endswith("\ufffd") else new_text[len(text) :]
-            text = text if new_text.endswith("\ufffd") else new_text
+            new_text, delta = self.tokenizer.decode(out_ids, skip_special_tokens=True), ""
+            if not new_text.endswith("\ufffd"):  # hold back a multi-byte character until it is whole
+                delta, text = new_text[len(text) :], new_text
             ev = TextDelta(delta, tok, time.perf_counter())
             first_text = first_text or ev.t
             yield ev

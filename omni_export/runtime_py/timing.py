@@ -71,12 +71,17 @@ class TimedSession(Session):
         t0 = time.perf_counter()
         out = self.inner.run(method, inputs)
         t1 = time.perf_counter()
-        n = 1
-        if inputs:
-            for axis in self._symbolic.get(method, []):
-                n *= int(inputs[0].shape[axis])
+        n = positions(self._symbolic.get(method, []), inputs[0]) if inputs else 1
         self.recorder.spans.append(Span(self.component, method, t0, t1, n))
         return out
+
+
+def positions(axes: list[int], first_input: torch.Tensor) -> int:
+    """The product of the first input's symbolic dims (tokens, frames, tiles); 1 when none."""
+    n = 1
+    for axis in axes:
+        n *= int(first_input.shape[axis])
+    return n
 
 
 def symbolic_axes(component: dict) -> dict[str, list[int]]:
