@@ -1,3 +1,3 @@
 """omni-export: a deployment compiler for omni-modal models (vision + audio + LLM + speech out)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -66,18 +66,34 @@ def eager_pipeline(ckpt: Checkpoint, max_context: int = 4096, device: str = "cpu
     sessions, components = {}, {}
     for name, module in ckpt.components.items():
         sessions[name], specs = eager_methods(module, limits)
-        components[name] = {"methods": {s.name: s.manifest() for s in specs}}
+        components[name] = eager_entry(module, specs)
     config = ckpt.family.runtime_config(ckpt)
     config.update(max_context=limits.max_context, prefill_chunk=limits.prefill_chunk)
     return Pipeline(sessions, components, config, ckpt.tokenizer, ckpt.family.assets(ckpt), **pipeline_kwargs)
+
+
+def eager_entry(module, specs):  # type: ignore[no-untyped-def]  # -> ComponentEntry
+    """What the pipeline reads about an eager component, in the manifest's terms."""
+    from omni_export.bundle.manifest import ComponentEntry, MethodEntry, TensorSpec
+    from omni_export.export.components.base import role_of
+
+    def entry(s) -> MethodEntry:  # type: ignore[no-untyped-def]
+        return MethodEntry(tuple(TensorSpec(t.name, t.dtype, t.shape) for t in s.inputs),
+                           tuple(TensorSpec(t.name, t.dtype, t.shape) for t in s.outputs), s.name)  # fmt: skip
+
+    return ComponentEntry("eager", (), {s.name: entry(s) for s in specs}, role_of(module).value, "fp32", "")
 
 
 @dataclass(frozen=True)
 class ExportPlan:
     profile: Profile
     model: Path
-    quant: str
+    recipe: QuantRecipe  # the recipe itself travels; its name is a label, never looked up again
     fit: FitResult
+
+    @property
+    def quant(self) -> str:
+        return self.recipe.name
 
 
 def plan_export(target: str, model: str | Path | None = None, quant: str | None = None, context: int | None = None,
@@ -89,7 +105,7 @@ def plan_export(target: str, model: str | Path | None = None, quant: str | None 
     recipe = resolve_recipe(quant or profile.default_quant)
     ckpt = load_checkpoint(path, components=[])  # name/shape/dtype check of every tensor, no weights read
     check_recipe(ckpt, recipe, profile)
-    return ExportPlan(profile, path, recipe.name, fit_check(profile, ckpt.family, ckpt.config, recipe, context))
+    return ExportPlan(profile, path, recipe, fit_check(profile, ckpt.family, ckpt.config, recipe, context))
 
 
 def check_recipe(ckpt: Checkpoint, recipe: QuantRecipe, profile: Profile) -> dict:
@@ -115,7 +131,7 @@ def quant_report(model: str | Path, quant: str, target: str = "android", progres
     ckpt = load_checkpoint(model, components=[])
     check_recipe(ckpt, recipe, profile)
     ckpt = load_checkpoint(model, dtype=torch.float32)
-    reports = analyze(ckpt.components, recipe, ckpt.tokenizer, profile.threshold(recipe.name), progress)
+    reports = analyze(ckpt.components, recipe, ckpt.tokenizer, profile.threshold, progress)
     return reports, proposal_recipe(recipe, reports)
 
 
@@ -134,8 +150,7 @@ def export(target: str, model: str | Path | None = None, quant: str | None = Non
     if not plan.fit.fits:
         raise DoesNotFitError(plan)
     out = Path(out) if out is not None else Path(f"{plan.profile.name}-bundle")
-    recipe = resolve_recipe(plan.quant)
-    return plan, build_bundle(plan.profile, plan.model, recipe, out, context, overwrite, progress)
+    return plan, build_bundle(plan.profile, plan.model, plan.recipe, out, context, overwrite, progress)
 
 
 class DoesNotFitError(OmniExportError):
@@ -197,7 +212,7 @@ def open_runtime(path: str | Path, dtype: str = "fp32", max_context: int = 4096,
     if (path / MANIFEST).is_file():
         pipeline = Pipeline.from_bundle(path, **pipeline_kwargs)
         m = read_manifest(path)
-        return Runtime(pipeline, bundle_weights(path, m), m["profile"]["name"], None)
+        return Runtime(pipeline, bundle_weights(path, m), m.profile.name, None)
     ckpt = load(path, dtype, progress)
     pipeline = eager_pipeline(ckpt, max_context, device, **pipeline_kwargs)
     return Runtime(pipeline, module_weights(ckpt.components), "host-cpu", ckpt)
@@ -213,8 +228,10 @@ def count_flops(pipeline, ckpt: Checkpoint) -> None:  # type: ignore[no-untyped-
     cfg = pipeline.config
     ctx = Context(ckpt.tokenizer, Limits(max_context=cfg["max_context"], prefill_chunk=cfg["prefill_chunk"]))
     for name, module in ckpt.components.items():
-        for method, per in method_flops(module, ctx).items():
-            pipeline.components[name]["methods"][method]["flops_per_position"] = per
+        per = method_flops(module, ctx)
+        entry = pipeline.components[name]
+        methods = {m: replace(e, flops_per_position=per.get(m, e.flops_per_position)) for m, e in entry.methods.items()}
+        pipeline.components[name] = replace(entry, methods=methods)
 
 
 def profile(path: str | Path, device: str = "local", runs: int = 3, script: str | Path | None = None, profile_name: str | None = None,

@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, invoke_without_command=True, no_args_is_
 console = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True)
 
-EXIT_ERROR, EXIT_DOES_NOT_FIT, EXIT_PARITY, EXIT_VERIFY = 2, 3, 4, 1
+EXIT_ERROR, EXIT_DOES_NOT_FIT, EXIT_PARITY, EXIT_VERIFY, EXIT_NOT_RUN = 2, 3, 4, 1, 5
 
 
 def _fail(exc: Exception) -> None:
@@ -141,14 +141,15 @@ def _run_main_job(api, target, model, quant, out, context, overwrite):  # type: 
 
 def _build_table(result) -> Table:  # type: ignore[no-untyped-def]
     t = Table(title=f"bundle for {result.profile} ({result.precision})")
-    for col in ("component", "methods", "file size", "delegated", "parity (gate ref)", "worst cosine", "LLM top-1", "build s"):
-        t.add_column(col, justify="left" if col in ("component", "methods") else "right")
+    for col in ("component", "methods", "precision", "file size", "delegated", "parity (gate ref)", "worst cosine", "LLM top-1", "build s"):
+        t.add_column(col, justify="left" if col in ("component", "methods", "precision") else "right")
     for b in result.components:
         w = b.parity.worst(b.parity.gate_reference)
-        ok = "[green]pass[/]" if b.parity.passed else "[red]FAIL[/]"
+        status = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]"}.get(b.parity.status, f"[yellow]{b.parity.status}[/]")
         top1 = f"{w['top1'] * 100:.1f}%" if "top1" in w else "-"
-        t.add_row(b.name, ", ".join(b.methods), _gb(b.bytes), f"{b.delegated_share * 100:.0f}%", f"{ok} (vs {b.parity.gate_reference})",
-                  f"{w['cosine']:.6f}", top1, f"{sum(b.seconds.values()):.1f}")  # fmt: skip
+        cos = f"{w['cosine']:.6f}" if b.parity.results else "-"
+        t.add_row(b.name, ", ".join(b.methods), b.precision, _gb(b.bytes), f"{b.delegated_share * 100:.0f}%",
+                  f"{status} (vs {b.parity.gate_reference})", cos, top1, f"{sum(b.seconds.values()):.1f}")  # fmt: skip
     return t
 
 
@@ -207,8 +208,9 @@ def quant_report(
     t = Table(title=f"proposal for {target} (meets its {quant} parity threshold?)")
     for col in ("component", "recipe size", "proposal size", "int8 layers", "int4 layers", "damage", "meets"):
         t.add_column(col, justify="left" if col == "component" else "right")
-    th = api.get_profile(target).threshold(quant)
+    profile = api.get_profile(target)
     for r in reports:
+        th = profile.threshold(r.precision_class)
         d = r.proposal_damage or r.all_quantized
         bits = [c.bits for c in r.proposal.values()]
         t.add_row(r.component, _gb(r.bytes_recipe), _gb(r.bytes_proposal), str(bits.count(8)), str(bits.count(4)), _damage_str(d),
@@ -300,15 +302,17 @@ def fit(
 @app.command()
 def verify(bundle: Path = typer.Argument(..., help="bundle directory")) -> None:
     """Check a bundle: manifest schema, every file present, every sha256, nothing unlisted."""
-    from omni_export.bundle import verify_bundle
+    from omni_export.bundle.verify import check_bundle_files
 
-    problems = verify_bundle(bundle)
-    if problems:
-        for p in problems:
+    checked = check_bundle_files(bundle)
+    if checked.problems:
+        for p in checked.problems:
             err.print(f"[red]problem:[/] {p}", soft_wrap=True)
-        err.print(f"[red]{bundle}: {len(problems)} problem(s); do not ship this bundle.[/]", soft_wrap=True)
+        err.print(f"[red]{bundle}: {len(checked.problems)} problem(s); do not ship this bundle.[/]", soft_wrap=True)
         raise typer.Exit(EXIT_VERIFY)
     console.print(f"[green]{bundle}: OK[/] (every file matches manifest.json)")
+    for note in checked.notes:
+        console.print(note)
 
 
 @app.command()
@@ -321,32 +325,34 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle directory"), as_json
     except OmniExportError as exc:
         _fail(exc)
     if as_json:
-        print(json.dumps(m, indent=2))
+        print(m.to_json())
         return
-    console.print(f"[bold]{m['family']}[/] for [bold]{m['profile']['name']}[/] ({m['profile']['target']}), precision "
-                  f"{m['quant']['preset']}, max context {m['profile']['max_context']}, omni-export {m['toolchain']['omni_export']}")  # fmt: skip
+    console.print(f"[bold]{m.family}[/] for [bold]{m.profile.name}[/] ({m.profile.target}), recipe "
+                  f"{m.quant.recipe}, max context {m.profile.max_context}, omni-export {m.toolchain['omni_export']}")  # fmt: skip
     parity = {}
     report = bundle / "reports" / "parity.json"
     if report.is_file():
         parity = {r["component"]: r for r in json.loads(report.read_text())}
     t = Table(title="components")
-    for col in ("component", "file", "size", "methods", "weights", "KV cache", "delegated", "parity"):
+    for col in ("component", "role", "files", "size", "methods", "weights", "KV cache", "delegated", "parity"):
         t.add_column(col)
-    for name, c in m["components"].items():
-        kv = c.get("kv_cache")
-        kv_s = f"{kv['layers']}L x {kv['kv_heads']}h x {kv['max_len']}" if kv else "-"
-        shares = [d["share"] for d in c.get("delegation", {}).values()]
-        size = m["files"].get(c["file"], {}).get("bytes", 0)
+    for name, c in m.components.items():
+        kv = c.kv_cache
+        kv_s = f"{kv.layers}L x {kv.kv_heads}h x {kv.max_len} ({kv.held_as})" if kv else "-"
+        shares = [d.share for d in c.delegation.values()]
+        size = sum(m.files[f].bytes for f in c.files if f in m.files)
         p = parity.get(name)
-        q = c.get("quant")
-        weights = ", ".join(f"{k} x{v}" for k, v in q["kinds"].items()) if q else c.get("precision", "fp32")
-        t.add_row(name, c["file"], _gb(size), ", ".join(c["methods"]), weights, kv_s,
+        q = c.quant
+        weights = c.precision + (" (" + ", ".join(f"{k} x{v}" for k, v in q.kinds.items()) + ")" if q else "")
+        t.add_row(name, c.role, "\n".join(c.files), _gb(size), ", ".join(c.methods), weights, kv_s,
                   f"{min(shares) * 100:.0f}-{max(shares) * 100:.0f}%" if shares else "-",
-                  "-" if p is None else ("pass" if p["passed"] else "FAIL"))  # fmt: skip
+                  "-" if p is None else p.get("status", "pass" if p["passed"] else "FAIL"))  # fmt: skip
     console.print(t)
-    model = m["model"]
+    model = m.model
     console.print(f"audio in {model['audio_sample_rate']} Hz, speech out {model['output_sample_rate']} Hz, "
                   f"eos ids {model['eos_ids']}, image token {model['image_token_id']}, audio token {model['audio_token_id']}")  # fmt: skip
+    if m.device_files:
+        console.print(f"built on the device: {', '.join(m.device_files)}")
 
 
 @app.command()
@@ -370,11 +376,17 @@ def parity(bundle: Path = typer.Argument(..., help="bundle directory"), as_json:
                           f"{row.max_abs:.2e}", f"{row.psnr:.1f}", "-" if row.top1 is None else f"{row.top1 * 100:.1f}%",
                           "-" if row.kl is None else f"{row.kl:.2e}")  # fmt: skip
         console.print(t)
-    failed = [r for r in results if not r.passed]
+    for r in results:
+        if r.not_run:
+            err.print(f"[yellow]{r.component}: not run on this host ({r.not_run}); it is not counted as a pass[/]", soft_wrap=True)
+    failed = [r for r in results if r.failures]
     for r in failed:
         err.print(f"[red]{r.component}: {'; '.join(r.failures)}[/]", soft_wrap=True)
     if failed:
+        err.print("[red]the artifact disagrees with its golden reference: rebuild the bundle, or run `omni-export quant-report` to find the layers that cause it[/]", soft_wrap=True)
         raise typer.Exit(EXIT_PARITY)
+    if any(r.not_run for r in results):
+        raise typer.Exit(EXIT_NOT_RUN)
 
 
 # The runtime's commands (run, profile) live in their own module; importing it registers them.

@@ -1,23 +1,116 @@
 """The bundle's README for the app team: what each file is, how to load it, the I/O contract, the
-measured parity and build figures. Generated from the manifest and reports, so it cannot drift."""
+measured parity and build figures. Generated from the manifest and reports, so it cannot drift.
+How to load a component is written once per backend (``LOADING``)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
+from omni_export.bundle.manifest import ComponentEntry, Manifest, TensorSpec
+from omni_export.registry import Registry
 
-def _shape(t: dict[str, Any]) -> str:
-    return f"{t['name']}: {t['dtype']}[{', '.join(str(d) for d in t['shape'])}]"
+LOADING: Registry[Callable[[Manifest], list[str]]] = Registry("bundle README loading section")
 
 
-def render(manifest: dict[str, Any], parity: list[dict[str, Any]]) -> str:
+def _shape(t: TensorSpec) -> str:
+    return f"{t.name}: {t.dtype}[{', '.join(str(d) for d in t.shape)}]"
+
+
+def _kv_component(m: Manifest) -> tuple[str, ComponentEntry] | None:
+    return next(((n, c) for n, c in m.components.items() if c.kv_cache is not None), None)
+
+
+@LOADING.decorator("executorch")
+def _executorch(m: Manifest) -> list[str]:
+    return [
+        "## Loading (ExecuTorch)",
+        "",
+        "```python",
+        "from executorch.runtime import Runtime",
+        "program = Runtime.get().load_program('artifacts/llm.pte')",
+        "# Load every method before running any: prefill and decode share the KV cache (mutable buffers).",
+        "methods = {n: program.load_method(n) for n in program.method_names}",
+        "methods['reset_cache'].execute([])  # planned memory starts undefined: zero the cache first",
+        "logits, hidden = methods['prefill'].execute([embeds, input_pos])",
+        "```",
+        "",
+        "On Android use the ExecuTorch `Module` API with the same method names; `reset_cache` starts a new conversation.",
+        "",
+    ]
+
+
+@LOADING.decorator("onnxruntime")
+def _onnxruntime(m: Manifest) -> list[str]:
+    found = _kv_component(m)
+    name, c = found if found else ("llm", None)
+    step = c.methods["prefill"].entry if c else "artifacts/llm/step.onnx"
+    kv = c.kv_cache if c else None
+    layers = kv.layers if kv else 0
+    shape = f"[1, {kv.kv_heads}, positions, {kv.head_dim}]" if kv else "[1, kv_heads, positions, head_dim]"
+    threads = m.profile.runtime.threads or "all cores"
+    return [
+        "## Loading (ONNX Runtime)",
+        "",
+        "Each method is one ONNX graph (`entry` in `manifest.json`); a component's graphs share one external-data file, "
+        "which must stay beside them. `prefill` and `decode` of a decoder stack are the same graph (`step`): its token count "
+        "is dynamic (1 to the prefill chunk). The KV cache is passed explicitly: after the method's inputs come "
+        f"`past_key_0`, `past_value_0`, ... (`kv_cache.inputs`, {2 * layers} tensors for {name}, each float32 {shape}); "
+        "after its outputs come `present_key_0`, ... (`kv_cache.outputs`), the same tensors with this call's positions "
+        "appended. Start a conversation with 0 positions and feed each call's `present_*` back as the next call's `past_*`. "
+        f"Open sessions with {threads} intra-op threads and full graph optimisation (the quantized linears become "
+        "`MatMulNBits` at load).",
+        "",
+        "Python:",
+        "",
+        "```python",
+        "import numpy as np, onnxruntime as ort",
+        "so = ort.SessionOptions(); so.intra_op_num_threads = 2",
+        f"step = ort.InferenceSession('{step}', so)",
+        f"past = {{f'past_{{k}}_{{i}}': np.zeros({shape.replace('positions', '0')}, np.float32) for i in range({layers}) for k in ('key', 'value')}}",
+        "io = step.io_binding()  # keeps the cache in ORT memory between steps",
+        "io.bind_cpu_input('embeds', embeds); io.bind_cpu_input('input_pos', input_pos)",
+        "for n, v in past.items(): io.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(v))",
+        "for o in step.get_outputs(): io.bind_output(o.name, 'cpu')  # bind again before every run",
+        "step.run_with_iobinding(io)",
+        "outs = io.get_outputs()  # logits, ..., then present_* as OrtValues: bind them as the next past_*",
+        "```",
+        "",
+        "C++ (`onnxruntime_cxx_api.h`):",
+        "",
+        "```cpp",
+        "Ort::Env env; Ort::SessionOptions so; so.SetIntraOpNumThreads(2);",
+        "so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);",
+        f'Ort::Session step(env, "{step}", so);',
+        "Ort::IoBinding io(step);",
+        'io.BindInput("embeds", embeds); io.BindInput("input_pos", pos);',
+        'for (size_t i = 0; i < past.size(); ++i) io.BindInput(past_names[i].c_str(), past[i]);',
+        'Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);',
+        "for (auto& n : output_names) io.BindOutput(n.c_str(), cpu);",
+        "step.Run(Ort::RunOptions{}, io);",
+        "std::vector<Ort::Value> outs = io.GetOutputValues();  // present_* become the next past_*",
+        "```",
+        "",
+        "C# (`Microsoft.ML.OnnxRuntime`): `new InferenceSession(path, new SessionOptions { IntraOpNumThreads = 2 })`, "
+        "then `session.CreateIoBinding()`, `BindInput(name, OrtValue)`, `BindOutputToDevice(name, OrtMemoryInfo.DefaultInstance)`, "
+        "`session.RunWithBinding(new RunOptions(), binding)` and `binding.GetOutputValues()`.",
+        "",
+        "Java (`ai.onnxruntime`): `env.createSession(path, opts)` with `opts.setIntraOpNumThreads(2)`; "
+        "`session.run(Map<String, OnnxTensor>)` with the `past_*` tensors in the map, and the `present_*` results "
+        "(`result.get(name)`) passed as the next call's `past_*` (Java has no I/O binding: the cache crosses the JNI boundary).",
+        "",
+    ]
+
+
+def render(manifest: Manifest, parity: list[dict[str, Any]]) -> str:
     m = manifest
     lines = [
-        f"# {m['family']} bundle for {m['profile']['name']}",
+        f"# {m.family} bundle for {m.profile.name}",
         "",
-        f"{m['profile']['description']}. Target `{m['profile']['target']}`, precision `{m['quant']['preset']}`, "
-        f"max context {m['profile']['max_context']} tokens. Built by omni-export {m['toolchain']['omni_export']} "
-        f"from a checkpoint with fingerprint `{m['source']['fingerprint'][:16]}...`.",
+        f"{m.profile.description}. Target `{m.profile.target}`, recipe `{m.quant.recipe}`, "
+        f"max context {m.profile.max_context} tokens. Built by omni-export {m.toolchain['omni_export']} "
+        f"from a checkpoint with fingerprint `{m.source.fingerprint[:16]}...`.",
         "",
         "Check it before use: `omni-export verify .` (every file's sha256 against `manifest.json`). "
         "Re-check numerics on any host with the backend: `omni-export parity .`. "
@@ -30,9 +123,11 @@ def render(manifest: dict[str, Any], parity: list[dict[str, Any]]) -> str:
         "| file | what it is |",
         "| --- | --- |",
         "| `manifest.json` | everything the runtime needs: components, methods and their I/O, ids, rates, KV layout, hashes |",
+        "| `manifest.schema.json` | the JSON Schema of `manifest.json` |",
     ]
-    for name, c in m["components"].items():
-        lines.append(f"| `{c['file']}` | {name}: {c.get('description', '')} ({c['backend']}, methods {', '.join(c['methods'])}) |")
+    for name, c in m.components.items():
+        files = ", ".join(f"`{f}`" for f in c.files)
+        lines.append(f"| {files} | {name} ({c.role}): {c.description} ({c.backend}, {c.precision}, methods {', '.join(c.methods)}) |")
     lines += [
         "| `tokenizer/` | byte-level BPE tokenizer (`tokenizer.json`, Hugging Face tokenizers format) |",
         "| `golden/COMPONENT.npz` | golden inputs and eager reference outputs (fp32 and fp16), call by call |",
@@ -40,55 +135,46 @@ def render(manifest: dict[str, Any], parity: list[dict[str, Any]]) -> str:
         "| `reports/parity.json`, `reports/build.json` | parity metrics per component and output; build times, sizes, delegation |",
         "| `reports/quant.json` | quantized bundles: every quantized layer's method, bits, group and weight/output error |",
         "",
-        "## Loading (ExecuTorch, Python)",
-        "",
-        "```python",
-        "from executorch.runtime import Runtime",
-        "program = Runtime.get().load_program('artifacts/llm.pte')",
-        "# Load every method before running any: prefill and decode share the KV cache (mutable buffers).",
-        "methods = {n: program.load_method(n) for n in program.method_names}",
-        "logits, hidden = methods['prefill'].execute([embeds, input_pos])",
-        "```",
-        "",
-        "On Android use the ExecuTorch `Module` API with the same method names. Reset a conversation by reloading the program.",
-        "",
     ]
-    quantized = {n: c["quant"] for n, c in m["components"].items() if c.get("quant")}
+    for backend in dict.fromkeys(c.backend for c in m.components.values()):
+        if backend in LOADING:
+            lines += LOADING.get(backend)(m)
+    quantized = {n: c.quant for n, c in m.components.items() if c.quant}
     if quantized:
-        lines += ["## Quantization", "", f"Recipe `{m['quant']['requested']}`. Unquantized tensors are fp32.", "",
-                  "| component | quantized linears | kinds | weight bytes | activations |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines += ["## Quantization", "", f"Recipe `{m.quant.recipe}`. Unquantized tensors are {m.quant.float_dtype}.", "",
+                  "| component | precision class | quantized linears | kinds | weight bytes | activations |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for n, q in quantized.items():
-            kinds = ", ".join(f"{k} x{v}" for k, v in q["kinds"].items())
-            lines.append(f"| {n} | {q['linears']} | {kinds} | {q['weight_bytes'] / 1e6:.2f} MB | {q['activations']} |")
+            kinds = ", ".join(f"{k} x{v}" for k, v in q.kinds.items())
+            lines.append(f"| {n} | {m.components[n].precision} | {q.linears} | {kinds} | {q.weight_bytes / 1e6:.2f} MB | {q.activations} |")
         lines.append("")
-    lines += [
-        "## I/O contract",
-        "",
-    ]
-    for name, c in m["components"].items():
-        lines.append(f"### {name}")
+    lines += ["## I/O contract", ""]
+    for name, c in m.components.items():
+        lines += [f"### {name}", ""]
+        for meth, io in c.methods.items():
+            ins = "; ".join(_shape(t) for t in io.inputs)
+            outs = "; ".join(_shape(t) for t in io.outputs)
+            lines.append(f"- `{meth}({ins})` -> `{outs}` (runs `{io.entry}`)")
+        kv = c.kv_cache
+        if kv is not None:
+            lines.append(f"- KV cache: {kv.layers} layers x {kv.kv_heads} heads x {kv.max_len} positions x {kv.head_dim}, "
+                         f"{kv.dtype}, held as {kv.held_as}, axes {list(kv.axes)}"
+                         + (f"; inputs `{kv.inputs[0]}` ... `{kv.inputs[-1]}`, outputs `{kv.outputs[0]}` ... `{kv.outputs[-1]}`" if kv.inputs else ""))  # fmt: skip
         lines.append("")
-        for meth, io in c["methods"].items():
-            ins = "; ".join(_shape(t) for t in io["inputs"])
-            outs = "; ".join(_shape(t) for t in io["outputs"])
-            lines.append(f"- `{meth}({ins})` -> `{outs}`")
-        if c.get("kv_cache"):
-            kv = c["kv_cache"]
-            lines.append(f"- KV cache: {kv['layers']} layers x {kv['kv_heads']} heads x {kv['max_len']} positions x {kv['head_dim']}, "
-                         f"{kv['dtype']}, held as {kv['held_as']}")  # fmt: skip
-        lines.append("")
-    lines += ["## Measured parity (vs the eager reference)", "", "| component | gate | worst cosine | worst PSNR dB | LLM top-1 | max KL | result |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines += ["## Measured parity (vs the eager reference)", "",
+              "| component | replayed on | gate | worst cosine | worst PSNR dB | LLM top-1 | max KL | result |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for p in parity:
         rows = [r for r in p["results"] if r["reference"] == p["gate_reference"]]
+        if not rows:
+            lines.append(f"| {p['component']} | - | vs {p['gate_reference']} | - | - | - | - | {p['status']}: {p['not_run']} |")
+            continue
         cos = min(r["cosine"] for r in rows)
         ps = min(r["psnr"] for r in rows)
         tops = [r["top1"] for r in rows if r["top1"] is not None]
         kls = [r["kl"] for r in rows if r["kl"] is not None]
-        lines.append(f"| {p['component']} | vs {p['gate_reference']} | {cos:.6f} | {ps:.1f} | "
-                     f"{min(tops) if tops else '-'} | {f'{max(kls):.2e}' if kls else '-'} | {'pass' if p['passed'] else 'FAIL'} |")  # fmt: skip
-    lines += ["", "The fp16 figures are in `reports/parity.json` beside the gate's.", "", "## Runtime settings", "", "```json"]
-    import json
-
-    lines += [json.dumps(m["model"], indent=2), "```", ""]
+        lines.append(f"| {p['component']} | {p['backend']} | vs {p['gate_reference']} | {cos:.6f} | {ps:.1f} | "
+                     f"{min(tops) if tops else '-'} | {f'{max(kls):.2e}' if kls else '-'} | {p['status']} |")  # fmt: skip
+    lines += ["", "The fp16 figures are in `reports/parity.json` beside the gate's.", "", "## Runtime settings", "", "```json",
+              json.dumps(m.model, indent=2), "```", ""]  # fmt: skip
     return "\n".join(lines)

@@ -1,43 +1,81 @@
-"""``omni-export verify``: schema, presence and sha256 of every file, nothing unlisted."""
+"""``omni-export verify``: the manifest parses (schema 2, typed, references consistent), every
+listed file is present with its size and sha256, nothing is unlisted, and files built on the
+device (TensorRT engines) match their own section when they are there."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omni_export.bundle.manifest import (
     MANIFEST,
     BundleError,
+    FileEntry,
+    Manifest,
+    parse_manifest,
     read_json,
-    schema_problems,
     sha256_file,
 )
 
 
-def verify_bundle(bundle: Path) -> list[str]:
-    """Every problem found, each naming its file; empty when the bundle is intact."""
+@dataclass
+class Verification:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. which device-built files are present
+    manifest: Manifest | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_file(bundle: Path, rel: str, entry: FileEntry) -> str | None:
+    path = bundle / rel
+    if not path.is_file():
+        return f"{rel}: missing"
+    size = path.stat().st_size
+    if size != entry.bytes:
+        return f"{rel}: {size} bytes, manifest says {entry.bytes}"
+    if sha256_file(path) != entry.sha256:
+        return f"{rel}: sha256 differs from the manifest (the file was modified or corrupted)"
+    return None
+
+
+def check_bundle_files(bundle: Path) -> Verification:
     bundle = Path(bundle)
+    out = Verification()
     if not bundle.is_dir():
-        return [f"{bundle} is not a directory"]
+        out.problems.append(f"{bundle} is not a directory")
+        return out
     try:
-        m = read_json(bundle / MANIFEST, error=BundleError)
+        m = parse_manifest(read_json(bundle / MANIFEST, error=BundleError), MANIFEST)
     except BundleError as exc:
-        return [str(exc)]
-    problems = schema_problems(m)
-    if "files" not in m or not isinstance(m["files"], dict):
-        return problems
-    for rel, entry in sorted(m["files"].items()):
-        path = bundle / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
+        out.problems.append(str(exc))
+        return out
+    out.manifest = m
+    for rel, entry in sorted(m.files.items()):
+        problem = _check_file(bundle, rel, entry)
+        if problem:
+            out.problems.append(problem)
+    present = []
+    for rel, d in sorted(m.device_files.items()):
+        if not (bundle / rel).exists():
+            out.problems.append(f"{rel}: recorded as built on the device ({d.builder} {d.builder_version}, {d.device}) but missing")
             continue
-        size = path.stat().st_size
-        if size != entry.get("bytes"):
-            problems.append(f"{rel}: {size} bytes, manifest says {entry.get('bytes')}")
-        elif sha256_file(path) != entry.get("sha256"):
-            problems.append(f"{rel}: sha256 differs from the manifest (the file was modified or corrupted)")
-    listed = set(m["files"]) | {MANIFEST}
+        problem = _check_file(bundle, rel, FileEntry(d.sha256, d.bytes))
+        if problem:
+            out.problems.append(problem + " (a file built on the device)")
+        present.append(rel)
+    if m.device_files:
+        out.notes.append(f"files built on the device: {len(present)} ({', '.join(present)})")
+    listed = set(m.files) | set(m.device_files) | {MANIFEST}
     for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
         rel = path.relative_to(bundle).as_posix()
         if rel not in listed:
-            problems.append(f"{rel}: not listed in the manifest")
-    return problems
+            out.problems.append(f"{rel}: not listed in the manifest")
+    return out
+
+
+def verify_bundle(bundle: Path) -> list[str]:
+    """Every problem found, each naming its file; empty when the bundle is intact."""
+    return check_bundle_files(bundle).problems

@@ -15,7 +15,9 @@ from torch import nn
 from torch.export import ExportedProgram
 
 from omni_export.errors import OmniExportError
-from omni_export.export.components.qwen import QwenModel
+from omni_export.bundle.manifest import KVLayout
+from omni_export.export.components.kv import KV_MODES, REFERENCE, KVMode, kv_stacks, reset_kv, use_kv
+from omni_export.export.kv_methods import plan_methods
 from omni_export.export.trace_specs import Limits, MethodSpec, method_specs
 
 log = logging.getLogger(__name__)
@@ -29,15 +31,17 @@ class TraceError(OmniExportError):
 class TracedComponent:
     name: str
     module: nn.Module
-    specs: dict[str, MethodSpec]
-    programs: dict[str, ExportedProgram]
+    specs: dict[str, MethodSpec]  # the methods the bundle exposes
+    programs: dict[str, ExportedProgram]  # what was traced, by program name
+    program_specs: dict[str, MethodSpec]
+    aliases: dict[str, str]  # method -> the program that runs it
+    kv: KVLayout | None = None
 
 
 def prepare(module: nn.Module, limits: Limits) -> None:
     """Give every KV-cached stack a zeroed static cache of the traced length."""
-    for m in module.modules():
-        if isinstance(m, QwenModel) and m.cached:
-            m.setup_cache(limits.max_context)
+    for stack in kv_stacks(module, allocated=False):
+        stack.setup_cache(limits.max_context)
 
 
 def _explain(component: str, method: str, root: nn.Module, exc: BaseException) -> str:
@@ -59,23 +63,32 @@ def _explain(component: str, method: str, root: nn.Module, exc: BaseException) -
     )
 
 
-def trace_component(name: str, module: nn.Module, limits: Limits) -> TracedComponent:
+def trace_component(name: str, module: nn.Module, limits: Limits, kv: KVMode | str = REFERENCE) -> TracedComponent:
+    """Trace every method of ``module`` with its stacks' caches in ``kv`` mode (the target's)."""
     module.eval()
     prepare(module, limits)
-    specs = {s.name: s for s in method_specs(module, limits)}
-    programs = {}
-    for spec in specs.values():
-        varargs = spec.module.forward.__code__.co_flags & 0x04  # Call(*args): shapes nest one level
-        dyn = (spec.dynamic_shapes,) if varargs and spec.dynamic_shapes is not None else spec.dynamic_shapes
-        try:
-            # Default grad mode, as ExecuTorch's own exports do; under no_grad the host's conv kernel
-            # choice differed and, re-traced in lowering, cut dynamic ranges (see the target's
-            # oneDNN note and its range check).
-            programs[spec.name] = torch.export.export(spec.module, spec.example_inputs, dynamic_shapes=dyn, strict=False)
-        except Exception as exc:  # torch.export raises many unrelated types
-            raise TraceError(_explain(name, spec.name, module, exc)) from exc
-        log.info("traced %s.%s: %d nodes", name, spec.name, len(programs[spec.name].graph.nodes))
-    for m in module.modules():  # tracing ran example inputs through the caches
-        if isinstance(m, QwenModel):
-            m.reset_cache()
-    return TracedComponent(name, module, specs, programs)
+    with use_kv(module, kv) as slots:
+        mode = KV_MODES.get(kv) if isinstance(kv, str) else kv
+        plan = plan_methods(method_specs(module, limits), module, mode, slots, limits)
+        programs = {}
+        for spec in plan.programs.values():
+            programs[spec.name] = _export(name, module, spec)
+    reset_kv(module)  # tracing ran example inputs through the caches
+    return TracedComponent(name, module, plan.methods, programs, plan.programs, plan.aliases, plan.kv)
+
+
+def _export(name: str, module: nn.Module, spec: MethodSpec) -> ExportedProgram:
+    code = spec.module.forward.__code__
+    dyn = spec.dynamic_shapes
+    if code.co_flags & 0x04 and dyn is not None:  # forward(..., *args): the *args shapes nest one level
+        named = code.co_argcount - 1
+        dyn = (*dyn[:named], tuple(dyn[named:]))
+    try:
+        # Default grad mode, as ExecuTorch's own exports do; under no_grad the host's conv kernel
+        # choice differed and, re-traced in lowering, cut dynamic ranges (see the target's
+        # oneDNN note and its range check).
+        program = torch.export.export(spec.module, spec.example_inputs, dynamic_shapes=dyn, strict=False)
+    except Exception as exc:  # torch.export raises many unrelated types
+        raise TraceError(_explain(name, spec.name, module, exc)) from exc
+    log.info("traced %s.%s: %d nodes", name, spec.name, len(program.graph.nodes))
+    return program

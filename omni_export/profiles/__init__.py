@@ -39,6 +39,20 @@ class ExecuTorchSettings:
 
 
 @dataclass(frozen=True)
+class OnnxRuntimeSettings:
+    # Intra-op threads; 0: every core the process may use (ONNX Runtime's own default picked
+    # one thread on a 2-vCPU VM, shared/research/peer-baseline-cpu.md).
+    threads: int = 0
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # MatMulNBits accuracy level: 4 = int8 activations, int32 accumulation (the fast CPU kernel).
+    accuracy_level: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.accuracy_level <= 4:
+            raise ProfileError(f"onnxruntime.accuracy_level must be 0..4, got {self.accuracy_level}")
+
+
+@dataclass(frozen=True)
 class TensorRTSettings:
     sm_arch: str
     precision_flags: tuple[str, ...] = ("fp16",)
@@ -70,6 +84,7 @@ class Profile:
     aliases: tuple[str, ...] = ()
     sources: str = ""
     executorch: ExecuTorchSettings | None = None
+    onnxruntime: OnnxRuntimeSettings | None = None
     tensorrt: TensorRTSettings | None = None
     coreml: CoreMLSettings | None = None
     parity: dict[str, ParityThreshold] = field(default_factory=dict)
@@ -77,19 +92,19 @@ class Profile:
     def __post_init__(self) -> None:
         if self.target not in TARGET_NAMES:
             raise ProfileError(f"profile {self.name}: target {self.target!r} is not one of {TARGET_NAMES}")
-        if getattr(self, self.target, None) is None and self.target != "onnxruntime":
+        if getattr(self, self.target, None) is None:
             raise ProfileError(f"profile {self.name}: target {self.target} needs a [{self.target}] table")
         if not 0 < self.usable_memory_gb <= self.memory_gb:
             raise ProfileError(f"profile {self.name}: usable_memory_gb must be in (0, memory_gb]")
 
-    def threshold(self, preset: str) -> ParityThreshold:
-        """The preset's own threshold, else its family's (``int4-gptq``, ``int4-mixed`` -> ``int4``);
-        a recipe of unknown kind gets the loosest (``int4-all``)."""
-        for key in (preset, preset.rsplit("-", 1)[0]):
-            for table in (self.parity, DEFAULT_PARITY):
-                if key in table:
-                    return table[key]
-        return DEFAULT_PARITY["int4-all"]
+    def threshold(self, precision_class: str) -> ParityThreshold:
+        """The threshold of a precision class (quantize.recipe.precision_class: what a component's
+        weights are, whatever its recipe is called); the profile's [parity.CLASS] overrides."""
+        if precision_class in self.parity:
+            return self.parity[precision_class]
+        if precision_class not in DEFAULT_PARITY:
+            raise ProfileError(f"no parity threshold for precision class {precision_class!r}; known: {sorted(DEFAULT_PARITY)}")
+        return DEFAULT_PARITY[precision_class]
 
 
 def _parse(name: str, text: str) -> Profile:

@@ -15,7 +15,8 @@ from torch import nn
 
 from omni_export.export.checkpoint import meta_build
 from omni_export.export.components.internvit import InternViTConfig
-from omni_export.export.components.qwen import QwenModel
+from omni_export.export.components.base import role_of
+from omni_export.export.components.kv import kv_stacks
 from omni_export.export.families import ComponentSpec, Family
 from omni_export.export.trace_specs import Limits
 from omni_export.profiles import Profile
@@ -85,10 +86,11 @@ def _describe(cfgs: set[QuantConfig | None], float_name: str) -> str:
 
 def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe) -> ComponentMemory:
     fb = _float_bytes(recipe)
+    role = role_of(module).value
     total, params, used = 0.0, 0, set()
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         params += t.numel()
-        cfg = recipe.config_for(f"{spec.name}.{name}") if t.ndim >= 2 else None
+        cfg = recipe.config_for(f"{spec.name}.{name}", role) if t.ndim >= 2 else None
         if t.ndim >= 2:
             used.add(cfg)
         if cfg is None:
@@ -101,10 +103,9 @@ def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe
 
 def _kv_bytes(module: nn.Module, context: int, elem: int) -> int:
     total = 0
-    for m in module.modules():
-        if isinstance(m, QwenModel) and m.cached:
-            c = m.cfg
-            total += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context * elem
+    for m in kv_stacks(module, allocated=False):
+        c = m.cfg
+        total += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * context * elem
     return total
 
 
@@ -138,8 +139,7 @@ def activation_estimate(family: Family, cfg: Any, modules: dict[str, nn.Module],
 def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, specs: Sequence[ComponentSpec] | None = None) -> MemoryPlan:
     specs = list(specs or family.specs(cfg))
     modules = {s.name: meta_build(s) for s in specs}
-    fqns = [f"{s.name}.{n}" for s in specs for n, _ in modules[s.name].named_parameters()]
-    recipe.check_matches(fqns)
+    recipe.check_matches((f"{s.name}.{n}", role_of(modules[s.name]).value) for s in specs for n, _ in modules[s.name].named_parameters())
     elem = _float_bytes(recipe)
     comps = tuple(component_memory(s, modules[s.name], recipe) for s in specs)
     kv = sum(_kv_bytes(modules[s.name], context, elem) for s in specs)

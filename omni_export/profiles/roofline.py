@@ -18,7 +18,6 @@ from typing import Any
 
 from omni_export.profiles import Profile
 
-BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "w8a8": 1.0, "int4": 0.5}
 # Methods that read a row or two, not the component's weights: no meaningful floor.
 NO_FLOOR = ("embed", "reset_cache", "speaker", "embed_text", "embed_speech", "embed_special", "embed_codes")
 
@@ -30,15 +29,16 @@ class Weights:
     quantized: bool
 
 
-def bundle_weights(bundle: Path, manifest: dict[str, Any]) -> dict[str, Weights]:
-    """From artifact sizes; params estimated from the component's precision."""
+def bundle_weights(bundle: Path, manifest: Any) -> dict[str, Weights]:
+    """From artifact sizes; params estimated from each component's precision class."""
+    from omni_export.quantize.recipe import BYTES_PER_PARAM
+
     out = {}
-    for name, c in manifest["components"].items():
-        size = float((Path(bundle) / c["file"]).stat().st_size)
-        precision = c.get("precision", "fp32")
-        per = BYTES_PER_PARAM.get(precision.split("-")[0], 4.0)
-        if name == "llm":  # the export unties the head: one fp32 table copy serves `embed`, a row per token
-            llm = manifest["model"]["llm"]
+    for name, c in manifest.components.items():
+        size = float(sum((Path(bundle) / f).stat().st_size for f in c.files))
+        per = BYTES_PER_PARAM.get(c.precision, 4.0)
+        if name == "llm":  # one fp32 table serves `embed`, a row per token (a quantized head is its own copy)
+            llm = manifest.model["llm"]
             size -= llm["vocab_size"] * llm["hidden_size"] * 4.0
         out[name] = Weights(size, size / per, per < 2)
     return out
@@ -68,7 +68,8 @@ def add_floors(report: dict[str, Any], profile: Profile, weights: dict[str, Weig
         w = weights.get(component)
         if w is None or method in NO_FLOOR:
             continue
-        per = components.get(component, {}).get("methods", {}).get(method, {}).get("flops_per_position")
+        entry = components.get(component)
+        per = entry.methods[method].flops_per_position if entry is not None and method in entry.methods else None
         positions = s["positions_p50"] or 1
         ops = per * positions if per is not None else 2 * w.params * positions
         if not ops and not w.bytes:

@@ -21,20 +21,7 @@ import torch
 from torch import nn
 
 from omni_export.errors import OmniExportError
-from omni_export.export.components.internvit import VisionEncoder
-from omni_export.export.components.qwen import QwenForCausalLM
-from omni_export.export.components.whale import WhaleAudioEncoder
-from omni_export.export.components.whisper import WhisperAudioEncoder
-from omni_export.export.families.common import encode
-from omni_export.registry import ClassRegistry
-from omni_export.runtime_py.audio import (
-    KaldiFbank,
-    WhisperLogMel,
-    pad_to_multiple,
-    read_audio,
-)
-from omni_export.runtime_py.image import preprocess_image
-from omni_export.runtime_py.prompt import chat_prompt
+from omni_export.runtime_py.audio import read_audio
 
 HELD_OUT_EVERY = 10
 SPOKEN = (
@@ -105,24 +92,21 @@ class Sources:
     max_tokens: int = 256
 
 
-Builder = Callable[[nn.Module, Sources], Calibration]
-BUILDERS: ClassRegistry[Builder] = ClassRegistry("calibration builder")
-
-
 def calibration_for(module: nn.Module, sources: Sources) -> Calibration:
-    if BUILDERS.find(module) is not None:
-        return BUILDERS.lookup(module)(module, sources)
-    return _golden(module, sources)
+    """The component says what it calibrates on (``Component.calibration``)."""
+    from omni_export.export.components.base import component
+
+    return component(module).calibration(sources)
 
 
-def _golden(module: nn.Module, sources: Sources) -> Calibration:
+def golden_calibration(module: nn.Module, sources: Sources) -> Calibration:
     """Components fed by another model: their golden script (generated inputs) is the calibration."""
-    from omni_export.export.golden import SCRIPTS, Context, eager_session
+    from omni_export.export.golden import Context, eager_session
     from omni_export.export.trace_specs import Limits
 
     limits = Limits(max_context=sources.max_tokens * 2)
     sess, _ = eager_session(module, limits)
-    script = SCRIPTS.lookup(module)(module, Context(sources.tokenizer, limits), sess)
+    script = module.golden_script(Context(sources.tokenizer, limits), sess)  # type: ignore[attr-defined]
 
     def run_all() -> list[torch.Tensor]:
         sess.reset()
@@ -131,55 +115,3 @@ def _golden(module: nn.Module, sources: Sources) -> Calibration:
         return outs
 
     return Calibration(calls=[run_all])
-
-
-def _tiles(module: VisionEncoder) -> torch.Tensor:
-    return torch.from_numpy(preprocess_image(photo_path(), tile=module.cfg.image_size, max_num=4))
-
-
-def _dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype  # a bf16 checkpoint is calibrated as stored
-
-
-@BUILDERS.register(VisionEncoder)
-def _vision(module: VisionEncoder, sources: Sources) -> Calibration:
-    tiles = _tiles(module).to(_dtype(module))
-    return Calibration(calls=[lambda t=t: module(t[None]) for t in tiles])
-
-
-def _features(module: nn.Module, wav: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(wav).float()
-    if isinstance(module, WhisperAudioEncoder):
-        mel = WhisperLogMel(module.encoder.cfg.num_mel_bins)(x)
-        return pad_to_multiple(mel, -1, WhisperAudioEncoder.FRAME_MULTIPLE)
-    return KaldiFbank(module.encoder.cfg.input_dim)(x)
-
-
-@BUILDERS.register(WhisperAudioEncoder, WhaleAudioEncoder)
-def _audio(module: nn.Module, sources: Sources) -> Calibration:
-    feats = [_features(module, wav).to(_dtype(module)) for wav in speech()]
-    return Calibration(calls=[lambda f=f: module(f) for f in feats])
-
-
-@BUILDERS.register(QwenForCausalLM)
-def _llm(module: QwenForCausalLM, sources: Sources) -> Calibration:
-    """Chat-formatted paragraphs, plus one turn that carries a photo's and a spoken question's
-    features from this checkpoint's own (float) encoders, as the model sees them in use."""
-    paragraphs = text_split("train")
-    step = max(1, len(paragraphs) // sources.samples)
-    seqs = []
-    with torch.no_grad():
-        for para in paragraphs[::step][: sources.samples]:
-            ids = encode(sources.tokenizer, chat_prompt(para))[: sources.max_tokens]
-            seqs.append(module.embed(torch.tensor([ids])).float())
-        parts = [module.embed(torch.tensor([encode(sources.tokenizer, chat_prompt("Look and listen:"))])).float()]
-        vision = sources.components.get("vision_encoder")
-        if isinstance(vision, VisionEncoder):
-            parts.append(vision(_tiles(vision)[:1].to(_dtype(vision))).reshape(1, -1, module.cfg.hidden_size).float())
-        audio = sources.components.get("audio_encoder")
-        if isinstance(audio, (WhisperAudioEncoder, WhaleAudioEncoder)):
-            feats = _features(audio, speech()[0]).to(_dtype(audio))
-            parts.append(audio(feats).reshape(1, -1, module.cfg.hidden_size).float())
-        if len(parts) > 1:
-            seqs.append(torch.cat(parts, 1)[:, : sources.max_tokens].float())
-    return Calibration(sequences=seqs)

@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from omni_export.errors import ConfigError
+from omni_export.export.components.base import role_of
 from omni_export.export.components.layers import RMSNorm, rope_cos_sin
 from omni_export.export.components.qwen import QwenDecoderLayer, QwenForCausalLM
 from omni_export.quantize import awq
 from omni_export.quantize.calibrate import Calibration, Sources, calibration_for
 from omni_export.quantize.gptq import gptq
-from omni_export.quantize.recipe import Method, QuantConfig, QuantRecipe
+from omni_export.quantize.recipe import Method, QuantConfig, QuantRecipe, precision_class
 from omni_export.quantize.result import QTensor, QuantResult
 from omni_export.quantize.rtn import rtn, weight_error
 
@@ -48,11 +49,12 @@ def plan(components: dict[str, nn.Module], recipe: QuantRecipe) -> dict[str, Qua
         if isinstance(module, QwenForCausalLM):
             module.untie_head()
     mods = weighted_modules(components)
-    recipe.check_matches(mods)
+    roles = {fqn: role_of(components[fqn.split(".", 1)[0]]).value for fqn in mods}
+    recipe.check_matches(roles.items())
     chosen: dict[str, QuantConfig] = {}
     bad = []
     for fqn, m in mods.items():
-        cfg = recipe.config_for(fqn)
+        cfg = recipe.config_for(fqn, roles[fqn])
         if cfg is None or not isinstance(m, nn.Linear):
             continue
         if cfg.group_size and m.in_features % cfg.group_size:
@@ -200,7 +202,7 @@ def _quantize_stack(cname: str, lm: QwenForCausalLM, cfgs: dict[str, QuantConfig
 def _layer_args(x: torch.Tensor, c) -> tuple:  # type: ignore[no-untyped-def]
     pos = torch.arange(x.shape[1])
     cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
-    return cos, sin, pos[None, :] <= pos[:, None], None, None
+    return cos, sin, pos[None, :] <= pos[:, None]
 
 
 def _quantize_layer(layer: QwenDecoderLayer, cfgs: dict[str, QuantConfig], xs: list[torch.Tensor], ctx: list[tuple],
@@ -260,3 +262,9 @@ def apply_dequantized(module: nn.Module, result: QuantResult, prefix: str) -> No
     for fqn, w in result.floats.items():
         if fqn.startswith(prefix) and fqn.endswith(".weight"):
             _set(module, fqn[len(prefix):], nn.Parameter(w.clone(), requires_grad=False))
+
+
+def component_classes(components: dict[str, nn.Module], configs: dict[str, QuantConfig], float_class: str = "fp32") -> dict[str, str]:
+    """Each component's precision class under a plan (see recipe.precision_class)."""
+    return {name: precision_class([c for f, c in configs.items() if f.split(".", 1)[0] == name], role_of(m).value, float_class)
+            for name, m in components.items()}  # fmt: skip

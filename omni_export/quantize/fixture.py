@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from omni_export.export.checkpoint import load_checkpoint
 from omni_export.export.components.qwen import QwenForCausalLM
-from omni_export.export.families.common import encode
+from omni_export.runtime_py.prompt import encode
 from omni_export.export.safetensors_io import SafetensorsFile, write_streaming
 from omni_export.files import cache_dir, replace_dir
 from omni_export.quantize.calibrate import text_split

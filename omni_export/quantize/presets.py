@@ -1,5 +1,5 @@
-"""Named presets: what ``--quant`` accepts. Component patterns cover both families, so every rule
-matches something in either (decoders: llm, speech_lm / tts_*; vocoders: vocoder / codec_decoder)."""
+"""Named presets: what ``--quant`` accepts. Rules choose by component role (DESIGN: LLM and speech
+LM 4-bit, encoders 8-bit, vocoder float), so they fit any family whose components say their roles."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from omni_export.quantize.recipe import (
 )
 from omni_export.registry import Registry
 
-DECODERS = r"^(llm|speech_lm|tts_nar|tts_ar)\."
-ENCODERS = r"^(vision_encoder|audio_encoder|flow)\."
-VOCODERS = r"^(vocoder|codec_decoder)\."
 ANY = r"."
+
+
+def by_role(*roles: str, config: QuantConfig | None) -> QuantRule:
+    return QuantRule(ANY, config, roles)
+
 
 PRESETS: Registry[QuantRecipe] = Registry("quantization preset")
 
@@ -25,17 +27,18 @@ W8A8 = QuantConfig(bits=8, activation="int8_dynamic")
 W4G32 = QuantConfig(bits=4, group_size=32)
 W4_AWQ = QuantConfig(bits=4, group_size=32, method="awq")
 W4_GPTQ = QuantConfig(bits=4, group_size=32, method="gptq")
+DECODERS, ENCODERS, VOCODERS = ("decoder",), ("encoder", "acoustic"), ("vocoder",)
 
 for recipe in (
     QuantRecipe("fp32", (QuantRule(ANY, None),), float_dtype="fp32"),
     QuantRecipe("fp16", (QuantRule(ANY, None),)),
-    QuantRecipe("int8", (QuantRule(VOCODERS, None), QuantRule(ANY, W8))),
-    QuantRecipe("w8a8", (QuantRule(VOCODERS, None), QuantRule(ANY, W8A8))),
-    QuantRecipe("int4", (QuantRule(DECODERS, W4G32), QuantRule(ENCODERS, W8), QuantRule(VOCODERS, None))),
+    QuantRecipe("int8", (by_role(*VOCODERS, config=None), QuantRule(ANY, W8))),
+    QuantRecipe("w8a8", (by_role(*VOCODERS, config=None), QuantRule(ANY, W8A8))),
+    QuantRecipe("int4", (by_role(*DECODERS, config=W4G32), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None))),
     QuantRecipe("int4-all", (QuantRule(ANY, W4G32),)),
     # int4 with a calibrated method for the decoders (encoders stay 8-bit round-to-nearest).
-    QuantRecipe("int4-awq", (QuantRule(DECODERS, W4_AWQ), QuantRule(ENCODERS, W8), QuantRule(VOCODERS, None))),
-    QuantRecipe("int4-gptq", (QuantRule(DECODERS, W4_GPTQ), QuantRule(ENCODERS, W8), QuantRule(VOCODERS, None))),
+    QuantRecipe("int4-awq", (by_role(*DECODERS, config=W4_AWQ), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None))),
+    QuantRecipe("int4-gptq", (by_role(*DECODERS, config=W4_GPTQ), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None))),
 ):
     PRESETS.register(recipe.name, recipe)
 

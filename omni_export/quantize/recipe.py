@@ -1,5 +1,8 @@
-"""QuantRecipe: ordered regex rules over ``component.module_path`` -> QuantConfig or None (float).
-First match wins. The recipe says nothing about any backend."""
+"""QuantRecipe: ordered rules -> QuantConfig or None (float). A rule matches a weight by a regex
+over ``component.module_path`` and, optionally, by the component's role (decoder, encoder, ...),
+so presets written by role fit any family. First match wins. The recipe says nothing about any
+backend. What precision a component ends up at (its precision class: the parity threshold it is
+held to) comes from the configs the recipe gives its weights, never from the recipe's name."""
 
 from __future__ import annotations
 
@@ -49,16 +52,29 @@ class QuantConfig:
         return self.bits / 8 + (2 + (0 if self.symmetric else 1)) / group
 
 
+ROLES = ("frontend", "encoder", "decoder", "acoustic", "vocoder")
+
+
 @dataclass(frozen=True)
 class QuantRule:
     pattern: str
     config: QuantConfig | None  # None: keep float
+    roles: tuple[str, ...] = ()  # empty: any role
 
     def __post_init__(self) -> None:
         try:
             re.compile(self.pattern)
         except re.error as exc:
             raise ConfigError(f"rule pattern {self.pattern!r} is not a valid regular expression: {exc}") from None
+        unknown = [r for r in self.roles if r not in ROLES]
+        if unknown:
+            raise ConfigError(f"rule roles {unknown} are not roles; known: {list(ROLES)}")
+
+    def matches(self, fqn: str, role: str | None) -> bool:
+        return (not self.roles or role in self.roles) and re.search(self.pattern, fqn) is not None
+
+    def describe(self) -> str:
+        return (f"roles {'/'.join(self.roles)} " if self.roles else "") + f"/{self.pattern}/"
 
 
 @dataclass(frozen=True)
@@ -71,18 +87,18 @@ class QuantRecipe:
         if self.float_dtype not in ("fp16", "fp32", "bf16"):
             raise ConfigError(f"float_dtype must be fp16, fp32 or bf16, got {self.float_dtype!r}")
 
-    def config_for(self, fqn: str) -> QuantConfig | None:
+    def config_for(self, fqn: str, role: str | None = None) -> QuantConfig | None:
         for rule in self.rules:
-            if re.search(rule.pattern, fqn):
+            if rule.matches(fqn, role):
                 return rule.config
         return None
 
-    def check_matches(self, fqns: Iterable[str]) -> None:
-        """A rule that matches none of the model's tensors is a typo, not a no-op."""
-        fqns = list(fqns)
-        dead = [r.pattern for r in self.rules if not any(re.search(r.pattern, f) for f in fqns)]
+    def check_matches(self, weights: Iterable[tuple[str, str | None]]) -> None:
+        """A rule that matches none of the model's weights ((fqn, role) pairs) is a typo, not a no-op."""
+        weights = list(weights)
+        dead = [r.describe() for r in self.rules if not any(r.matches(f, role) for f, role in weights)]
         if dead:
-            raise ConfigError(f"recipe {self.name!r}: rule(s) {dead} match no tensor of this model")
+            raise ConfigError(f"recipe {self.name!r}: rule(s) {dead} match no weight of this model")
 
     @property
     def is_float(self) -> bool:
@@ -93,13 +109,14 @@ def recipe_toml(recipe: QuantRecipe) -> str:
     """The TOML form ``load_recipe_toml`` reads back."""
     import tomli_w
 
-    rules = [{"pattern": r.pattern, "float": True} if r.config is None else {"pattern": r.pattern, **asdict(r.config)}
-             for r in recipe.rules]  # fmt: skip
+    rules = [{"pattern": r.pattern, **({"roles": list(r.roles)} if r.roles else {}),
+              **({"float": True} if r.config is None else asdict(r.config))} for r in recipe.rules]  # fmt: skip
     return tomli_w.dumps({"name": recipe.name, "float_dtype": recipe.float_dtype, "rules": rules})
 
 
 def load_recipe_toml(path: Path) -> QuantRecipe:
-    """TOML: ``name``, ``float_dtype``, ``[[rules]] pattern = ... bits = ... group_size = ...`` (or ``float = true``)."""
+    """TOML: ``name``, ``float_dtype``, ``[[rules]] pattern = ... roles = [...] bits = ... group_size = ...``
+    (or ``float = true``); a rule needs a pattern, roles, or both."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -108,14 +125,40 @@ def load_recipe_toml(path: Path) -> QuantRecipe:
     for i, raw in enumerate(data.get("rules", [])):
         raw = dict(raw)
         pattern = raw.pop("pattern", None)
-        if pattern is None:
-            raise ConfigError(f"{path}: rules[{i}] needs a 'pattern'")
+        roles = raw.pop("roles", [])
+        if pattern is None and not roles:
+            raise ConfigError(f"{path}: rules[{i}] needs a 'pattern', 'roles' or both")
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise ConfigError(f"{path}: rules[{i}].roles must be a list of role names {list(ROLES)}")
         keep_float = raw.pop("float", False)
         cfg = None if keep_float else from_dict(QuantConfig, raw, where=f"{path}: rules[{i}]")
-        rules.append(QuantRule(pattern, cfg))
+        rules.append(QuantRule(pattern if pattern is not None else ".", cfg, tuple(roles)))
     if not rules:
         raise ConfigError(f"{path}: a recipe needs at least one [[rules]] entry")
     extra = set(data) - {"name", "rules", "float_dtype"}
     if extra:
         raise ConfigError(f"{path}: unknown key(s) {sorted(extra)}")
     return QuantRecipe(data.get("name", Path(path).stem), tuple(rules), data.get("float_dtype", "fp16"))
+
+
+# -- precision classes -----------------------------------------------------------------------------
+FLOAT_CLASSES = ("fp32", "fp16")
+CLASSES = ("fp32", "fp16", "int8", "w8a8", "int4", "int4-all")
+
+
+def precision_class(configs: Iterable[QuantConfig], role: str | None, float_class: str = "fp32") -> str:
+    """A component's precision class from the configs its weights got: no quantized weight ->
+    the artifact's float precision; any 4-bit weight -> ``int4`` for decoder stacks, ``int4-all``
+    elsewhere (4-bit encoders and vocoders lose more, and are held to the looser threshold that
+    the int4-everywhere preset always had); 8-bit with int8 activations -> ``w8a8``; else ``int8``."""
+    configs = list(configs)
+    if not configs:
+        return float_class
+    if any(c.bits == 4 for c in configs):
+        return "int4" if role == "decoder" else "int4-all"
+    if any(c.activation != Activation.NONE.value for c in configs):
+        return "w8a8"
+    return "int8"
+
+
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "w8a8": 1.0, "int4": 0.5, "int4-all": 0.5}

@@ -23,7 +23,7 @@ from torch import nn
 from omni_export.export.components.qwen import QwenForCausalLM
 from omni_export.profiles import ParityThreshold
 from omni_export.quantize.calibrate import Sources, calibration_for
-from omni_export.quantize.engine import plan
+from omni_export.quantize.engine import component_classes, plan
 from omni_export.quantize.presets import W4G32, W8
 from omni_export.quantize.recipe import Method, QuantConfig, QuantRecipe, QuantRule
 from omni_export.quantize.rtn import rtn
@@ -58,6 +58,7 @@ class ComponentReport:
     proposal_damage: Damage | None = None
     bytes_recipe: int = 0
     bytes_proposal: int = 0
+    precision_class: str = ""  # what the recipe makes this component; its threshold
 
 
 def _evaluator(module: nn.Module, sources: Sources) -> Callable[[], list[torch.Tensor]]:
@@ -105,9 +106,11 @@ def _rtn_cfg(cfg: QuantConfig) -> QuantConfig:
     return replace(cfg, method=Method.RTN.value)
 
 
-def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: Any, threshold: ParityThreshold,
+def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: Any, threshold: Callable[[str], ParityThreshold],
             progress: Callable[[str, int, int], None] | None = None) -> list[ComponentReport]:  # fmt: skip
+    """``threshold(precision_class)``: what a component must meet, at the class the recipe gives it."""
     cfgs = plan(components, recipe)
+    classes = component_classes(components, cfgs)
     step = progress or (lambda what, i, n: None)
     sources = Sources(components, tokenizer)
     reports = []
@@ -133,7 +136,9 @@ def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: An
         layers.sort(key=lambda x: -x[2].score())
         rep = ComponentReport(cname, damage_with(mine, ref), layers, bytes_recipe=sum(x[3] for x in layers))
         w4_ok = {p for p, w in weights.items() if w.shape[1] % W4G32.group_size == 0}
-        rep.proposal, rep.proposal_damage = _propose(mine, w4_ok, layers, cname, threshold, lambda ch: damage_with(ch, ref), rep.all_quantized)
+        rep.precision_class = classes[cname]
+        rep.proposal, rep.proposal_damage = _propose(mine, w4_ok, layers, cname, threshold(classes[cname]),
+                                                     lambda ch: damage_with(ch, ref), rep.all_quantized)  # fmt: skip
         rep.bytes_proposal = sum(rtn(weights[p], c).nbytes() for p, c in rep.proposal.items())
         reports.append(rep)
     return reports

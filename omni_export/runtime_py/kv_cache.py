@@ -2,14 +2,14 @@
 
 *Stateful* sessions (ExecuTorch mutable buffers, Core ML states, the eager reference) keep the
 cache inside the artifact: ``reset`` zeroes it and each call writes at its positions. *Explicit*
-sessions (ONNX Runtime, TensorRT) take the cache as trailing inputs and return the updated cache
-as trailing outputs, 2 tensors (K, V) per layer shaped by the manifest's ``kv_cache`` entry
-(``shape``, or [1, max_len, kv_heads, head_dim]).
-``KVStack`` hides the difference and owns the one number both need: how many positions are
-filled."""
+sessions (ONNX Runtime, TensorRT) take the cache after the method's inputs and return the grown
+cache after its outputs (the manifest's ``kv_cache`` names them); the session keeps the tensors
+in its own memory and hands ``KVStack`` an opaque value. ``KVStack`` hides the difference and owns
+the one number both need: how many positions are filled."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,23 +17,20 @@ import torch
 from omni_export.errors import ContextOverflowError
 from omni_export.runtime_py.backends.base import Session
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class KVStack:
-    def __init__(self, name: str, session: Session, prefill_chunk: int, max_len: int, kv: dict[str, Any] | None = None) -> None:
-        self.name, self.session, self.chunk, self.max_len, self.kv = name, session, prefill_chunk, max_len, kv or {}
+    def __init__(self, name: str, session: Session, prefill_chunk: int, max_len: int, methods: Sequence[str] = ("prefill", "decode")) -> None:
+        self.name, self.session, self.chunk, self.max_len = name, session, prefill_chunk, max_len
+        self.methods = tuple(methods)
         self.position = 0
-        self._cache: list[torch.Tensor] = []
+        self._cache: Any = None
 
     def reset(self) -> None:
         self.position = 0
         if self.session.stateful:
             self.session.reset()
         else:
-            shape = tuple(self.kv.get("shape") or (1, self.kv["max_len"], self.kv["kv_heads"], self.kv["head_dim"]))
-            dtype = _DTYPES[self.kv.get("dtype", "float32")]
-            self._cache = [torch.zeros(shape, dtype=dtype) for _ in range(2 * self.kv["layers"])]
+            self._cache = self.session.new_cache()
 
     @property
     def free(self) -> int:
@@ -51,15 +48,22 @@ class KVStack:
         out: list[torch.Tensor] = []
         for i in range(0, n, self.chunk):
             part = embeds[:, i : i + self.chunk]
-            out = self._call("decode" if part.shape[1] == 1 else "prefill", part)
+            pos = torch.arange(self.position, self.position + part.shape[1])
+            out = self.call("decode" if part.shape[1] == 1 else "prefill", [part, pos])
         return out
 
-    def _call(self, method: str, part: torch.Tensor) -> list[torch.Tensor]:
-        pos = torch.arange(self.position, self.position + part.shape[1])
+    def call(self, method: str, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One cached call with explicit positions (inputs[1]); the filled length follows them."""
         if self.session.stateful:
-            out = self.session.run(method, [part, pos])
+            out = self.session.run(method, inputs)
         else:
-            res = self.session.run(method, [part, pos, *self._cache])
-            out, self._cache = res[: len(res) - len(self._cache)], res[len(res) - len(self._cache) :]
-        self.position += part.shape[1]
+            if self._cache is None:
+                self._cache = self.session.new_cache()
+            out, self._cache = self.session.run_cached(method, inputs, self._cache)
+        self.position = int(inputs[1][-1]) + 1
         return out
+
+    @property
+    def holds_cache(self) -> bool:
+        """An explicit session's cache has been handed to this stack."""
+        return self._cache is not None

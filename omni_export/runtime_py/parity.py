@@ -5,12 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from omni_export.bundle.golden import GoldenCall
 from omni_export.runtime_py.backends.base import Session
+from omni_export.runtime_py.kv_cache import KVStack
+
+if TYPE_CHECKING:
+    from omni_export.bundle.manifest import ComponentEntry, RuntimeSettings
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -99,10 +105,16 @@ class ComponentParity:
     threshold: dict[str, float]
     results: list[OutputParity] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    backend: str = ""  # the runtime that replayed the artifact
+    not_run: str = ""  # why nothing could replay it on this host; such a component never passes
 
     @property
     def passed(self) -> bool:
-        return not self.failures
+        return not self.failures and not self.not_run
+
+    @property
+    def status(self) -> str:
+        return "not run on this host" if self.not_run else ("pass" if self.passed else "FAIL")
 
     def worst(self, reference: str) -> dict[str, float]:
         rows = [r for r in self.results if r.reference == reference]
@@ -116,19 +128,27 @@ class ComponentParity:
         return out
 
     def to_dict(self) -> dict:
-        return {"component": self.component, "passed": self.passed, "gate_reference": self.gate_reference,
-                "threshold": self.threshold, "failures": self.failures, "results": [asdict(r) for r in self.results]}  # fmt: skip
+        return {"component": self.component, "passed": self.passed, "status": self.status, "backend": self.backend,
+                "not_run": self.not_run, "gate_reference": self.gate_reference, "threshold": self.threshold,
+                "failures": self.failures, "results": [asdict(r) for r in self.results]}  # fmt: skip
 
 
-def replay(session: Session, calls: list[GoldenCall], io: Callable[[str], tuple[list[str], list[str]]]) -> list[dict[str, np.ndarray]]:
+def replay(session: Session, calls: list[GoldenCall], io: Callable[[str], tuple[list[str], list[str]]],
+           kv_methods: tuple[str, ...] = ()) -> list[dict[str, np.ndarray]]:  # fmt: skip
     """Run the golden calls in order on a fresh session; ``io(method)`` gives the manifest's input
-    and output names. Returns each call's named outputs."""
-    session.reset()
+    and output names; ``kv_methods`` run through the component's KV cache, however the session
+    holds it. Returns each call's named outputs."""
+    stack = KVStack("replay", session, 0, 0, kv_methods) if kv_methods else None
+    if stack is not None:
+        stack.reset()
+    if session.stateful:
+        session.reset()
     results = []
     for call in calls:
         in_names, names = io(call.method)
         # copy(): C-contiguous and keeps 0-d scalars 0-d (ascontiguousarray would make them 1-d).
-        outs = session.run(call.method, [torch.from_numpy(call.inputs[n].copy()) for n in in_names])
+        inputs = [torch.from_numpy(call.inputs[n].copy()) for n in in_names]
+        outs = stack.call(call.method, inputs) if stack is not None and call.method in kv_methods else session.run(call.method, inputs)
         results.append({n: (o.detach().float().numpy() if isinstance(o, torch.Tensor) else np.asarray(o)) for n, o in zip(names, outs)})
     return results
 
@@ -163,29 +183,51 @@ def judge(component: str, calls: list[GoldenCall], got: list[dict[str, np.ndarra
     return report
 
 
-def check_bundle(bundle) -> list[ComponentParity]:  # type: ignore[no-untyped-def]
-    """Re-run every component's golden calls on this host, with the backend the manifest names,
-    against the thresholds and reference the build recorded."""
-    from pathlib import Path
+def not_run(component: str, gate_reference: str, threshold: dict[str, float], reason: str) -> ComponentParity:
+    return ComponentParity(component, gate_reference, threshold, not_run=reason)
+
+
+def replay_component(entry: ComponentEntry, root: Path, settings: RuntimeSettings, calls: list[GoldenCall],
+                     backend: str | None = None) -> tuple[list[dict[str, np.ndarray]] | None, str, str]:  # fmt: skip
+    """Replay a bundle component's golden calls on the host backend that can run its artifact
+    (its parity backend). Returns (outputs, backend, "") or (None, backend, why it was not run)."""
+    from omni_export.runtime_py.backends import SESSIONS, open_session
+
+    name = backend or entry.parity_backend
+    if not name:
+        return None, "", f"no runtime on any host replays {entry.backend} artifacts"
+    reason = SESSIONS.get(name).unavailable() if name in SESSIONS else f"the {name} runtime is not part of this omni-export"
+    if reason:
+        return None, name, reason
+    session = open_session(entry, root, settings, backend=name)
+    kv = entry.kv_cache.methods if entry.kv_cache else ()
+    return replay(session, calls, entry.io_names, kv), name, ""
+
+
+def check_bundle(bundle: str | Path) -> list[ComponentParity]:
+    """Re-run every component's golden calls on this host, on the runtime that replays the
+    component's artifact, against the thresholds and reference the build recorded."""
+    import json
 
     from omni_export.bundle.golden import read_golden
-    from omni_export.bundle.manifest import io_names, read_manifest
-    from omni_export.runtime_py.backends import open_session
+    from omni_export.bundle.manifest import read_manifest
 
     bundle = Path(bundle)
     m = read_manifest(bundle)
     recorded = {}
     report = bundle / "reports" / "parity.json"
     if report.is_file():
-        import json
-
         recorded = {r["component"]: r for r in json.loads(report.read_text())}
     out = []
-    for name, comp in m["components"].items():
-        calls = read_golden(bundle / comp["golden"])
-        session = open_session(comp["backend"], bundle / comp["file"])
-        got = replay(session, calls, lambda meth, comp=comp: io_names(comp, meth))
+    for name, comp in m.components.items():
         th = recorded.get(name, {}).get("threshold", {"cosine_min": 0.999, "top1_min": 0.98, "kl_max": 0.01})
         gate = recorded.get(name, {}).get("gate_reference", "fp16")
-        out.append(judge(name, calls, got, gate, th["cosine_min"], th["top1_min"], th["kl_max"]))
+        calls = read_golden(bundle / comp.golden)
+        got, backend, reason = replay_component(comp, bundle, m.profile.runtime, calls)
+        if got is None:
+            out.append(not_run(name, gate, th, reason))
+            continue
+        result = judge(name, calls, got, gate, th["cosine_min"], th["top1_min"], th["kl_max"])
+        result.backend = backend
+        out.append(result)
     return out

@@ -30,6 +30,7 @@ from omni_export.errors import (
     ContextOverflowError,
     InputError,
 )
+from omni_export.bundle.manifest import ComponentEntry
 from omni_export.runtime_py.audio import pad_to_multiple, prepare_audio, read_audio
 from omni_export.runtime_py.backends.base import Session
 from omni_export.runtime_py.events import AudioChunk, Event, Stats, TextDelta
@@ -80,14 +81,14 @@ class _Turn:
 
 
 class Pipeline:
-    def __init__(self, sessions: dict[str, Session], components: dict[str, Any], config: dict[str, Any],
+    def __init__(self, sessions: dict[str, Session], components: dict[str, ComponentEntry], config: dict[str, Any],
                  tokenizer: Any, assets: dict[str, np.ndarray], context_policy: str = "error",
                  vad: VADConfig | None = None, audio_window_frames: int | None = None) -> None:  # fmt: skip
         if context_policy not in CONTEXT_POLICIES:
             raise ConfigError(f"context policy {context_policy!r} is not one of {CONTEXT_POLICIES}")
         self.recorder = Recorder()
         self.raw_sessions = sessions
-        self.sessions = {n: TimedSession(s, n, self.recorder, symbolic_axes(components.get(n, {}))) for n, s in sessions.items()}
+        self.sessions = {n: TimedSession(s, n, self.recorder, symbolic_axes(components[n].methods) if n in components else {}) for n, s in sessions.items()}
         self.components, self.config = components, config
         self.tokenizer, self.assets = tokenizer, assets
         self.context_policy = context_policy
@@ -104,8 +105,8 @@ class Pipeline:
         """Open a bundle; it must pass verify (a bundle that does not match its manifest is refused)."""
         from tokenizers import Tokenizer
 
-        from omni_export.bundle import read_manifest, verify_bundle
-        from omni_export.bundle.manifest import BundleError
+        from omni_export.bundle import verify_bundle
+        from omni_export.bundle.manifest import BundleError, read_manifest
         from omni_export.runtime_py.backends import open_session
 
         path = Path(path)
@@ -113,16 +114,16 @@ class Pipeline:
         if problems:
             raise BundleError(f"{path} fails verify ({len(problems)} problem(s)): " + "; ".join(problems[:5]))
         m = read_manifest(path)
-        sessions = {name: open_session(c["backend"], path / c["file"]) for name, c in m["components"].items()}
-        assets = {k: np.load(path / rel) for k, rel in m["model"].get("assets", {}).items()}
+        sessions = {name: open_session(c, path, m.profile.runtime) for name, c in m.components.items()}
+        assets = {k: np.load(path / rel) for k, rel in m.model.get("assets", {}).items()}
         tokenizer = Tokenizer.from_file(str(path / "tokenizer" / "tokenizer.json"))
-        return cls(sessions, m["components"], m["model"], tokenizer, assets, **kwargs)
+        return cls(sessions, m.components, m.model, tokenizer, assets, **kwargs)
 
     def stack(self, component: str) -> KVStack:
         if component not in self._stacks:
-            kv = self.components.get(component, {}).get("kv_cache")
+            kv = self.components[component].kv_cache
             self._stacks[component] = KVStack(component, self.sessions[component], self.config["prefill_chunk"],
-                                              self.config["max_context"], kv)  # fmt: skip
+                                              self.config["max_context"], kv.methods if kv else ("prefill", "decode"))  # fmt: skip
         return self._stacks[component]
 
     # -- conversation state ---------------------------------------------------------------------
@@ -200,7 +201,7 @@ class Pipeline:
         return self.sessions["vision_encoder"].run("forward", [torch.from_numpy(tiles)])[0]
 
     def _axis(self, component: str, method: str, name: str, dim: str) -> int:
-        shape = next(t["shape"] for t in self.components[component]["methods"][method]["inputs"] if t["name"] == name)
+        shape = next(t.shape for t in self.components[component].methods[method].inputs if t.name == name)
         return shape.index(dim)
 
     # -- the answer -----------------------------------------------------------------------------

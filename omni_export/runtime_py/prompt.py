@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 SYSTEM_PROMPT = "You are a helpful assistant that answers in speech."
@@ -41,3 +43,8 @@ def next_turn(user: str) -> str:
     """A later user turn: closes the assistant's previous reply (its end token was sampled, not
     fed, or the reply was cut short) and opens the next one."""
     return f"<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` (special tokens in it are parsed, none are added)."""
+    return tokenizer.encode(text, add_special_tokens=False).ids

@@ -4,8 +4,9 @@ Stats all read the same record, so the numbers cannot disagree."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -66,10 +67,19 @@ class TimedSession(Session):
         self.inner.reset()
 
     def run(self, method: str, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self._timed(method, inputs, lambda: self.inner.run(method, inputs))
+
+    def new_cache(self) -> Any:
+        return self.inner.new_cache()
+
+    def run_cached(self, method: str, inputs: Sequence[torch.Tensor], cache: Any) -> tuple[list[torch.Tensor], Any]:
+        return self._timed(method, inputs, lambda: self.inner.run_cached(method, inputs, cache))
+
+    def _timed(self, method: str, inputs: Sequence[torch.Tensor], call: Callable[[], Any]) -> Any:
         if self.recorder.calls is not None:
             self.recorder.calls.append((self.component, method, [x.clone() for x in inputs]))
         t0 = time.perf_counter()
-        out = self.inner.run(method, inputs)
+        out = call()
         t1 = time.perf_counter()
         n = positions(self._symbolic.get(method, []), inputs[0]) if inputs else 1
         self.recorder.spans.append(Span(self.component, method, t0, t1, n))
@@ -84,10 +94,7 @@ def positions(axes: list[int], first_input: torch.Tensor) -> int:
     return n
 
 
-def symbolic_axes(component: dict) -> dict[str, list[int]]:
-    """method -> axes of its first input that are symbolic in the manifest."""
-    out = {}
-    for name, m in component.get("methods", {}).items():
-        inputs = m.get("inputs") or []
-        out[name] = [i for i, d in enumerate(inputs[0]["shape"]) if isinstance(d, str)] if inputs else []
-    return out
+def symbolic_axes(methods: dict[str, Any]) -> dict[str, list[int]]:
+    """method -> axes of its first input that are symbolic in the manifest (``methods``: name ->
+    MethodEntry)."""
+    return {name: [i for i, d in enumerate(m.inputs[0].shape) if isinstance(d, str)] if m.inputs else [] for name, m in methods.items()}

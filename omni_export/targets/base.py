@@ -1,5 +1,16 @@
-"""The Target protocol: lower one traced component (and, later, its QuantResult) for one device
-profile into artifact files, and name the runtime backend that opens them."""
+"""The Target protocol: lower one traced component (with its QuantResult) for one device profile
+into artifact files, and say how it is run and checked.
+
+A target plugs in by registering itself with:
+
+- ``kv_mode``: how its decoder caches are held (export/components/kv.py: buffers, state, io);
+- ``backend``: the runtime that opens its artifacts on the device (runtime_py/backends);
+- ``parity_backend``: the runtime that replays the exact same artifact on a build host (TensorRT's
+  ONNX in ONNX Runtime; none for Core ML on Linux, whose components are then recorded as "not run
+  on this host" and never pass a gate they did not run);
+- ``check_quant`` / ``encode`` / ``lower``: what it can encode, and how.
+
+Heavy backend imports happen inside the target's methods."""
 
 from __future__ import annotations
 
@@ -11,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
+from omni_export.bundle.manifest import Delegation, RuntimeSettings
 from omni_export.errors import OmniExportError
 from omni_export.registry import Registry
 
@@ -26,28 +38,24 @@ class QuantEncodingError(OmniExportError):
     """The target cannot encode this quantization (bits, symmetry or activation handling)."""
 
 
-@dataclass(frozen=True)
-class Delegation:
-    """How much of one method's graph a backend delegate runs."""
+class LoweringError(OmniExportError):
+    """A traced component could not be lowered for the target."""
 
-    delegated_nodes: int
-    portable_nodes: int
-    subgraphs: int
-    fallback_ops: dict[str, int] = field(default_factory=dict)  # op -> count run by portable kernels
 
-    @property
-    def share(self) -> float:
-        total = self.delegated_nodes + self.portable_nodes
-        return self.delegated_nodes / total if total else 1.0
+def delegation(delegated: int, portable: int, subgraphs: int, ops: dict[str, int] | None = None) -> Delegation:
+    total = delegated + portable
+    return Delegation(delegated, portable, subgraphs, round(delegated / total, 4) if total else 1.0, dict(ops or {}))
 
 
 @dataclass(frozen=True)
 class Artifact:
     component: str
-    file: str  # relative to the bundle root
+    files: tuple[str, ...]  # relative to the bundle root; the first is the main one
+    entries: dict[str, str]  # method -> what runs it (a program method name, a graph file)
     backend: str
     delegation: dict[str, Delegation]
     build_s: float
+    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def delegated_share(self) -> float:
@@ -59,7 +67,11 @@ class Artifact:
 class Target(ABC):
     name: ClassVar[str]
     backend: ClassVar[str]
-    extension: ClassVar[str]
+    kv_mode: ClassVar[str]
+    # The host runtime that replays this target's artifacts for parity; None: none exists anywhere.
+    parity_backend: ClassVar[str | None]
+    # Precision of the tensors a recipe leaves float, in this target's artifacts.
+    float_class: ClassVar[str] = "fp32"
     # How quantized linears treat their activations on this target (the manifest records it).
     quant_activation: ClassVar[str] = "float"
 
@@ -70,8 +82,9 @@ class Target(ABC):
         """Export-only patches this target wants while ``module`` is traced (none by default)."""
         return nullcontext()
 
-    def kv_layout(self) -> str:
-        return "[1, kv_heads, max_len, head_dim] per layer, written at input_pos"
+    def runtime_settings(self, profile: Profile) -> RuntimeSettings:
+        """What sessions open with on the profile's device (recorded in the manifest)."""
+        return RuntimeSettings()
 
     def check_quant(self, configs: dict[str, QuantConfig]) -> list[str]:
         """Refuse, before any work, quantization this target cannot encode; return notes on how
@@ -81,12 +94,21 @@ class Target(ABC):
         return []
 
     def encode(self, module: nn.Module, tensors: dict[str, QTensor], floats: dict[str, Any]) -> None:
-        """Put a component's QuantResult into ``module`` in the form this target lowers."""
+        """Before tracing: put a component's QuantResult into ``module`` in the form this target
+        traces (the rest happens in ``lower``, which gets the same tensors)."""
         raise QuantEncodingError(f"target {self.name} cannot encode quantized weights")
 
     @abstractmethod
-    def lower(self, traced: TracedComponent, profile: Profile, root: Path, metadata: dict[str, Any]) -> Artifact:
-        """Write the artifact for ``traced`` under ``root`` and describe it."""
+    def lower(self, traced: TracedComponent, profile: Profile, root: Path, metadata: dict[str, Any],
+              quant: dict[str, QTensor]) -> Artifact:  # fmt: skip
+        """Write the artifact files for ``traced`` under ``root`` and describe them."""
 
 
 TARGETS: Registry[Target] = Registry("target")
+
+
+def apply_floats(module: nn.Module, floats: dict[str, Any]) -> None:
+    """Float tensors a quantization algorithm changed (AWQ folds its scales into norms)."""
+    for name, value in floats.items():
+        owner, _, leaf = name.rpartition(".")
+        getattr(module.get_submodule(owner), leaf).data.copy_(value)

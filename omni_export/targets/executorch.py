@@ -9,24 +9,19 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from omni_export.errors import OmniExportError
-from omni_export.export.components.qwen import QwenModel
+from omni_export.export.components.kv import KV_MODES, Attend, KVCache, KVMode
 from omni_export.targets import torchao_encode
-from omni_export.targets.base import TARGETS, Artifact, Delegation, Target
+from omni_export.bundle.manifest import Delegation, RuntimeSettings
+from omni_export.targets.base import TARGETS, Artifact, LoweringError, Target, apply_floats, delegation
 
 log = logging.getLogger(__name__)
-
-
-class LoweringError(OmniExportError):
-    """A traced component could not be lowered for the target."""
 
 
 # Operator namespaces that are real kernels; getitem, sym_size and SymInt arithmetic are bookkeeping.
@@ -41,7 +36,7 @@ def _delegation(graph_module) -> Delegation:  # type: ignore[no-untyped-def]
         op: b.non_delegated for op, b in info.delegation_by_operator.items()
         if b.non_delegated and op.startswith(_KERNEL_PREFIXES)
     }  # fmt: skip
-    return Delegation(info.num_delegated_nodes, sum(fallback.values()), info.num_delegated_subgraphs, fallback)
+    return delegation(info.num_delegated_nodes, sum(fallback.values()), info.num_delegated_subgraphs, fallback)
 
 
 def _no_onednn() -> AbstractContextManager[None]:
@@ -51,26 +46,55 @@ def _no_onednn() -> AbstractContextManager[None]:
     return torch.backends.mkldnn.flags(enabled=False)
 
 
-@contextmanager
-def llm_custom_ops(module: nn.Module) -> Iterator[None]:
-    """While tracing: every KV-cached stack uses ExecuTorch's llama::update_cache (in place) and
-    llama::custom_sdpa (attends to the filled prefix only, grouped heads without copies) instead
-    of index_put + masked SDPA over repeated heads, which copy whole caches every step."""
+class ExecuTorchCache(KVCache):
+    """Buffers [1, max_len, kv_heads, D] written in place by ``llama::update_cache`` from the
+    first position (the positions of one call are consecutive)."""
+
+    def __init__(self, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (1, max_len, kv_heads, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, k, v, input_pos):  # type: ignore[no-untyped-def]
+        start = _start(input_pos, self.k_cache.shape[1])
+        torch.ops.llama.update_cache(k, self.k_cache, start)
+        torch.ops.llama.update_cache(v, self.v_cache, start)
+        return self.k_cache, self.v_cache
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+
+class ExecuTorchAttention(Attend):
+    """``llama::custom_sdpa``: attends to the filled prefix only, grouped heads without copies."""
+
+    def forward(self, q, keys, values, input_pos):  # type: ignore[no-untyped-def]
+        b, t, h, d = q.shape
+        out = torch.ops.llama.custom_sdpa(q, keys, values, _start(input_pos, keys.shape[1]), None, 0, True)
+        return out.reshape(b, t, h * d)
+
+
+def _start(input_pos: torch.Tensor, max_len: int):  # type: ignore[no-untyped-def]
+    start = input_pos[0].item()
+    torch._check(start >= 0)
+    torch._check(start < max_len)
+    return start
+
+
+def _et_cache(stack, layer: int, max_len: int, slots) -> KVCache:  # type: ignore[no-untyped-def]
     from executorch.extension.llm.custom_ops import (
         custom_ops,  # noqa: F401  (registers the ops)
     )
 
-    stacks = [m for m in module.modules() if isinstance(m, QwenModel) and m.cache_len]
-    saved = [(m, m.cache_len, m.norm.weight.dtype) for m in stacks]
-    try:
-        for m, n, dtype in saved:
-            m.kv_impl = "et_custom"
-            m.setup_cache(n, dtype)
-        yield
-    finally:
-        for m, n, dtype in saved:
-            m.kv_impl = "reference"
-            m.setup_cache(n, dtype)
+    return ExecuTorchCache(stack.cfg.num_key_value_heads, stack.cfg.head_dim, max_len, stack.norm.weight.dtype)
+
+
+# In-place update and prefix-only attention: index_put + masked SDPA over repeated heads would
+# copy whole caches every step.
+ET_KV = KV_MODES.register("executorch", KVMode("executorch", "buffers", ("batch", "positions", "kv_heads", "head_dim"),
+                                               _et_cache, ExecuTorchAttention))  # fmt: skip
 
 
 def _check_ranges(traced, edge) -> None:  # type: ignore[no-untyped-def]
@@ -88,17 +112,16 @@ def _check_ranges(traced, edge) -> None:  # type: ignore[no-untyped-def]
 class ExecuTorchTarget(Target):
     name = "executorch"
     backend = "executorch"
+    parity_backend = "executorch"
+    kv_mode = ET_KV.name
     extension = ".pte"
     quant_activation = "int8 dynamic, asymmetric per token (XNNPACK)"
 
     def trace_context(self, module: nn.Module, limits) -> AbstractContextManager[None]:  # type: ignore[no-untyped-def]
-        stack = ExitStack()
-        stack.enter_context(_no_onednn())
-        stack.enter_context(llm_custom_ops(module))
-        return stack
+        return _no_onednn()
 
-    def kv_layout(self) -> str:
-        return "[1, max_len, kv_heads, head_dim] per layer (llama::update_cache), written at input_pos[0]"
+    def runtime_settings(self, profile) -> RuntimeSettings:  # type: ignore[no-untyped-def]
+        return RuntimeSettings(threads=profile.executorch.threads if profile.executorch else 0)
 
     @staticmethod
     def _lower(traced, partitioners: list, metadata: dict[str, Any]):  # type: ignore[no-untyped-def]
@@ -132,9 +155,10 @@ class ExecuTorchTarget(Target):
         return torchao_encode.check(configs, self.name)
 
     def encode(self, module, tensors, floats):  # type: ignore[no-untyped-def]
-        torchao_encode.encode(module, tensors, floats)
+        torchao_encode.encode(module, tensors)
+        apply_floats(module, floats)
 
-    def lower(self, traced, profile, root: Path, metadata: dict[str, Any]) -> Artifact:  # type: ignore[no-untyped-def]
+    def lower(self, traced, profile, root: Path, metadata: dict[str, Any], quant) -> Artifact:  # type: ignore[no-untyped-def]
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
             XnnpackPartitioner,
         )
@@ -162,7 +186,7 @@ class ExecuTorchTarget(Target):
         with open(tmp, "wb") as f:
             program.write_to_file(f)
         os.replace(tmp, path)
-        return Artifact(traced.name, rel, self.backend, delegation, time.perf_counter() - start)
+        return Artifact(traced.name, (rel,), {m: m for m in traced.specs}, self.backend, delegation, time.perf_counter() - start)
 
 
 TARGETS.register(ExecuTorchTarget.name, ExecuTorchTarget())

@@ -9,8 +9,6 @@ ExecuTorch's own LLM recipes (8da4w) do."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -32,7 +30,7 @@ def check(configs: dict[str, QuantConfig], target: str) -> list[str]:
     return []
 
 
-def encode(module: nn.Module, tensors: dict[str, QTensor], floats: dict[str, Any]) -> None:
+def encode(module: nn.Module, tensors: dict[str, QTensor]) -> None:
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor,
         IntxUnpackedToInt8TensorActivationQuantization,
@@ -48,6 +46,3 @@ def encode(module: nn.Module, tensors: dict[str, QTensor], floats: dict[str, Any
             IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
         )  # fmt: skip
         lin.weight = nn.Parameter(weight, requires_grad=False)
-    for name, value in floats.items():
-        owner, _, leaf = name.rpartition(".")
-        getattr(module.get_submodule(owner), leaf).data.copy_(value)

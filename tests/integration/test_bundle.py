@@ -46,22 +46,27 @@ def test_bundle_layout_and_manifest(bundles, family):
     root = bundles[family].bundle
     m = read_manifest(root)
     assert verify_bundle(root) == []
-    assert m["family"] == family and m["profile"]["target"] == "executorch" and m["quant"]["preset"] == "fp32"
-    for name, c in m["components"].items():
-        assert (root / c["file"]).suffix == ".pte" and c["golden"] == f"golden/{name}.npz"
-        assert c["methods"] and all(io["outputs"] for io in c["methods"].values())
-        assert all(io["inputs"] for meth, io in c["methods"].items() if meth != "reset_cache")
-    llm = m["components"]["llm"]
-    assert set(llm["methods"]) == {"embed", "prefill", "decode", "reset_cache"}
-    assert llm["methods"]["decode"]["outputs"][0]["shape"] == [1, 1, m["model"]["llm"]["vocab_size"]]
-    assert llm["kv_cache"]["max_len"] == CONTEXT and llm["kv_cache"]["held_as"] == "mutable_buffers"
-    assert m["model"]["audio_sample_rate"] == 16000 and m["model"]["output_sample_rate"] == 24000
+    assert m.family == family and m.profile.target == "executorch" and m.quant.recipe == "fp32"
+    for name, c in m.components.items():
+        assert len(c.files) == 1 and (root / c.files[0]).suffix == ".pte" and c.golden == f"golden/{name}.npz"
+        assert c.methods and all(io.outputs for io in c.methods.values()) and c.precision == "fp32"
+        assert all(io.inputs for meth, io in c.methods.items() if meth != "reset_cache")
+        assert all(io.entry == meth for meth, io in c.methods.items()) and c.parity_backend == "executorch"
+    llm = m.components["llm"]
+    assert set(llm.methods) == {"embed", "prefill", "decode", "reset_cache"} and llm.role == "decoder"
+    assert llm.methods["decode"].outputs[0].shape == (1, 1, m.model["llm"]["vocab_size"])
+    kv = llm.kv_cache
+    assert kv.max_len == CONTEXT and kv.held_as == "buffers" and kv.methods == ("prefill", "decode")
+    assert kv.axes == ("batch", "positions", "kv_heads", "head_dim") and not kv.inputs
+    assert m.model["audio_sample_rate"] == 16000 and m.model["output_sample_rate"] == 24000
+    assert m.profile.runtime.threads == 4  # the android profile's; sessions cap it at this host's cores
     assert (root / "tokenizer" / "tokenizer.json").is_file() and (root / "README.md").is_file()
     readme = (root / "README.md").read_text()
     assert "I/O contract" in readme and "Measured parity" in readme
     parity = json.loads((root / "reports" / "parity.json").read_text())
-    assert {p["component"] for p in parity} == set(m["components"])
-    assert m["model"]["assets"] and all((root / p).is_file() for p in m["model"]["assets"].values())
+    assert {p["component"] for p in parity} == set(m.components) and {p["backend"] for p in parity} == {"executorch"}
+    assert m.model["assets"] and all((root / p).is_file() for p in m.model["assets"].values())
+    assert (root / "manifest.schema.json").is_file() and "manifest.schema.json" in m.files
 
 
 def test_llm_golden_holds_ids_and_logits_under_manifest_names(bundles):
@@ -70,12 +75,12 @@ def test_llm_golden_holds_ids_and_logits_under_manifest_names(bundles):
     calls = read_golden(root / "golden" / "llm.npz")
     methods = [c.method for c in calls]
     assert methods[:2] == ["embed", "prefill"] and methods.count("decode") == 32
-    embed_in = [t["name"] for t in m["components"]["llm"]["methods"]["embed"]["inputs"]]
-    prefill_out = [t["name"] for t in m["components"]["llm"]["methods"]["prefill"]["outputs"]]
+    embed_in = [t.name for t in m.components["llm"].methods["embed"].inputs]
+    prefill_out = [t.name for t in m.components["llm"].methods["prefill"].outputs]
     assert list(calls[0].inputs) == embed_in == ["ids"] and calls[0].inputs["ids"].dtype == np.int64
     for prec in ("fp16", "fp32"):
         assert list(calls[1].outputs[prec]) == prefill_out
-        assert calls[1].outputs[prec]["logits"].shape[-1] == m["model"]["llm"]["vocab_size"]
+        assert calls[1].outputs[prec]["logits"].shape[-1] == m.model["llm"]["vocab_size"]
     # fp16 reference really is a different (half precision) computation.
     assert not np.array_equal(calls[1].outputs["fp16"]["logits"], calls[1].outputs["fp32"]["logits"])
 
@@ -84,12 +89,12 @@ def test_artifacts_carry_their_metadata(bundles):
     from executorch.runtime import Runtime
 
     m = read_manifest(bundles["interactiveomni"].bundle)
-    program = Runtime.get().load_program(bundles["interactiveomni"].bundle / m["components"]["llm"]["file"])
+    program = Runtime.get().load_program(bundles["interactiveomni"].bundle / m.components["llm"].files[0])
     read = lambda name: program.load_method(name).execute([])[0]  # noqa: E731
     assert read("omni_max_context") == CONTEXT
     assert read("omni_output_sample_rate") == 24000
-    assert read("omni_image_token_id") == m["model"]["image_token_id"]
-    assert read("omni_eos_id") == m["model"]["eos_ids"][0]
+    assert read("omni_image_token_id") == m.model["image_token_id"]
+    assert read("omni_eos_id") == m.model["eos_ids"][0]
 
 
 def test_artifacts_accept_their_declared_maximum_sizes(bundles):
@@ -99,7 +104,7 @@ def test_artifacts_accept_their_declared_maximum_sizes(bundles):
 
     def max_sizes(family, component, method):
         b = bundles[family].bundle
-        prog = Runtime.get().load_program(b / read_manifest(b)["components"][component]["file"])
+        prog = Runtime.get().load_program(b / read_manifest(b).components[component].files[0])
         md = prog.metadata(method)
         return [str(md.input_tensor_meta(i)).split("sizes=[")[1].split("]")[0] for i in range(md.num_inputs())]
 
@@ -126,7 +131,7 @@ def test_lowering_refuses_to_cut_a_declared_range(tiny):
 
 def test_unavailable_target_fails_before_work(tiny_dirs, tmp_path):
     r = runner.invoke(app, ["--target", "jetson", "--model", str(tiny_dirs["vita15"]), "--out", str(tmp_path / "b")])
-    assert r.exit_code == 2 and "unknown target 'tensorrt'" in r.output and "executorch" in r.output
+    assert r.exit_code == 2 and "unknown target 'tensorrt'" in r.output and "executorch, onnxruntime" in r.output
     assert not (tmp_path / "b").exists()
 
 
@@ -156,7 +161,7 @@ def test_verify_rejects_broken_manifest(bundle_copy):
     m = json.loads((root / "manifest.json").read_text())
     del m["components"]["llm"]["methods"]
     (root / "manifest.json").write_text(json.dumps(m))
-    assert any("lacks 'methods'" in p for p in verify_bundle(root))
+    assert any("components.llm: required key 'methods' is missing" in p for p in verify_bundle(root))
 
 
 def test_parity_command_reruns_and_catches_drift(bundle_copy):

@@ -8,13 +8,10 @@ import pytest
 import torch
 
 from omni_export.bundle import read_manifest, verify_bundle
-from omni_export.compiler import build_bundle
 from omni_export.profiles import get_profile
-from omni_export.quantize.presets import PRESETS
 from omni_export.quantize.result import QuantResult
 from omni_export.targets.pte_weights import read_quantized_weights
 
-CONTEXT = 320
 # InteractiveOmni at int4 holds both XNNPACK weight formats (4-bit blockwise decoders, 8-bit
 # per-channel encoders); VITA at int8 repeats the per-channel case on the other family (slow).
 CASES = {"interactiveomni": "int4", "vita15": "int8"}
@@ -22,17 +19,8 @@ FAMILIES = [pytest.param("interactiveomni"), pytest.param("vita15", marks=pytest
 
 
 @pytest.fixture(scope="module")
-def qbundles(tiny_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("qbundles")
-    built = {}
-
-    def get(family):
-        if family not in built:
-            preset = CASES[family]
-            built[family] = build_bundle(get_profile("android"), tiny_dirs[family], PRESETS.get(preset), root / f"{family}-{preset}", context=CONTEXT)
-        return built[family]
-
-    return get
+def qbundles(quant_bundles):
+    return lambda family: quant_bundles("android", family, CASES[family])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -40,16 +28,20 @@ def test_quantized_bundle_passes_its_thresholds(qbundles, family):
     result = qbundles(family)
     preset = CASES[family]
     assert result.precision == preset
-    th = get_profile("android").threshold(preset)
+    profile = get_profile("android")
     for b in result.components:
         assert b.parity.passed, (b.name, b.parity.failures)
-        assert b.parity.gate_reference == "fp16" and b.parity.threshold["cosine_min"] == th.cosine_min
+        # Each component is held to the threshold of the precision its weights got.
+        assert b.parity.threshold["cosine_min"] == profile.threshold(b.precision).cosine_min
+        assert b.parity.gate_reference == ("fp32" if b.precision == "fp32" else "fp16")
     root = result.bundle
     assert verify_bundle(root) == []
     m = read_manifest(root)
-    assert m["quant"]["preset"] == preset
-    llm = m["components"]["llm"]
-    assert llm["quant"]["linears"] > 0 and "int8 dynamic" in llm["quant"]["activations"]
+    assert m.quant.recipe == preset
+    llm = m.components["llm"]
+    assert llm.quant.linears > 0 and "int8 dynamic" in llm.quant.activations
+    expected = {"int4": {"llm": "int4", "vision_encoder": "int8", "vocoder": "fp32"}, "int8": {"llm": "int8", "codec_decoder": "fp32"}}[preset]
+    assert {n: m.components[n].precision for n in expected} == expected
     report = json.loads((root / "reports" / "quant.json").read_text())
     assert all("weight_rel_err" in v for v in report["layers"].values())
 
@@ -75,10 +67,10 @@ def test_artifacts_hold_exactly_the_quant_result(qbundles, family):
     result = QuantResult.load(Path(report["cache"]))
     m = read_manifest(root)
     bits = set()
-    for name, comp in m["components"].items():
+    for name, comp in m.components.items():
         tensors = result.for_component(name)
         if tensors:
-            _assert_artifact_holds(root / comp["file"], tensors)
+            _assert_artifact_holds(root / comp.files[0], tensors)
             bits |= {t.config.bits for t in tensors.values()}
     assert bits == ({4, 8} if CASES[family] == "int4" else {8})
 

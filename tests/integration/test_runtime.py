@@ -39,15 +39,19 @@ def script(speech_wav, photo, tmp_path_factory):
     return d / "turns.toml"
 
 
-def model_path(kind, family, bundles, tiny_dirs):
-    return bundles[family].bundle if kind == "bundle" else tiny_dirs[family]
+KINDS = {"bundle": "executorch", "ort-bundle": "onnxruntime", "checkpoint": "eager"}
 
 
-@pytest.mark.parametrize("kind", ["bundle", "checkpoint"])
+def model_path(kind, family, bundles, tiny_dirs, ort_bundles=None):
+    return {"bundle": lambda: bundles[family].bundle, "ort-bundle": lambda: ort_bundles[family].bundle,
+            "checkpoint": lambda: tiny_dirs[family]}[kind]()  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_run_a_scripted_conversation(bundles, tiny_dirs, script, tmp_path, family, kind):
+def test_run_a_scripted_conversation(bundles, ort_bundles, tiny_dirs, script, tmp_path, family, kind):
     out = tmp_path / "reply.wav"
-    r = invoke("run", model_path(kind, family, bundles, tiny_dirs), "--turns", script, "--out", out, "--json", "--max-context", 320)
+    r = invoke("run", model_path(kind, family, bundles, tiny_dirs, ort_bundles), "--turns", script, "--out", out, "--json", "--max-context", 320)
     assert r.exit_code == 0, r.output
     res = json.loads(r.output.strip().splitlines()[-1])
     t1, t2, t3 = res["turns"]
@@ -60,15 +64,14 @@ def test_run_a_scripted_conversation(bundles, tiny_dirs, script, tmp_path, famil
     assert info.samplerate == 24000 and info.frames / 24000 == pytest.approx(res["seconds"], abs=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["bundle", "checkpoint"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_profile_reports_stages_turns_and_floors(bundles, tiny_dirs, script, tmp_path, family, kind):
-    r = invoke("profile", model_path(kind, family, bundles, tiny_dirs), "--runs", 2, "--script", script, "--out", tmp_path / "p")
+@pytest.mark.parametrize("kind,family", [(k, f) for k in KINDS for f in FAMILIES if k != "ort-bundle" or f == "interactiveomni"])
+def test_profile_reports_stages_turns_and_floors(bundles, ort_bundles, tiny_dirs, script, tmp_path, family, kind):
+    r = invoke("profile", model_path(kind, family, bundles, tiny_dirs, ort_bundles), "--runs", 2, "--script", script, "--out", tmp_path / "p")
     assert r.exit_code == 0, r.output
     assert "TTFA" in r.output and "llm.decode" in r.output and "p50 / floor" in r.output
     report = json.loads((tmp_path / "p" / "reports" / "latency.json").read_text())
     assert report["runs"] == 2 and len(report["turns"]) == 6  # warm-up not counted
-    assert report["backends"] == (["executorch"] if kind == "bundle" else ["eager"])
+    assert report["backends"] == [KINDS[kind]]
     decode = report["stages"]["llm.decode"]
     assert decode["calls"] > 0 and 0 < decode["p50_ms"] <= decode["p90_ms"]
     floor = report["roofline"]["stages"]["llm.decode"]

@@ -23,12 +23,16 @@ def test_presets_exist_and_match_both_families():
             memory_plan(fam, fam.preset("tiny"), PRESETS.get(preset), 256)  # raises if a rule matches nothing
 
 
-def test_int4_preset_assignments():
+def test_int4_preset_assignments_follow_roles_not_names():
     r = PRESETS.get("int4")
-    assert r.config_for("llm.model.layers.0.mlp.up_proj.weight") == QuantConfig(bits=4, group_size=32)
-    assert r.config_for("tts_ar.ar.layers.0.self_attn.q_proj.weight").bits == 4
-    assert r.config_for("audio_encoder.encoder.layers.0.fc1.weight").bits == 8
-    assert r.config_for("vocoder.conv_pre.weight") is None and r.config_for("codec_decoder.codebook.weight") is None
+    assert r.config_for("llm.model.layers.0.mlp.up_proj.weight", "decoder") == QuantConfig(bits=4, group_size=32)
+    assert r.config_for("tts_ar.ar.layers.0.self_attn.q_proj.weight", "decoder").bits == 4
+    assert r.config_for("audio_encoder.encoder.layers.0.fc1.weight", "encoder").bits == 8
+    assert r.config_for("flow.encoder.blocks.0.qkv.weight", "acoustic").bits == 8
+    assert r.config_for("vocoder.conv_pre.weight", "vocoder") is None and r.config_for("codec_decoder.codebook.weight", "vocoder") is None
+    # A family with other component names gets the same precision from the roles its classes declare.
+    assert r.config_for("talker.layers.0.mlp.up_proj.weight", "decoder").bits == 4
+    assert r.config_for("code2wav.conv.weight", "vocoder") is None
 
 
 @pytest.mark.parametrize(
@@ -57,9 +61,34 @@ def test_recipe_toml(tmp_path):
     path.write_text('name = "mine"\n[[rules]]\npattern = "^llm\\\\."\nbits = 4\ngroup_size = 64\n[[rules]]\npattern = "."\nfloat = true\n')
     r = load_recipe_toml(path)
     assert r.config_for("llm.x") == QuantConfig(bits=4, group_size=64) and r.config_for("flow.x") is None
+    path.write_text('[[rules]]\nroles = ["decoder"]\nbits = 4\ngroup_size = 32\n[[rules]]\npattern = "."\nfloat = true\n')
+    r = load_recipe_toml(path)
+    assert r.config_for("anything.x", "decoder").bits == 4 and r.config_for("anything.x", "encoder") is None
+    assert load_recipe_toml(_roundtrip(tmp_path, r)) == r
+    path.write_text('[[rules]]\nroles = ["talker"]\nbits = 4\n')
+    with pytest.raises(ConfigError, match="talker"):
+        load_recipe_toml(path)
     path.write_text('[[rules]]\npattern = "."\nbits = 4\ngroupsize = 32\n')
     with pytest.raises(ConfigError, match="groupsize"):
         load_recipe_toml(path)
+
+
+def _roundtrip(tmp_path, recipe):
+    from omni_export.quantize.recipe import recipe_toml
+
+    path = tmp_path / "again.toml"
+    path.write_text(recipe_toml(recipe))
+    return path
+
+
+def test_precision_class_comes_from_the_configs_not_the_name():
+    from omni_export.quantize.recipe import precision_class
+
+    w4, w8 = QuantConfig(bits=4, group_size=32), QuantConfig(bits=8)
+    assert precision_class([], "decoder") == "fp32" and precision_class([], "vocoder", "fp16") == "fp16"
+    assert precision_class([w4, w8], "decoder") == "int4" and precision_class([w4], "encoder") == "int4-all"
+    assert precision_class([w8], "encoder") == "int8"
+    assert precision_class([QuantConfig(bits=8, activation="int8_dynamic")], "decoder") == "w8a8"
 
 
 def test_profiles_and_aliases():

@@ -13,7 +13,6 @@ from omni_export.errors import (
     InputError,
 )
 from omni_export.runtime_py.audio import read_audio
-from omni_export.runtime_py.backends.base import Session
 from omni_export.runtime_py.events import AudioChunk, Stats, TextDelta
 from omni_export.runtime_py.pipeline import Pipeline
 from omni_export.runtime_py.prompt import chat_prompt, next_turn
@@ -202,50 +201,25 @@ def test_context_policy_error_keeps_the_conversation_and_reset_drops_it(tiny, pi
     assert second.context_reset and second.position == second.prompt_tokens + second.new_tokens
 
 
-class ExplicitCacheSession(Session):
-    """The eager LLM behind the call surface of an explicit-cache backend (ONNX Runtime, TensorRT):
-    prefill/decode take every K and V as trailing inputs and return the updated ones; nothing is
-    kept between calls (the module's buffers are overwritten from the inputs on every call)."""
-
-    backend, stateful = "eager-explicit", False
-
-    def __init__(self, inner, model):
-        self.inner, self.model = inner, model
-
-    @property
-    def methods(self):
-        return self.inner.methods
-
-    def reset(self):
-        raise AssertionError("an explicit-cache session is never reset: the caller owns the cache")
-
-    def run(self, method, inputs):
-        if method not in ("prefill", "decode"):
-            return self.inner.run(method, inputs)
-        embeds, pos, *cache = inputs
-        bufs = [getattr(self.model, f"{k}_cache_{i}") for i in range(len(cache) // 2) for k in ("k", "v")]
-        for buf, c in zip(bufs, cache, strict=True):
-            buf.copy_(c)
-        return self.inner.run(method, [embeds, pos]) + [b.clone() for b in bufs]
-
-
 def test_explicit_cache_backends_hold_the_same_conversation(tiny, pipes):
-    """KVStack drives a session that takes and returns the KV cache as tensors: three turns give
-    the same tokens as the stateful eager session."""
+    """KVStack drives a session that takes and returns the KV cache as tensors (the eager LLM with
+    its stack in io mode, the contract ONNX Runtime and TensorRT keep): three turns give the same
+    tokens as the stateful eager session."""
+    from omni_export.export.golden import eager_io_session
+    from omni_export.export.trace_specs import Limits
+
     ref = pipes["interactiveomni"]
     ref.reset()
     expected = [[e.token_id for e in turn(ref, q, max_new_tokens=5, speech=False)[0] if isinstance(e, TextDelta)] for q in QUESTIONS]
 
     base = eager_pipeline(tiny["interactiveomni"], max_context=512)
-    module = tiny["interactiveomni"].components["llm"].model
-    cfg = module.cfg
-    sessions = dict(base.raw_sessions, llm=ExplicitCacheSession(base.raw_sessions["llm"], module))
+    session = eager_io_session(tiny["interactiveomni"].components["llm"], Limits(max_context=512))
+    assert not session.stateful
+    sessions = dict(base.raw_sessions, llm=session)
     components = dict(base.components)
-    components["llm"] = {**components["llm"], "kv_cache": {"layers": cfg.num_hidden_layers, "dtype": "float32",
-                                                             "shape": [1, cfg.num_key_value_heads, 512, cfg.head_dim]}}  # fmt: skip
     p = Pipeline(sessions, components, base.config, base.tokenizer, base.assets)
     got = [[e.token_id for e in turn(p, q, max_new_tokens=5, speech=False)[0] if isinstance(e, TextDelta)] for q in QUESTIONS]
-    assert got == expected and p.llm._cache and p.position == ref.position
+    assert got == expected and p.llm.holds_cache and p.position == ref.position
 
 
 @pytest.mark.gpu

@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni_export.export.components.base import Component, Role
+from omni_export.export.trace_specs import F32, I64, Call, MethodSpec, Tensor, dim
+
 
 @dataclass(frozen=True)
 class CodecConfig:
@@ -48,7 +51,9 @@ class UpBlock(nn.Module):
         return self.res(self.up(F.elu(x)))
 
 
-class CodecDecoder(nn.Module):
+class CodecDecoder(Component, nn.Module):
+    role = Role.VOCODER
+
     def __init__(self, cfg: CodecConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -73,3 +78,17 @@ class CodecDecoder(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return torch.tanh(self.conv_post(F.elu(x))).squeeze(1)
+
+    # -- as a component ---------------------------------------------------------------------
+    def export_methods(self, limits):  # type: ignore[no-untyped-def]
+        c = self.cfg
+        codes = dim("codes", 2, limits.max_speech_tokens)
+        return [MethodSpec("forward", Call(self), (torch.randint(0, c.codebook_size, (1, 40)), torch.randint(0, c.global_vocab, (1, c.n_global))),
+                           ({1: codes}, None),
+                           (Tensor("codes", I64, (1, "codes")), Tensor("global_codes", I64, (1, c.n_global))),
+                           (Tensor("wav", F32, (1, f"codes*{c.hop}")),))]  # fmt: skip
+
+    def golden_script(self, ctx, ref):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(ctx.seed)
+        codes = torch.randint(0, self.cfg.codebook_size, (1, 40), generator=g)
+        return [("forward", (codes, self.default_global_codes.detach()[None].clone()))]

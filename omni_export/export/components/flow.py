@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni_export.export.components.base import Component, Role
 from omni_export.export.components.layers import (
     chunk_causal_mask,
     merge_heads,
@@ -23,6 +24,7 @@ from omni_export.export.components.layers import (
     sinusoidal_embedding,
     split_heads,
 )
+from omni_export.export.trace_specs import F32, I64, Call, MethodSpec, Tensor, dim, dtype_of
 from omni_export.runtime_py.sampler import cosine_timesteps
 
 
@@ -129,7 +131,9 @@ class Estimator(nn.Module):
         return self.out_proj(self.norm(h)).transpose(1, 2)
 
 
-class FlowDecoder(nn.Module):
+class FlowDecoder(Component, nn.Module):
+    role = Role.ACOUSTIC
+
     def __init__(self, cfg: FlowConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -171,3 +175,34 @@ class FlowDecoder(nn.Module):
             t = torch.full((1,), t0, dtype=mu.dtype, device=mu.device)
             x = self.step(x, mu, t, torch.tensor(t1 - t0, dtype=mu.dtype), spks, cond)
         return x
+
+    # -- as a component ---------------------------------------------------------------------
+    def export_methods(self, limits):  # type: ignore[no-untyped-def]
+        c = self.cfg
+        toks = dim("speech_tokens", 2, limits.max_speech_tokens)
+        frames = dim("mel_frames", 2, limits.max_speech_tokens * c.token_mel_ratio)
+        dt = dtype_of(self)
+        mel = lambda: torch.randn(1, c.mel_bins, 50, dtype=dt)  # noqa: E731
+        mel_t = lambda n: Tensor(n, F32, (1, c.mel_bins, "mel_frames"))  # noqa: E731
+        return [
+            MethodSpec("encode", Call(self, "encode"), (torch.randint(0, c.vocab, (1, 25)),), ({1: toks},),
+                       (Tensor("tokens", I64, (1, "speech_tokens")),), (Tensor("mu", F32, (1, c.mel_bins, "2*speech_tokens")),)),
+            MethodSpec("speaker", Call(self, "speaker"), (torch.randn(1, c.spk_dim, dtype=dt),), None,
+                       (Tensor("embedding", F32, (1, c.spk_dim)),), (Tensor("spks", F32, (1, c.mel_bins)),)),
+            MethodSpec("step", Call(self, "step"), (mel(), mel(), torch.rand(1, dtype=dt), torch.tensor(0.1, dtype=dt), torch.randn(1, c.mel_bins, dtype=dt), mel()),
+                       ({2: frames}, {2: frames}, None, None, None, {2: frames}),
+                       (mel_t("x"), mel_t("mu"), Tensor("t", F32, (1,)), Tensor("dt", F32, ()), Tensor("spks", F32, (1, c.mel_bins)), mel_t("cond")),
+                       (mel_t("x_next"),)),
+        ]  # fmt: skip
+
+    def golden_script(self, ctx, ref):  # type: ignore[no-untyped-def]
+        """Two flow chunks of speech tokens, the default speaker, one Euler step."""
+        g = torch.Generator().manual_seed(ctx.seed)
+        c = self.cfg
+        tokens = torch.randint(0, c.vocab, (1, 2 * c.token_chunk), generator=g)
+        mu = ref.run("encode", (tokens,))[0]
+        spk_in = self.default_speaker_embedding.detach().float()[None]
+        spks = ref.run("speaker", (spk_in,))[0]
+        x = torch.randn(mu.shape, generator=g)
+        return [("encode", (tokens,)), ("speaker", (spk_in,)),
+                ("step", (x, mu, torch.tensor([0.3]), torch.tensor(0.1), spks, torch.zeros_like(mu)))]  # fmt: skip

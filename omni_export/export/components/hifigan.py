@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni_export.export.components.base import Component, Role
+from omni_export.export.trace_specs import F32, Call, MethodSpec, Tensor, dim, dtype_of
+
 
 @dataclass(frozen=True)
 class VocoderConfig:
@@ -38,7 +41,9 @@ class ResBlock(nn.Module):
         return x
 
 
-class HiFiGAN(nn.Module):
+class HiFiGAN(Component, nn.Module):
+    role = Role.VOCODER
+
     def __init__(self, cfg: VocoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -62,3 +67,15 @@ class HiFiGAN(nn.Module):
             x = up(F.leaky_relu(x, 0.1))
             x = sum(self.resblocks[i * nk + j](x) for j in range(nk)) / nk
         return torch.tanh(self.conv_post(F.leaky_relu(x))).squeeze(1)
+
+    # -- as a component ---------------------------------------------------------------------
+    def export_methods(self, limits):  # type: ignore[no-untyped-def]
+        c = self.cfg
+        frames = dim("mel_frames", 2, limits.max_speech_tokens * 2)
+        return [MethodSpec("forward", Call(self), (torch.randn(1, c.mel_bins, 50, dtype=dtype_of(self)),), ({2: frames},),
+                           (Tensor("mel", F32, (1, c.mel_bins, "mel_frames")),), (Tensor("wav", F32, (1, f"mel_frames*{c.hop}")),))]  # fmt: skip
+
+    def golden_script(self, ctx, ref):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(ctx.seed)
+        mel = torch.randn(1, self.cfg.mel_bins, 40, generator=g) * 2 - 4  # log-mel range
+        return [("forward", (mel,))]

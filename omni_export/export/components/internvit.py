@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_export.errors import ConfigError
+from omni_export.export.components.base import Component, Role
 from omni_export.export.components.layers import RMSNorm, merge_heads, sdpa, split_heads
+from omni_export.export.trace_specs import F32, Call, MethodSpec, Tensor, dim, dtype_of
 
 
 @dataclass(frozen=True)
@@ -155,8 +157,10 @@ def mlp2x_gelu_projector(in_dim: int, llm_hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden))
 
 
-class VisionEncoder(nn.Module):
+class VisionEncoder(Component, nn.Module):
     """Tiles [N, 3, S, S] (ImageNet-normalised) -> LLM tokens [N * (S/patch/2)^2, llm_hidden]."""
+
+    role = Role.ENCODER
 
     def __init__(self, cfg: InternViTConfig, projector: nn.Module, downsample: float = 0.5) -> None:
         super().__init__()
@@ -174,3 +178,32 @@ class VisionEncoder(nn.Module):
 
     def tokens_per_tile(self) -> int:
         return int((self.cfg.patches_per_side * self.downsample) ** 2)
+
+    # -- as a component ---------------------------------------------------------------------
+    def export_methods(self, limits):  # type: ignore[no-untyped-def]
+        s = self.cfg.image_size
+        tiles = dim("tiles", 1, limits.max_tiles)
+        h = self.projector[-1].out_features
+        return [MethodSpec("forward", Call(self), (torch.randn(2, 3, s, s, dtype=dtype_of(self)),), ({0: tiles},),
+                           (Tensor("pixels", F32, ("tiles", 3, s, s)),), (Tensor("tokens", F32, (f"tiles*{self.tokens_per_tile()}", h)),))]  # fmt: skip
+
+    def golden_script(self, ctx, ref):  # type: ignore[no-untyped-def]
+        from omni_export.export.golden import image_tiles
+
+        return [("forward", (image_tiles(2, self.cfg.image_size),))]
+
+    def photo_tiles(self) -> torch.Tensor:
+        """A real photo (matplotlib's sample) through the InternVL tiling, up to 4 tiles."""
+        from omni_export.quantize.calibrate import photo_path
+        from omni_export.runtime_py.image import preprocess_image
+
+        return torch.from_numpy(preprocess_image(photo_path(), tile=self.cfg.image_size, max_num=4)).to(dtype_of(self))
+
+    def calibration(self, sources):  # type: ignore[no-untyped-def]
+        from omni_export.quantize.calibrate import Calibration
+
+        return Calibration(calls=[lambda t=t: self(t[None]) for t in self.photo_tiles()])
+
+    def calibration_tokens(self) -> torch.Tensor:
+        """LLM-width tokens of one real photo tile, as the LLM sees them in use."""
+        return self(self.photo_tiles()[:1]).reshape(1, -1, self.projector[-1].out_features)

@@ -1,9 +1,9 @@
 """One Qwen decoder for Qwen3 (q/k RMSNorm, tied embeddings) and Qwen2/2.5 (qkv bias).
 
 Parameter names match transformers' Qwen2/Qwen3ForCausalLM, so their state dicts load unchanged.
-The KV cache is static ([1, kv_heads, max_len, head_dim] per layer) and written with index_copy_
-at explicit positions: the same code serves ``prefill`` (many tokens) and ``decode`` (one token),
-and traces with torch.export with the cache as mutable buffers.
+Each cached stack's layers hold a swappable KV cache and attention (kv.py): the reference keeps
+static buffers written at explicit positions, so the same code serves ``prefill`` (many tokens)
+and ``decode`` (one token); a target swaps in its own form only while exporting.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_export.errors import ConfigError, ContextOverflowError
+from omni_export.export.components.base import Component, Role
+from omni_export.export.components.kv import Attend, BufferCache, KVCache, MaskedAttention
 from omni_export.export.components.layers import (
     RMSNorm,
     apply_rope,
@@ -24,7 +26,6 @@ from omni_export.export.components.layers import (
     repeat_kv,
     rope_cos_sin,
     sdpa,
-    split_heads,
 )
 
 
@@ -122,39 +123,16 @@ class QwenAttention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
+        # The cache and the attention over it are parts a KV mode swaps (see kv.py); a stack
+        # without a cache (oracle tests, bidirectional stacks) attends over its own tokens.
+        self.kv: KVCache | None = None
+        self.attend: Attend = MaskedAttention(self.n_rep)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: tuple[torch.Tensor, torch.Tensor] | None,
-        input_pos: torch.Tensor | None,
-        kv_impl: str = "reference",
-    ) -> torch.Tensor:
-        cfg = self.cfg
-        if cache is not None and kv_impl == "et_custom":
-            return self._forward_et_custom(x, cos, sin, cache, input_pos)
-        q = split_heads(self.q_proj(x), cfg.num_attention_heads)
-        k = split_heads(self.k_proj(x), cfg.num_key_value_heads)
-        v = split_heads(self.v_proj(x), cfg.num_key_value_heads)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k_cache, v_cache = cache
-            k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
-            v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
-            k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
-        n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
-        out = sdpa(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), mask)
-        return self.o_proj(merge_heads(out))
-
-
-    def _forward_et_custom(self, x, cos, sin, cache, input_pos):  # type: ignore[no-untyped-def]
-        """ExecuTorch's LLM ops: in-place cache update and SDPA over the filled prefix only, with
-        caches laid out [1, max_len, kv_heads, head_dim]. Used only while tracing for ExecuTorch."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """x [B, T, H]; cos/sin [T, D]. With a cache (and positions) the step's keys go into it
+        and attention reads it; otherwise attention is over the T tokens under ``mask``."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, cfg.num_attention_heads, cfg.head_dim)
@@ -163,14 +141,12 @@ class QwenAttention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
-        k_cache, v_cache = cache
-        start = input_pos[0].item()
-        torch._check(start >= 0)
-        torch._check(start < k_cache.shape[1])
-        torch.ops.llama.update_cache(k, k_cache, start)
-        torch.ops.llama.update_cache(v, v_cache, start)
-        out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0, True)
-        return self.o_proj(out.reshape(b, t, cfg.num_attention_heads * cfg.head_dim))
+        if self.kv is not None and input_pos is not None:
+            keys, values = self.kv.update(k, v, input_pos)
+            return self.o_proj(self.attend(q, keys, values, input_pos))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = sdpa(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), mask)
+        return self.o_proj(merge_heads(out))
 
 
 class QwenMLP(nn.Module):
@@ -192,8 +168,8 @@ class QwenDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, input_pos, kv_impl="reference"):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos, kv_impl)
+    def forward(self, x, cos, sin, mask, input_pos=None):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -211,35 +187,22 @@ class QwenModel(nn.Module):
         self.layers = nn.ModuleList(QwenDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.cache_len = 0
-        # "reference": caches [1, kv_heads, max_len, head_dim], plain SDPA under a mask.
-        # "et_custom": caches [1, max_len, kv_heads, head_dim], ExecuTorch's llama ops (export only).
-        self.kv_impl = "reference"
 
     # -- KV cache --------------------------------------------------------------------------
     def setup_cache(self, max_len: int, dtype: torch.dtype | None = None, device: Any = None) -> None:
-        """Allocate the static cache as non-persistent buffers (they never go into a checkpoint)."""
-        cfg = self.cfg
+        """Give every layer a zeroed reference cache of ``max_len`` positions (``dtype``/``device``:
+        the stack's own by default)."""
         ref = self.norm.weight
-        dtype = dtype or ref.dtype
-        device = device or ref.device
-        if self.kv_impl == "et_custom":
-            shape = (1, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        else:
-            shape = (1, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        for i in range(cfg.num_hidden_layers):
-            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.cache_len = max_len
+        for layer in self.layers:
+            attn = layer.self_attn
+            attn.kv = BufferCache(self.cfg.num_key_value_heads, self.cfg.head_dim, max_len, dtype or ref.dtype, device or ref.device)
+            attn.attend = MaskedAttention(attn.n_rep)
 
     def reset_cache(self) -> None:
-        for name, buf in self.named_buffers(recurse=False):
-            if "_cache_" in name:
-                buf.zero_()
-
-    def _cache(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not self.cache_len:
-            return None
-        return getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+        for layer in self.layers:
+            if layer.self_attn.kv is not None:
+                layer.self_attn.kv.reset()
 
     def forward(
         self,
@@ -255,18 +218,19 @@ class QwenModel(nn.Module):
         """
         cfg = self.cfg
         cos, sin = rope_cos_sin(input_pos, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
-        custom = self.kv_impl == "et_custom" and self.cache_len
-        if attn_mask is None and not custom:
-            keys = torch.arange(self.cache_len or inputs_embeds.shape[1], device=input_pos.device)
-            ref = input_pos if self.cache_len else keys[: inputs_embeds.shape[1]]
-            attn_mask = keys[None, :] <= ref[:, None]
+        cached = bool(self.cache_len)
+        if attn_mask is None and not cached:
+            keys = torch.arange(inputs_embeds.shape[1], device=input_pos.device)
+            attn_mask = keys[None, :] <= keys[:, None]
         x = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn_mask, self._cache(i), input_pos, self.kv_impl)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask, input_pos if cached else None)
         return self.norm(x)
 
 
-class QwenForCausalLM(nn.Module):
+class QwenForCausalLM(Component, nn.Module):
+    role = Role.DECODER
+
     def __init__(self, cfg: QwenConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -305,3 +269,48 @@ class QwenForCausalLM(nn.Module):
                     f"position {last} does not fit in the KV cache of {self.model.cache_len} tokens; "
                     "start a new conversation or set up a longer cache (max context)."
                 )
+
+    # -- as a component ---------------------------------------------------------------------
+    def export_methods(self, limits):  # type: ignore[no-untyped-def]
+        from omni_export.export.trace_specs import F32, I64, Call, LLMStep, MethodSpec, Tensor, dim, dtype_of, lm_steps
+
+        c = self.cfg
+        ids = dim("ids", 1, limits.max_context)
+        outs = lambda n: (Tensor("logits", F32, (1, n, c.vocab_size)), Tensor("hidden", F32, (1, n, c.hidden_size)))  # noqa: E731
+        return [
+            MethodSpec("embed", Call(self, "embed"), (torch.tensor([[1, 2, 3]]),), ({1: ids},),
+                       (Tensor("ids", I64, (1, "ids")),), (Tensor("embeds", F32, (1, "ids", c.hidden_size)),)),
+            *lm_steps(LLMStep(self), c.hidden_size, outs, limits, dtype_of(self)),
+        ]  # fmt: skip
+
+    def golden_script(self, ctx, ref):  # type: ignore[no-untyped-def]
+        """The chat-formatted golden question, then 32 greedy steps teacher-forced."""
+        from omni_export.export.golden import DECODE_STEPS, GOLDEN_TEXT, teacher_forced
+        from omni_export.runtime_py.prompt import chat_prompt, encode
+
+        ids = torch.tensor([encode(ctx.tokenizer, chat_prompt(GOLDEN_TEXT))])
+        steps = min(DECODE_STEPS, ctx.limits.max_context - ids.shape[1])
+        script = teacher_forced(ref, ref.run("embed", (ids,))[0], lambda t: ref.run("embed", (torch.tensor([[t]]),))[0],
+                                self.cfg.vocab_size, steps)  # fmt: skip
+        return [("embed", (ids,)), *script]
+
+    def calibration(self, sources):  # type: ignore[no-untyped-def]
+        """Chat-formatted paragraphs, plus one turn that carries the tokens of every encoder of the
+        checkpoint on its real input (a photo, a spoken question), as the model sees them in use."""
+        from omni_export.quantize.calibrate import Calibration, text_split
+        from omni_export.runtime_py.prompt import chat_prompt, encode
+
+        paragraphs = text_split("train")
+        step = max(1, len(paragraphs) // sources.samples)
+        seqs = []
+        with torch.no_grad():
+            for para in paragraphs[::step][: sources.samples]:
+                ids = encode(sources.tokenizer, chat_prompt(para))[: sources.max_tokens]
+                seqs.append(self.embed(torch.tensor([ids])).float())
+            parts = [self.embed(torch.tensor([encode(sources.tokenizer, chat_prompt("Look and listen:"))])).float()]
+            for other in sources.components.values():
+                if getattr(other, "role", None) == Role.ENCODER:
+                    parts.append(other.calibration_tokens().reshape(1, -1, self.cfg.hidden_size).float())
+            if len(parts) > 1:
+                seqs.append(torch.cat(parts, 1)[:, : sources.max_tokens].float())
+        return Calibration(sequences=seqs)

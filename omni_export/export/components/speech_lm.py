@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from omni_export.export.components.base import Component, Role
 from omni_export.export.components.qwen import QwenConfig, QwenModel
+from omni_export.export.trace_specs import F32, I64, Call, MethodSpec, Tensor, dim, dtype_of, lm_steps
 
 SOS, TASK = 0, 1  # rows of llm_embedding
 
@@ -41,7 +43,9 @@ class SpeechLMConfig:
         return self.speech_vocab + 3
 
 
-class SpeechLM(nn.Module):
+class SpeechLM(Component, nn.Module):
+    role = Role.DECODER
+
     def __init__(self, cfg: SpeechLMConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -64,3 +68,34 @@ class SpeechLM(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """[1, T, H] at positions [T] -> speech logits [1, T, out_vocab] (KV cache updated)."""
         return self.llm_decoder(self.llm(inputs_embeds, input_pos))
+
+    # -- as a component ---------------------------------------------------------------------
+    def export_methods(self, limits):  # type: ignore[no-untyped-def]
+        c = self.cfg
+        h = c.llm.hidden_size
+        ids = dim("ids", 1, limits.max_context)
+        text = dim("text", 1, limits.max_text_chunk)
+        outs = lambda n: (Tensor("logits", F32, (1, n, c.out_vocab)),)  # noqa: E731
+        return [
+            MethodSpec("embed_text", Call(self, "embed_text"), (torch.randn(1, 5, c.text_dim, dtype=dtype_of(self)),), ({1: text},),
+                       (Tensor("text_states", F32, (1, "text", c.text_dim)),), (Tensor("embeds", F32, (1, "text", h)),)),
+            MethodSpec("embed_speech", Call(self, "embed_speech"), (torch.tensor([[1, 2]]),), ({1: ids},),
+                       (Tensor("ids", I64, (1, "ids")),), (Tensor("embeds", F32, (1, "ids", h)),)),
+            MethodSpec("embed_special", Call(self, "llm_embedding"), (torch.tensor([[0]]),), None,
+                       (Tensor("which", I64, (1, 1)),), (Tensor("embeds", F32, (1, 1, h)),)),
+            *lm_steps(Call(self), h, outs, limits, dtype_of(self)),
+        ]  # fmt: skip
+
+    def golden_script(self, ctx, ref):  # type: ignore[no-untyped-def]
+        """sos, a chunk of text states and a few speech tokens, then 16 teacher-forced steps."""
+        from omni_export.export.golden import teacher_forced
+
+        g = torch.Generator().manual_seed(ctx.seed)
+        c = self.cfg
+        text = torch.randn(1, c.text_chunk, c.text_dim, generator=g)
+        speech = torch.randint(0, c.speech_vocab, (1, 4), generator=g)
+        sos = ref.run("embed_special", (torch.tensor([[0]]),))[0]
+        prefix = torch.cat([sos, ref.run("embed_text", (text,))[0], ref.run("embed_speech", (speech,))[0]], 1)
+        steps = min(16, ctx.limits.max_context - prefix.shape[1])
+        script = teacher_forced(ref, prefix, lambda t: ref.run("embed_speech", (torch.tensor([[t]]),))[0], c.speech_vocab, steps)
+        return [("embed_special", (torch.tensor([[0]]),)), ("embed_text", (text,)), ("embed_speech", (speech,)), *script]

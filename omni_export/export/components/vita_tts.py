@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from omni_export.export.components.base import Component, Role
 from omni_export.export.components.qwen import QwenConfig, QwenModel
+from omni_export.export.trace_specs import F32, I64, Call, MethodSpec, Tensor, dim, dtype_of, lm_steps
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,10 @@ class VitaTTSConfig:
         )  # fmt: skip
 
 
-class VitaTTSNar(nn.Module):
+class VitaTTSNar(Component, nn.Module):
     """Text embeddings -> input projection -> bidirectional stack (``tts_nar``)."""
+
+    role = Role.DECODER
 
     def __init__(self, cfg: VitaTTSConfig) -> None:
         super().__init__()
@@ -62,9 +66,21 @@ class VitaTTSNar(nn.Module):
         full = torch.ones(t, t, dtype=torch.bool, device=x.device)
         return self.pre_nn(x, torch.arange(t, device=x.device), attn_mask=full)
 
+    def export_methods(self, limits):  # type: ignore[no-untyped-def]
+        c = self.cfg
+        t = dim("text", 2, limits.max_context)
+        return [MethodSpec("forward", Call(self), (torch.randn(1, 8, c.input_dim, dtype=dtype_of(self)),), ({1: t},),
+                           (Tensor("text_embeds", F32, (1, "text", c.input_dim)),), (Tensor("context", F32, (1, "text", c.hidden_size)),))]  # fmt: skip
 
-class VitaTTSAr(nn.Module):
+    def golden_script(self, ctx, ref):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(ctx.seed)
+        return [("forward", (torch.randn(1, 12, self.cfg.input_dim, generator=g) * 0.02,))]
+
+
+class VitaTTSAr(Component, nn.Module):
     """Autoregressive codec-token stack with KV cache (``tts_ar``)."""
+
+    role = Role.DECODER
 
     def __init__(self, cfg: VitaTTSConfig) -> None:
         super().__init__()
@@ -79,3 +95,26 @@ class VitaTTSAr(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """AR step(s) through the cache -> codec logits [1, T, codebook + 3]."""
         return self.codec_head(self.ar(inputs_embeds, input_pos))
+
+    def export_methods(self, limits):  # type: ignore[no-untyped-def]
+        c = self.cfg
+        ids = dim("ids", 1, limits.max_context)
+        outs = lambda n: (Tensor("logits", F32, (1, n, c.codebook_size + 3)),)  # noqa: E731
+        return [
+            MethodSpec("embed_codes", Call(self, "embed_codes"), (torch.tensor([[1, 2]]),), ({1: ids},),
+                       (Tensor("ids", I64, (1, "ids")),), (Tensor("embeds", F32, (1, "ids", c.hidden_size)),)),
+            *lm_steps(Call(self), c.hidden_size, outs, limits, dtype_of(self)),
+        ]  # fmt: skip
+
+    def golden_script(self, ctx, ref):  # type: ignore[no-untyped-def]
+        """A NAR-sized context, bos, then 16 teacher-forced codec steps."""
+        from omni_export.export.golden import teacher_forced
+
+        g = torch.Generator().manual_seed(ctx.seed)
+        c = self.cfg
+        context = torch.randn(1, 12, c.hidden_size, generator=g)
+        bos = ref.run("embed_codes", (torch.tensor([[c.bos]]),))[0]
+        prefix = torch.cat([context, bos], 1)
+        steps = min(16, ctx.limits.max_context - prefix.shape[1])
+        script = teacher_forced(ref, prefix, lambda t: ref.run("embed_codes", (torch.tensor([[t]]),))[0], c.codebook_size, steps)
+        return [("embed_codes", (torch.tensor([[c.bos]]),)), *script]

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni_export.export.components.audio_encoder import AudioEncoderComponent
 from omni_export.export.components.layers import merge_heads, split_heads
+from omni_export.export.trace_specs import F32, Call, MethodSpec, Tensor, dim, dtype_of
 
 
 @dataclass(frozen=True)
@@ -145,8 +147,12 @@ class CNNSubsampling(nn.Module):
         return self.project(F.gelu(self.bn2(x)))
 
 
-class WhaleAudioEncoder(nn.Module):
+MAX_FRAMES = 3000  # 30 s at 100 Hz; the runtime encodes longer audio in windows of this size
+
+
+class WhaleAudioEncoder(AudioEncoderComponent, nn.Module):
     """``adpter`` (sic) is VITA's attribute name, kept so its checkpoints map one to one."""
+
 
     def __init__(self, cfg: WhaleConfig, d_llm: int) -> None:
         super().__init__()
@@ -155,3 +161,17 @@ class WhaleAudioEncoder(nn.Module):
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
         return self.adpter(self.encoder(fbank))
+
+    # -- as a component ---------------------------------------------------------------------
+    def export_methods(self, limits):  # type: ignore[no-untyped-def]
+        cfg = self.encoder.cfg
+        frames = dim("frames", 16, min(limits.max_audio_s * 100, MAX_FRAMES))
+        h = self.adpter.project.out_features
+        return [MethodSpec("forward", Call(self), (torch.randn(1, 200, cfg.input_dim, dtype=dtype_of(self)),), ({1: frames},),
+                           (Tensor("features", F32, (1, "frames", cfg.input_dim)),), (Tensor("tokens", F32, (1, "frames/8", h)),))]  # fmt: skip
+
+    def features(self, wav: torch.Tensor) -> torch.Tensor:
+        """16 kHz samples -> the Kaldi fbank this encoder reads."""
+        from omni_export.runtime_py.audio import KaldiFbank
+
+        return KaldiFbank(self.encoder.cfg.input_dim)(wav.float()).to(dtype_of(self))

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_export.errors import ConfigError
+from omni_export.export.components.audio_encoder import AudioEncoderComponent
 from omni_export.export.components.layers import merge_heads, sdpa, split_heads
+from omni_export.export.trace_specs import F32, Call, MethodSpec, Tensor, dim, dtype_of
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class AudioPoolingAdapter(nn.Module):
         return self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
-class WhisperAudioEncoder(nn.Module):
+class WhisperAudioEncoder(AudioEncoderComponent, nn.Module):
     """The InteractiveOmni audio component: Whisper encoder + pooling adapter, log-mel in,
     LLM-width tokens (25 Hz) out. Input frames come in multiples of ``FRAME_MULTIPLE`` (40 ms,
     the encoder's total stride), which keeps every length in the traced graph exact."""
@@ -138,3 +140,18 @@ class WhisperAudioEncoder(nn.Module):
     @staticmethod
     def tokens_for_frames(frames: int) -> int:
         return frames // 4
+
+    # -- as a component ---------------------------------------------------------------------
+    def export_methods(self, limits):  # type: ignore[no-untyped-def]
+        cfg = self.encoder.cfg
+        quads = dim("frames_div4", 2, cfg.max_source_positions // 2)
+        h = self.adapter.fc2.out_features
+        return [MethodSpec("forward", Call(self), (torch.randn(1, cfg.num_mel_bins, 200, dtype=dtype_of(self)),), ({2: 4 * quads},),
+                           (Tensor("features", F32, (1, cfg.num_mel_bins, "frames")),), (Tensor("tokens", F32, (1, "frames/4", h)),))]  # fmt: skip
+
+    def features(self, wav: torch.Tensor) -> torch.Tensor:
+        """16 kHz samples -> the log-mel this encoder reads, whole strides only."""
+        from omni_export.runtime_py.audio import WhisperLogMel, pad_to_multiple
+
+        mel = WhisperLogMel(self.encoder.cfg.num_mel_bins)(wav.float())
+        return pad_to_multiple(mel, -1, self.FRAME_MULTIPLE).to(dtype_of(self))

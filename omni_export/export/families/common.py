@@ -1,4 +1,4 @@
-"""Pieces both families use: strict top-level key checks, tokenizing."""
+"""Pieces both families use: strict top-level key checks."""
 
 from __future__ import annotations
 
@@ -18,7 +18,3 @@ def require(d: Mapping[str, Any], key: str, where: str) -> Any:
     if key not in d:
         raise ConfigError(f"{where}: required key {key!r} is missing")
     return d[key]
-
-
-def encode(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False).ids

@@ -26,6 +26,7 @@ import numpy as np
 from omni_export.configs import from_dict, to_dict
 from omni_export.errors import ConfigError
 from omni_export.export.components.flow import FlowConfig, FlowDecoder
+from omni_export.export.components.frontends import WhisperFrontend
 from omni_export.export.components.hifigan import HiFiGAN, VocoderConfig
 from omni_export.export.components.internvit import (
     InternViTConfig,
@@ -40,7 +41,6 @@ from omni_export.export.components.whisper import (
 )
 from omni_export.export.families.base import ComponentSpec, Family, register
 from omni_export.export.families.common import check_keys, require
-from omni_export.runtime_py.audio import WhisperLogMel
 
 TOP_KEYS = {
     "architectures", "model_type", "llm_config", "vision_config", "audio_config", "voicelm_config",
@@ -172,7 +172,7 @@ class InteractiveOmni(Family):
         d_llm = cfg.llm.hidden_size
         v = cfg.voicelm
         return [
-            ComponentSpec("audio_frontend", lambda: WhisperLogMel(cfg.audio.num_mel_bins), (),
+            ComponentSpec("audio_frontend", lambda: WhisperFrontend(cfg.audio.num_mel_bins), (),
                           description="Whisper log-mel: 16 kHz samples -> 128-bin features (100 Hz)"),
             ComponentSpec("vision_encoder", lambda: VisionEncoder(cfg.vision, mlp1_projector(cfg.vision.hidden_size, d_llm, cfg.downsample_ratio), cfg.downsample_ratio),
                           (("vision_model.", "encoder."), ("mlp1.", "projector.")), description="InternViT + pixel shuffle + mlp1: tiles -> LLM tokens"),

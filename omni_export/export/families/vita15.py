@@ -28,6 +28,7 @@ import numpy as np
 
 from omni_export.configs import from_dict, to_dict
 from omni_export.errors import ConfigError
+from omni_export.export.components.frontends import FbankFrontend
 from omni_export.export.components.codec import CodecConfig, CodecDecoder
 from omni_export.export.components.internvit import (
     InternViTConfig,
@@ -40,7 +41,6 @@ from omni_export.export.components.whale import WhaleAudioEncoder, WhaleConfig
 from omni_export.export.families.base import ComponentSpec, Family, register
 from omni_export.export.families.common import require
 from omni_export.files import read_json
-from omni_export.runtime_py.audio import KaldiFbank
 
 TTS_DIR = "vita_tts_ckpt/decoder"
 CODEC_DIR = "vita_tts_ckpt/codec"
@@ -141,7 +141,7 @@ class Vita15(Family):
         d_llm = cfg.llm.hidden_size
         vit_out = int(cfg.vision.hidden_size / cfg.downsample_ratio**2)
         return [
-            ComponentSpec("audio_frontend", lambda: KaldiFbank(cfg.audio.input_dim), (),
+            ComponentSpec("audio_frontend", lambda: FbankFrontend(cfg.audio.input_dim), (),
                           description="Kaldi fbank: 16 kHz samples -> 80-bin features (100 Hz)"),
             ComponentSpec("vision_encoder", lambda: VisionEncoder(cfg.vision, mlp2x_gelu_projector(vit_out, d_llm), cfg.downsample_ratio),
                           (("model.vision_tower.vision_tower.", "encoder."), ("model.mm_projector.", "projector.")),
@@ -160,7 +160,7 @@ class Vita15(Family):
         ]  # fmt: skip
 
     def runtime_config(self, ckpt) -> dict[str, Any]:
-        from omni_export.export.trace_specs import WHALE_MAX_FRAMES
+        from omni_export.export.components.whale import MAX_FRAMES as WHALE_MAX_FRAMES
 
         t, c = ckpt.config.tts, ckpt.config.codec
         out = super().runtime_config(ckpt)

@@ -1,24 +1,47 @@
 """Session: run a named method of one component on some backend.
 
-Two kinds of backend hold the KV cache differently: *stateful* ones keep it inside the artifact
-(ExecuTorch mutable buffers, Core ML states; ``reset`` zeroes it), the others take and return it
-as explicit tensors (ONNX Runtime, TensorRT). The pipeline asks ``stateful`` and adapts."""
+Backends hold a decoder's KV cache in one of two ways. *Stateful* ones keep it inside the
+artifact (ExecuTorch mutable buffers, Core ML states, the eager reference): ``reset`` zeroes it
+and each call writes at its positions. *Explicit* ones (ONNX Runtime, TensorRT) take the cache as
+tensors after the method's inputs and hand back the grown cache after its outputs; the caller
+owns it as an opaque value (``new_cache``, ``run_cached``), so a backend can keep it in its own
+memory (ORT values, GPU buffers) between steps. ``KVStack`` drives both.
+
+A session opens from its manifest entry and the bundle's runtime settings (threads, compute
+units), never from a bare path."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from omni_export.errors import OmniExportError
 from omni_export.registry import Registry
+
+if TYPE_CHECKING:
+    from omni_export.bundle.manifest import ComponentEntry, RuntimeSettings
+
+
+class BackendUnavailableError(OmniExportError):
+    """The backend cannot run on this host (not installed, or not this operating system)."""
 
 
 class Session(ABC):
     backend: ClassVar[str]
     stateful: ClassVar[bool] = True
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this backend cannot run on this host, or None when it can."""
+        return None
+
+    @classmethod
+    def open(cls, entry: ComponentEntry, root: Path, settings: RuntimeSettings) -> Session:
+        raise NotImplementedError(f"{cls.backend} sessions are not opened from bundle files")
 
     @abstractmethod
     def run(self, method: str, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -26,15 +49,35 @@ class Session(ABC):
 
     @abstractmethod
     def reset(self) -> None:
-        """Start a new conversation: zero the KV caches."""
+        """Start a new conversation: zero the KV caches (stateful backends)."""
 
     @property
     @abstractmethod
     def methods(self) -> set[str]: ...
 
+    # -- explicit-cache backends ------------------------------------------------------------------
+    def new_cache(self) -> Any:
+        """An empty cache (0 positions) in the backend's own memory."""
+        raise NotImplementedError(f"{self.backend} keeps its cache inside the artifact")
+
+    def run_cached(self, method: str, inputs: Sequence[torch.Tensor], cache: Any) -> tuple[list[torch.Tensor], Any]:
+        """Run a cached method (prefill, decode) with ``cache``; returns its outputs and the grown cache."""
+        raise NotImplementedError(f"{self.backend} keeps its cache inside the artifact")
+
 
 SESSIONS: Registry[type[Session]] = Registry("runtime backend")
 
 
-def open_session(backend: str, path: Path) -> Session:
-    return SESSIONS.get(backend).open(path)  # type: ignore[attr-defined]
+def host_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def open_session(entry: ComponentEntry, root: Path, settings: RuntimeSettings, backend: str | None = None) -> Session:
+    """The component's session on ``backend`` (default: the one its manifest entry names)."""
+    cls = SESSIONS.get(backend or entry.backend)
+    reason = cls.unavailable()
+    if reason:
+        raise BackendUnavailableError(f"the {cls.backend} runtime cannot run here: {reason}")
+    return cls.open(entry, Path(root), settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -21,10 +22,6 @@ class EagerSession(Session):
         self._reset = reset
         self._dtype = dtype
         self._device = device if device is not None and torch.device(device).type != "cpu" else None
-
-    @classmethod
-    def open(cls, path):  # type: ignore[no-untyped-def]
-        raise NotImplementedError("an eager session is built from a loaded checkpoint, not from a bundle file")
 
     @property
     def methods(self) -> set[str]:
@@ -47,3 +44,27 @@ class EagerSession(Session):
 
 
 SESSIONS.register(EagerSession.backend, EagerSession)
+
+
+class EagerIOSession(EagerSession):
+    """The eager modules with their stacks in ``io`` mode (export/components/kv.py): prefill and
+    decode take the cache as tensors and return it grown, as ONNX Runtime and TensorRT do. Used to
+    check that the explicit-cache path agrees with the reference, without any compiled backend."""
+
+    stateful = False
+
+    def __init__(self, methods: dict[str, Callable[..., object]], slots: Any, empty: Callable[[], list[torch.Tensor]]) -> None:
+        super().__init__(methods)
+        self._slots, self._empty = slots, empty
+
+    def new_cache(self) -> list[torch.Tensor]:
+        return self._empty()
+
+    @torch.inference_mode()
+    def run_cached(self, method: str, inputs: Sequence[torch.Tensor], cache: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        self._slots.past, self._slots.present = list(cache), {}
+        outs = self.run(method, inputs)
+        return outs, [self._slots.present[i] for i in range(len(cache))]
+
+    def reset(self) -> None:
+        raise AssertionError("an explicit-cache session is never reset: its caller owns the cache")

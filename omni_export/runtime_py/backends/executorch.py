@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from omni_export.errors import OmniExportError
-from omni_export.runtime_py.backends.base import SESSIONS, Session
+from omni_export.runtime_py.backends.base import SESSIONS, Session, host_cores
 
 RESET = "reset_cache"
 
@@ -18,20 +17,37 @@ class ExecuTorchSession(Session):
     backend = "executorch"
     stateful = True
 
-    def __init__(self, path: Path) -> None:
-        try:
-            from executorch.runtime import Runtime
-        except ImportError as exc:  # the runtime is an optional install on a device
-            raise OmniExportError(f"the ExecuTorch runtime is not installed ({exc}); pip install executorch") from None
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        from executorch.runtime import Runtime
+
         # LLM artifacts call llama::update_cache / llama::custom_sdpa; their kernels register on import.
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+        if threads:
+            from executorch.extension.pybindings.portable_lib import (
+                _threadpool_get_thread_count,
+                _unsafe_reset_threadpool,
+            )
+
+            if _threadpool_get_thread_count() != threads:
+                _unsafe_reset_threadpool(threads)
         self.path = Path(path)
         self._runtime = Runtime.get()
         self.reset()
 
     @classmethod
-    def open(cls, path: Path) -> ExecuTorchSession:
-        return cls(path)
+    def unavailable(cls) -> str | None:
+        try:
+            import executorch.runtime  # noqa: F401
+        except ImportError as exc:  # the runtime is an optional install on a device
+            return f"the ExecuTorch runtime is not installed ({exc}); pip install executorch"
+        return None
+
+    @classmethod
+    def open(cls, entry, root: Path, settings) -> ExecuTorchSession:  # type: ignore[no-untyped-def]
+        # The profile's thread count, never more than this host's cores (a phone profile run on a
+        # small host would only oversubscribe it).
+        return cls(Path(root) / entry.files[0], min(settings.threads, host_cores()) if settings.threads else 0)
 
     def reset(self) -> None:
         if not hasattr(self, "_program"):

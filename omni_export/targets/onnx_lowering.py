@@ -1,0 +1,231 @@
+"""ONNX lowering shared by the ONNX Runtime and TensorRT targets.
+
+Each traced program becomes one ONNX graph (``torch.onnx.export(..., dynamo=True)``, opset 21):
+inputs and outputs carry the manifest's names and symbolic dims, onnxscript's optimizer folds
+and cleans the graph, and the QuantResult is written in, not recomputed:
+
+- a quantized linear is exported as ``MatMul(x, weight_t)`` ([K, N], see ``QuantizedMatMul``)
+  and its ``weight_t`` initializer is replaced by ``DequantizeLinear`` over the QuantResult's
+  integers: INT4 (or INT8) codes [K, N] with block-wise scales [K / group, N] along axis 0, or
+  per-channel scales [N] along axis 1, and zero points only when the weights are asymmetric.
+  This is the form ONNX Runtime's CPU provider fuses into ``MatMulNBits`` at load (its
+  ``DQMatMulToMatMulNBits`` rule: a constant int4/int8 DQ feeding a MatMul's B, block size a
+  power of two >= 16), and the explicit-quantization form TensorRT consumes.
+- everything else stays float.
+
+All graphs of a component share one external-data file, each tensor stored once (a tied LM head
+and its embedding table are one copy), so no .onnx file nears protobuf's 2 GB limit."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from omni_export.export.trace_specs import MethodSpec
+from omni_export.quantize.result import QTensor
+from omni_export.targets.base import LoweringError
+
+log = logging.getLogger(__name__)
+
+OPSET = 21  # int4 and block-wise DequantizeLinear
+INLINE_BYTES = 1024  # smaller initializers stay inside the graph
+ALIGN = 64
+ALIGN_LARGE = 4096  # page-aligned large tensors: a runtime may map them instead of copying
+DTYPES = {"float32": "FLOAT", "int64": "INT64", "int32": "INT32", "float16": "FLOAT16"}
+
+
+class QuantizedMatMul(nn.Module):
+    """Export-only stand-in for a quantized nn.Linear: ``x @ weight_t (+ bias)``. ``weight_t`` is
+    a placeholder of the right shape that costs no memory (a broadcast zero): the lowering
+    replaces its initializer with the QuantResult's codes and scales before anything reads it."""
+
+    def __init__(self, lin: nn.Linear, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        w = lin.weight
+        self.register_buffer("weight_t", torch.zeros((), dtype=torch.float32, device=w.device).expand(w.shape[1], w.shape[0]))
+        self.bias = lin.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+
+def swap_quantized(module: nn.Module, tensors: dict[str, QTensor]) -> None:
+    """Replace every quantized linear of ``module`` by its QuantizedMatMul (for good: the module
+    is the compiler's copy, consumed by this build)."""
+    for path, qt in tensors.items():
+        lin = module.get_submodule(path)
+        if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != tuple(qt.q.shape):
+            raise LoweringError(f"{path}: the QuantResult does not fit this module (shape {tuple(qt.q.shape)}); re-run quantization")
+        owner, _, leaf = path.rpartition(".")
+        setattr(module.get_submodule(owner) if owner else module, leaf, QuantizedMatMul(lin, path))
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.onnx prints its progress to stdout; the CLI shows its own."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _symbolic(shape: tuple[int | str, ...]):  # type: ignore[no-untyped-def]
+    import onnx_ir as ir
+
+    return ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in shape])
+
+
+def to_onnx(program, spec: MethodSpec, tensors: dict[str, QTensor]):  # type: ignore[no-untyped-def]  # -> (ir.Model, int)
+    """One traced program as an ONNX model (onnx-ir) with the manifest's I/O names and dims and
+    the QuantResult encoded; also how many quantized weights it holds."""
+    import onnxscript.optimizer
+
+    try:
+        with _quiet():
+            exported = torch.onnx.export(program, (), dynamo=True, opset_version=OPSET, optimize=False, verbose=False)
+    except Exception as exc:  # torch.onnx raises many types; name the method and the first line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LoweringError(f"ONNX export of {spec.name} failed: {type(exc).__name__}: {first}") from exc
+    model = exported.model
+    graph = model.graph
+    if len(graph.inputs) != len(spec.inputs) or len(graph.outputs) != len(spec.outputs):
+        raise LoweringError(f"{spec.name}: the ONNX graph has {len(graph.inputs)} inputs / {len(graph.outputs)} outputs, "
+                            f"the method declares {len(spec.inputs)} / {len(spec.outputs)}")  # fmt: skip
+    for value, t in zip([*graph.inputs, *graph.outputs], [*spec.inputs, *spec.outputs], strict=True):
+        value.name = t.name
+        value.shape = _symbolic(t.shape)
+    # Encoded first: the placeholders it replaces are equal to each other and would be merged.
+    encoded = encode_quant(model, tensors)
+    # Large limits: every constant transpose of a float weight is folded into a [K, N] initializer
+    # once here, instead of at every session load; DequantizeLinear is never folded (it is the
+    # quantization the runtime fuses into its integer kernels).
+    onnxscript.optimizer.optimize_ir(model, input_size_limit=1 << 40, output_size_limit=1 << 40,
+                                     should_fold=lambda node: False if node.op_type == "DequantizeLinear" else None)  # fmt: skip
+    _strip_debug(model)
+    model.producer_name = "omni-export"
+    return model, encoded
+
+
+def _strip_debug(model) -> None:  # type: ignore[no-untyped-def]
+    """The exporter annotates every node with its Python stack and FX names; a shipped graph
+    carries none of that (it would be most of a small graph's bytes)."""
+    for node in model.graph:
+        node.metadata_props.clear()
+        node.doc_string = None
+    for value in [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]:
+        value.metadata_props.clear()
+    model.graph.metadata_props.clear()
+
+
+def encode_quant(model, tensors: dict[str, QTensor]) -> int:  # type: ignore[no-untyped-def]
+    """Replace each quantized linear's ``weight_t`` initializer in this graph with
+    DequantizeLinear over its integers and scales. Returns how many were encoded (a graph holds
+    the linears its method uses; the component's graphs together hold them all)."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    graph = model.graph
+    by_suffix = {f"{path}.weight_t": (path, qt) for path, qt in tensors.items()}
+    done: set[str] = set()
+    for name in list(graph.initializers):
+        match = next((v for k, v in by_suffix.items() if name == k or name.endswith("." + k)), None)
+        if match is None:
+            continue
+        path, qt = match
+        value = graph.initializers[name]
+        k, n = qt.q.shape[1], qt.q.shape[0]
+        g = qt.group_size
+        codes = qt.q.T.contiguous().numpy()
+        code_type = ml_dtypes.int4 if qt.config.bits == 4 else np.int8
+        ir_type = ir.DataType.INT4 if qt.config.bits == 4 else ir.DataType.INT8
+        per_channel = g == k
+        scale = qt.scale.T.contiguous().float().numpy()  # [K/g, N]
+        attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": g}
+        if per_channel:
+            scale = scale[0]
+        inputs = [
+            _initializer(graph, f"{path}.qweight", ir.Tensor(codes.astype(code_type), dtype=ir_type)),
+            _initializer(graph, f"{path}.scales", ir.Tensor(scale)),
+        ]
+        if not qt.config.symmetric:
+            zero = qt.zero.T.contiguous().numpy()
+            zero = zero[0] if per_channel else zero
+            inputs.append(_initializer(graph, f"{path}.zero_points", ir.Tensor(zero.astype(code_type), dtype=ir_type)))
+        node = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{path}.dequantize", outputs=[ir.Value(name=f"{path}.weight")])
+        graph.insert_before(_first_user(graph, value), node)
+        value.replace_all_uses_with(node.outputs[0])
+        del graph.initializers[name]
+        done.add(path)
+    return len(done)
+
+
+def _initializer(graph, name: str, tensor):  # type: ignore[no-untyped-def]
+    import onnx_ir as ir
+
+    value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=tensor.shape)
+    graph.register_initializer(value)
+    return value
+
+
+def _first_user(graph, value):  # type: ignore[no-untyped-def]
+    users = {id(u) for u, _ in value.uses()}
+    return next(node for node in graph if id(node) in users)
+
+
+@dataclass
+class GraphSet:
+    """The graphs of one component, saved with one shared external-data file."""
+
+    directory: Path
+    data_name: str
+
+    def save(self, models: dict[str, object]) -> list[str]:
+        """Write ``name.onnx`` per model and the shared data file; returns the file names."""
+        import onnx_ir as ir
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        data = self.directory / self.data_name
+        tmp_data = data.with_name(f".{data.name}.tmp")
+        seen: dict[tuple, tuple[int, int]] = {}
+        offset = 0
+        with open(tmp_data, "wb") as f:
+            for model in models.values():
+                for value in model.graph.initializers.values():  # type: ignore[attr-defined]
+                    tensor = value.const_value
+                    if tensor is None or tensor.nbytes < INLINE_BYTES:
+                        continue
+                    raw = tensor.tobytes()
+                    key = (tensor.dtype, tuple(tensor.shape), hashlib.sha1(raw).digest())
+                    if key not in seen:
+                        align = ALIGN_LARGE if len(raw) >= 1 << 20 else ALIGN
+                        pad = -offset % align
+                        f.write(b"\0" * pad)
+                        offset += pad
+                        f.write(raw)
+                        seen[key] = (offset, len(raw))
+                        offset += len(raw)
+                    start, length = seen[key]
+                    value.const_value = ir.ExternalTensor(self.data_name, start, length, tensor.dtype, shape=tensor.shape,
+                                                          name=value.name, base_dir=self.directory)  # fmt: skip
+        os.replace(tmp_data, data)
+        names = []
+        for name, model in models.items():
+            path = self.directory / f"{name}.onnx"
+            tmp = path.with_name(f".{path.name}.tmp")
+            ir.save(model, tmp)  # type: ignore[arg-type]
+            os.replace(tmp, path)
+            names.append(path.name)
+        return [*names, data.name]

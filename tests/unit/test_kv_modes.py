@@ -1,0 +1,76 @@
+"""The KV cache as a swappable part: every mode gives the reference's logits, the swap is undone
+after export, and the one helper finds exactly the cached stacks."""
+
+import pytest
+import torch
+
+from omni_export.export.components.kv import (
+    KV_MODES,
+    BufferCache,
+    IOCache,
+    MaskedAttention,
+    SliceCache,
+    kv_layers,
+    kv_stacks,
+    use_kv,
+)
+from omni_export.export.golden import eager_io_session, eager_methods
+from omni_export.export.trace_specs import Limits
+
+LIMITS = Limits(max_context=64)
+
+
+def _steps(run, embeds):
+    """prefill 7 tokens, then 3 decodes at the following positions."""
+    outs = [run("prefill", [embeds[:, :7], torch.arange(7)])[0]]
+    for i in range(7, 10):
+        outs.append(run("decode", [embeds[:, i : i + 1], torch.tensor([i])])[0])
+    return torch.cat(outs, 1)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    return tiny["interactiveomni"].components["llm"]
+
+
+def test_every_mode_gives_the_reference_logits(llm):
+    embeds = torch.randn(1, 10, llm.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    ref, _ = eager_methods(llm, LIMITS)
+    ref.reset()
+    expected = _steps(ref.run, embeds)
+    # State mode (Core ML): slice updates into the same buffers.
+    with torch.no_grad(), use_kv(llm, "state"):
+        assert all(isinstance(a.kv, SliceCache) for a in kv_layers(llm))
+        state_out = _steps(lambda method, x: [llm.logits(llm.model(*x))], embeds)
+    torch.testing.assert_close(state_out, expected, atol=1e-5, rtol=1e-5)
+    # io mode (ONNX Runtime, TensorRT): the cache goes in and out as tensors.
+    io = eager_io_session(llm, LIMITS)
+    cache = io.new_cache()
+    assert all(c.shape[2] == 0 for c in cache)
+
+    def run(method, inputs):
+        nonlocal cache
+        out, cache = io.run_cached(method, inputs, cache)
+        return out
+
+    torch.testing.assert_close(_steps(run, embeds), expected, atol=1e-5, rtol=1e-5)
+    assert all(c.shape[2] == 10 for c in cache) and len(cache) == 2 * llm.cfg.num_hidden_layers
+
+
+def test_the_swap_is_undone_and_the_model_has_no_backend_flag(llm):
+    eager_methods(llm, LIMITS)
+    with use_kv(llm, "io") as slots:
+        assert all(isinstance(a.kv, IOCache) and a.kv.slots is slots for a in kv_layers(llm))
+    assert all(isinstance(a.kv, BufferCache) and type(a.attend) is MaskedAttention for a in kv_layers(llm))
+    assert not any("kv_impl" in vars(m) for m in llm.modules())
+    import omni_export.targets  # noqa: F401  (targets register their own modes)
+
+    assert set(KV_MODES) >= {"reference", "state", "io", "executorch"}
+
+
+def test_kv_stacks_finds_the_cached_stacks_only(tiny):
+    vita = tiny["vita15"].components
+    # VITA's NAR stack attends bidirectionally and never caches; the AR stack does.
+    assert kv_stacks(vita["tts_nar"], allocated=False) == []
+    assert len(kv_stacks(vita["tts_ar"], allocated=False)) == 1
+    assert kv_stacks(tiny["interactiveomni"].components["vision_encoder"], allocated=False) == []
