@@ -44,12 +44,13 @@ def eager_small(demo_checkpoint):
 
 @pytest.fixture(scope="session")
 def demo_bundle(demo_checkpoint):
-    """The demo checkpoint's android bundle at a preset (the main job's default is int4), built once into the cache."""
+    """The demo checkpoint's bundle at a preset for a profile (default android; the main job's
+    default preset is int4), built once into the cache."""
 
-    def get(preset: str) -> Path:
-        path = api.cache_dir() / f"bench-android-{preset}"
+    def get(preset: str, profile: str = "android") -> Path:
+        path = api.cache_dir() / (f"bench-android-{preset}" if profile == "android" else f"bench-{profile}-{preset}")
         if not (path / "manifest.json").is_file():
-            build_bundle(get_profile("android"), demo_checkpoint, PRESETS.get(preset), path, overwrite=True)
+            build_bundle(get_profile(profile), demo_checkpoint, PRESETS.get(preset), path, overwrite=True)
         return path
 
     return get

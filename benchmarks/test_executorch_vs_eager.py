@@ -10,7 +10,6 @@ from llm_decode import decode_tok_s, golden_prefill
 
 from omni_export.bundle import read_manifest
 from omni_export.bundle.golden import read_golden
-from omni_export.bundle.manifest import io_names
 from omni_export.export.golden import eager_session
 from omni_export.export.trace_specs import Limits
 from omni_export.runtime_py.backends import open_session
@@ -33,11 +32,11 @@ def _median_s(fn, rounds: int = 5) -> float:
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_component_latency_ratio(benchmark, small_bundle, eager_small, component):
     m = read_manifest(small_bundle)
-    comp = m["components"][component]
-    calls = read_golden(small_bundle / comp["golden"])
-    et = open_session("executorch", small_bundle / comp["file"])
-    eager, io = eager_session(eager_small.components[component], Limits(max_context=m["profile"]["max_context"]))
-    names = lambda meth: io_names(comp, meth)  # noqa: E731
+    comp = m.components[component]
+    calls = read_golden(small_bundle / comp.golden)
+    et = open_session(comp, small_bundle, m.profile.runtime)
+    eager, io = eager_session(eager_small.components[component], Limits(max_context=m.profile.max_context))
+    names = comp.io_names
     eager_s = _median_s(lambda: replay(eager, calls, names))
     benchmark.pedantic(lambda: replay(et, calls, names), rounds=5, warmup_rounds=1)
     et_s = benchmark.stats.stats.median
@@ -49,11 +48,11 @@ def test_component_latency_ratio(benchmark, small_bundle, eager_small, component
 
 def test_llm_decode_tokens_per_s_and_roofline(benchmark, small_bundle, eager_small):
     m = read_manifest(small_bundle)
-    comp = m["components"]["llm"]
+    comp = m.components["llm"]
     embeds, pos = golden_prefill(small_bundle, comp)
     n = 64
-    et = open_session("executorch", small_bundle / comp["file"])
-    eager, _ = eager_session(eager_small.components["llm"], Limits(max_context=m["profile"]["max_context"]))
+    et = open_session(comp, small_bundle, m.profile.runtime)
+    eager, _ = eager_session(eager_small.components["llm"], Limits(max_context=m.profile.max_context))
 
     def tok_s(sess) -> float:
         return decode_tok_s(sess, embeds, pos, n)

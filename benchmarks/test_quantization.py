@@ -87,8 +87,9 @@ def test_bundle_size_and_decode_speed_ratios(demo_bundle):
     bundles = {p: demo_bundle(p) for p in presets}
     sessions, inputs = {}, {}
     for p, root in bundles.items():
-        comp = read_manifest(root)["components"]["llm"]
-        sessions[p] = open_session("executorch", root / comp["file"])
+        m = read_manifest(root)
+        comp = m.components["llm"]
+        sessions[p] = open_session(comp, root, m.profile.runtime)
         inputs[p] = golden_prefill(root, comp)
     n, rounds = 48, 3
     best = dict.fromkeys(presets, 0.0)
@@ -96,7 +97,7 @@ def test_bundle_size_and_decode_speed_ratios(demo_bundle):
         for p in presets:
             best[p] = max(best[p], decode_tok_s(sessions[p], *inputs[p], n))
     sizes = {p: sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) for p, root in bundles.items()}
-    llm = {p: (root / read_manifest(root)["components"]["llm"]["file"]).stat().st_size for p, root in bundles.items()}
+    llm = {p: (root / read_manifest(root).components["llm"].files[0]).stat().st_size for p, root in bundles.items()}
     print(f"\n{'preset':7s} {'bundle MB':>10s} {'ratio':>6s} {'llm.pte MB':>11s} {'ratio':>6s} {'decode tok/s':>13s} {'ratio':>6s}")
     for p in presets:
         print(f"{p:7s} {sizes[p] / 1e6:10.1f} {sizes[p] / sizes['fp32']:6.3f} {llm[p] / 1e6:11.1f} {llm[p] / llm['fp32']:6.3f} "
