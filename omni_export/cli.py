@@ -57,7 +57,7 @@ def _fit_table(fit) -> Table:  # type: ignore[no-untyped-def]
     t.add_column("bytes", justify="right")
     for c in plan.components:
         t.add_row(c.name, c.precision, f"{c.params / 1e6:,.1f} M", _gb(c.weight_bytes))
-    t.add_row("KV cache", "fp32" if plan.recipe == "fp32" else "fp16", "", _gb(plan.kv_bytes))
+    t.add_row("KV cache", plan.float_dtype, "", _gb(plan.kv_bytes))
     t.add_row("activations (peak, est.)", "", "", _gb(plan.activation_bytes))
     t.add_row("runtime overhead", "", "", _gb(plan.overhead_bytes))
     t.add_row("[bold]total[/]", "", "", f"[bold]{_gb(plan.total_bytes)}[/]")

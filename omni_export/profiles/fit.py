@@ -7,7 +7,7 @@ figure for an 8B model costs milliseconds. Activations are an estimate (document
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from omni_export.export.components.kv import kv_stacks
 from omni_export.export.families import ComponentSpec, Family
 from omni_export.export.trace_specs import Limits
 from omni_export.profiles import Profile
+from omni_export.quantize.engine import untie_heads, weight_roles
 from omni_export.quantize.recipe import QuantConfig, QuantRecipe
 
 GB = 1e9
@@ -43,6 +44,7 @@ class MemoryPlan:
     kv_bytes: int
     activation_bytes: int
     overhead_bytes: int
+    float_dtype: str = "fp16"  # what the target stores float tensors and the KV cache as
 
     @property
     def weight_bytes(self) -> int:
@@ -85,20 +87,24 @@ def _describe(cfgs: set[QuantConfig | None], float_name: str) -> str:
 
 
 def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe) -> ComponentMemory:
+    """Bytes as the build stores them: the quantizer encodes nn.Linear weights only (an embedding
+    table stays float)."""
     fb = _float_bytes(recipe)
     role = role_of(module).value
     total, params, used = 0.0, 0, set()
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        params += t.numel()
-        cfg = recipe.config_for(f"{spec.name}.{name}", role) if t.ndim >= 2 else None
-        if t.ndim >= 2:
+        path = name.rpartition(".")[0]
+        owner = module.get_submodule(path) if path else module
+        # rules match module paths (what the quantizer checks), not parameter names
+        cfg = recipe.config_for(f"{spec.name}.{path}", role) if isinstance(owner, nn.Linear) and t.ndim == 2 else None
+        if isinstance(owner, nn.Linear) and t.ndim == 2:
             used.add(cfg)
         if cfg is None:
             total += t.numel() * (fb if t.is_floating_point() else t.element_size())
         else:
-            in_features = int(torch.tensor(t.shape[1:]).prod())
-            total += t.numel() * cfg.bytes_per_weight(in_features)
-    return ComponentMemory(spec.name, params, int(total), _describe(used, recipe.float_dtype))
+            total += t.numel() * cfg.bytes_per_weight(t.shape[1])
+        params += t.numel()
+    return ComponentMemory(spec.name, params, int(total), _describe(used or ({None} if params else set()), recipe.float_dtype))
 
 
 def _kv_bytes(module: nn.Module, context: int, elem: int) -> int:
@@ -139,17 +145,25 @@ def activation_estimate(family: Family, cfg: Any, modules: dict[str, nn.Module],
 def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, specs: Sequence[ComponentSpec] | None = None) -> MemoryPlan:
     specs = list(specs or family.specs(cfg))
     modules = {s.name: meta_build(s) for s in specs}
-    recipe.check_matches((f"{s.name}.{n}", role_of(modules[s.name]).value) for s in specs for n, _ in modules[s.name].named_parameters())
+    if not recipe.is_float:
+        untie_heads(modules)  # as the quantizer will: a tied head quantized is a second copy
+    # the same (module path, role) pairs the quantizer checks, so a plan refuses exactly what a build would
+    recipe.check_matches(weight_roles(modules).items())
     elem = _float_bytes(recipe)
     comps = tuple(component_memory(s, modules[s.name], recipe) for s in specs)
     kv = sum(_kv_bytes(modules[s.name], context, elem) for s in specs)
     act = activation_estimate(family, cfg, modules, context, elem)
-    return MemoryPlan(recipe.name, context, comps, kv, act, RUNTIME_OVERHEAD)
+    return MemoryPlan(recipe.name, context, comps, kv, act, RUNTIME_OVERHEAD, recipe.float_dtype)
 
 
 def fit_check(profile: Profile, family: Family, cfg: Any, recipe: QuantRecipe, context: int | None = None) -> FitResult:
+    from omni_export.targets import TARGETS
+
+    # Counted as the target stores it: a target whose float class is fp32 (ONNX Runtime's CPU
+    # provider, ExecuTorch's XNNPACK here) keeps the recipe's float tensors and the KV cache in fp32.
+    if profile.target in TARGETS:
+        recipe = replace(recipe, float_dtype=TARGETS.get(profile.target).float_class)
     plan = memory_plan(family, cfg, recipe, context or profile.max_context)
     if profile.tensorrt is not None:
-        plan = MemoryPlan(plan.recipe, plan.context, plan.components, plan.kv_bytes, plan.activation_bytes,
-                          plan.overhead_bytes + profile.tensorrt.workspace_mb * 1_000_000)  # fmt: skip
+        plan = replace(plan, overhead_bytes=plan.overhead_bytes + profile.tensorrt.workspace_mb * 1_000_000)
     return FitResult(profile, plan)

@@ -43,13 +43,24 @@ def weighted_modules(components: dict[str, nn.Module]) -> dict[str, nn.Module]:
     return out
 
 
-def plan(components: dict[str, nn.Module], recipe: QuantRecipe) -> dict[str, QuantConfig]:
-    """The linears to quantize and how; every recipe error is raised here, before any work."""
+def weight_roles(components: dict[str, nn.Module], mods: dict[str, nn.Module] | None = None) -> dict[str, str]:
+    """Each weighted module's path and its component's role: the pairs recipe rules are checked against."""
+    mods = weighted_modules(components) if mods is None else mods
+    return {fqn: role_of(components[fqn.split(".", 1)[0]]).value for fqn in mods}
+
+
+def untie_heads(components: dict[str, nn.Module]) -> None:
+    """A quantized tied head is its own (quantized) copy; the embedding table stays float."""
     for module in components.values():
         if isinstance(module, QwenForCausalLM):
             module.untie_head()
+
+
+def plan(components: dict[str, nn.Module], recipe: QuantRecipe) -> dict[str, QuantConfig]:
+    """The linears to quantize and how; every recipe error is raised here, before any work."""
+    untie_heads(components)
     mods = weighted_modules(components)
-    roles = {fqn: role_of(components[fqn.split(".", 1)[0]]).value for fqn in mods}
+    roles = weight_roles(components, mods)
     recipe.check_matches(roles.items())
     chosen: dict[str, QuantConfig] = {}
     bad = []

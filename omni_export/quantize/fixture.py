@@ -80,7 +80,7 @@ def train_llm(model: QwenForCausalLM, tokens: torch.Tensor, seconds: float, batc
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        last = float(loss)
+        last = float(loss.detach())
         first = last if step == 0 else first
         step += 1
         if progress:

@@ -14,7 +14,12 @@ Heavy backend imports happen inside the target's methods."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +45,31 @@ class QuantEncodingError(OmniExportError):
 
 class LoweringError(OmniExportError):
     """A traced component could not be lowered for the target."""
+
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def library_chatter(*loggers: str) -> Iterator[None]:
+    """What an exporter prints, warns and logs below ERROR while it runs (progress lines, its own
+    deprecations, optional ops it skips) goes to this package's debug log, not the user's
+    terminal; `-v` shows it. Errors still raise."""
+    out = io.StringIO()
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    try:
+        for name in loggers:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+    for w in caught:
+        log.debug("%s: %s", w.category.__name__, w.message)
+    if out.getvalue().strip():
+        log.debug("%s", out.getvalue().strip())
 
 
 def delegation(delegated: int, portable: int, subgraphs: int, ops: dict[str, int] | None = None) -> Delegation:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from torch import nn
 from omni_export.export.components.kv import KV_MODES, Attend, KVCache, KVMode
 from omni_export.targets import torchao_encode
 from omni_export.bundle.manifest import Delegation, RuntimeSettings
-from omni_export.targets.base import TARGETS, Artifact, LoweringError, Target, apply_floats, delegation
+from omni_export.targets.base import TARGETS, Artifact, LoweringError, Target, apply_floats, delegation, library_chatter
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +168,7 @@ class ExecuTorchTarget(Target):
         if unknown:
             raise LoweringError(f"profile {profile.name}: ExecuTorch delegate(s) {unknown} are not supported; known: {sorted(partitioners)}")
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            # exir's own deprecation chatter; our errors and the delegation report say what matters.
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.filterwarnings("ignore", message="Mutation on a buffer")
+        with library_chatter("executorch", "torch.export"):
             try:
                 with _no_onednn():
                     program, delegation = self._lower(traced, [partitioners[d]() for d in delegates], metadata)

@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from torch import nn
 
 from omni_export.export.trace_specs import MethodSpec
 from omni_export.quantize.result import QTensor
-from omni_export.targets.base import LoweringError
+from omni_export.targets.base import LoweringError, library_chatter
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +70,6 @@ def swap_quantized(module: nn.Module, tensors: dict[str, QTensor]) -> None:
         setattr(module.get_submodule(owner) if owner else module, leaf, QuantizedMatMul(lin, path))
 
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """torch.onnx prints its progress to stdout; the CLI shows its own."""
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
 def _symbolic(shape: tuple[int | str, ...]):  # type: ignore[no-untyped-def]
     import onnx_ir as ir
 
@@ -94,7 +82,7 @@ def to_onnx(program, spec: MethodSpec, tensors: dict[str, QTensor]):  # type: ig
     import onnxscript.optimizer
 
     try:
-        with _quiet():
+        with library_chatter("torch.onnx"):
             exported = torch.onnx.export(program, (), dynamo=True, opset_version=OPSET, optimize=False, verbose=False)
     except Exception as exc:  # torch.onnx raises many types; name the method and the first line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -134,16 +134,18 @@ def sshd(tmp_path_factory):
     proc.wait(timeout=10)
 
 
-def test_profile_over_ssh_on_loopback(bundles, sshd, script, tmp_path):
+@pytest.mark.parametrize("kind", ["bundle", "ort-bundle"])
+def test_profile_over_ssh_on_loopback(bundles, ort_bundles, sshd, script, tmp_path, kind):
     """The bundle, the script and the package travel to the 'device'; it profiles there with its
     own Python; the report comes back and the device's copy is removed."""
     before = set(Path("/tmp").glob("omni-export-*"))
-    r = invoke("profile", bundles["interactiveomni"].bundle, "--device", f"ssh://{sshd['user']}@127.0.0.1:{sshd['port']}",
+    bundle = (bundles if kind == "bundle" else ort_bundles)["interactiveomni"].bundle
+    r = invoke("profile", bundle, "--device", f"ssh://{sshd['user']}@127.0.0.1:{sshd['port']}",
                "--runs", 1, "--script", script, "--out", tmp_path / "p", "--identity", sshd["key"],
                "--ssh-opt", "StrictHostKeyChecking=no", "--ssh-opt", "UserKnownHostsFile=/dev/null", "--remote-python", sys.executable)  # fmt: skip
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "p" / "reports" / "latency.json").read_text())
-    assert report["device"].startswith("ssh://") and report["backends"] == ["executorch"]
+    assert report["device"].startswith("ssh://") and report["backends"] == [KINDS[kind]]
     assert report["stages"]["llm.decode"]["calls"] > 0 and "llm.decode" in report["roofline"]["stages"]
     assert (tmp_path / "p" / "reports" / "latency.png").is_file()
     assert set(Path("/tmp").glob("omni-export-*")) == before  # cleaned up on the device

@@ -119,6 +119,21 @@ def test_full_4b_fit_on_orin_nano():
     llm4 = next(c for c in int4.plan.components if c.name == "llm")
     assert abs(llm16.params - 4.02e9) < 0.01e9  # Qwen3-4B, tied embedding counted once
     assert llm16.weight_bytes == pytest.approx(2 * llm16.params, rel=1e-3)
-    assert llm4.weight_bytes == pytest.approx(llm4.params * (0.5 + 2 / 32), rel=0.01)
+    # Linears at 4 bits + an fp16 scale per 32; the embedding table stays float (fp16 on TensorRT)
+    # and the tied head is quantized as its own copy.
+    table = cfg.llm.vocab_size * cfg.llm.hidden_size
+    assert llm4.params == llm16.params + table
+    assert llm4.weight_bytes == pytest.approx((llm4.params - table) * (0.5 + 2 / 32) + table * 2, rel=0.01)
     # KV: 36 layers x 8 heads x 128 x 4096 positions x K,V x fp16, plus the speech LM's.
     assert int4.plan.kv_bytes >= 36 * 8 * 128 * 4096 * 2 * 2
+
+
+def test_fit_counts_floats_as_the_target_stores_them():
+    # ONNX Runtime's CPU provider keeps what the recipe leaves float, and the KV cache, in fp32.
+    cfg = IO.preset("full")
+    nano, desktop = get_profile("jetson-orin-nano"), get_profile("desktop-cpu")
+    a, b = fit_check(nano, IO, cfg, PRESETS.get("int4"), 4096), fit_check(desktop, IO, cfg, PRESETS.get("int4"), 4096)
+    assert (a.plan.float_dtype, b.plan.float_dtype) == ("fp16", "fp32")
+    assert b.plan.kv_bytes == 2 * a.plan.kv_bytes
+    voc_a, voc_b = (next(c for c in f.plan.components if c.name == "vocoder") for f in (a, b))
+    assert voc_b.weight_bytes == pytest.approx(2 * voc_a.weight_bytes, rel=1e-3) and voc_b.precision == "fp32"
