@@ -49,13 +49,19 @@ class MethodEntry:
     flops_per_position: float | None = None
 
 
+EXPLICIT_KV = ("io", "static-io")  # caches the caller passes in and takes back
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """How a component's decoder stack holds its KV cache. ``held_as``: ``buffers`` (inside the
     program, zeroed by its reset method), ``state`` (Core ML states), ``io`` (tensors the caller
     passes in after the method's inputs, in ``inputs`` order, and takes back after its outputs,
-    in ``outputs`` order; they start with 0 positions). One tensor per layer for K and for V,
-    shaped by ``axes`` (``positions`` is max_len for buffers and state, the filled length for io)."""
+    in ``outputs`` order; they start with 0 positions and grow by each call's), ``static-io``
+    (the same names, but every tensor always has max_len positions: the caller allocates them
+    once, zeroed, and each call returns them with its own positions written; bind the same
+    buffer as past input and present output and the runtime writes in place). One tensor per
+    layer for K and for V, shaped by ``axes`` (``positions`` is max_len except for ``io``)."""
 
     held_as: str
     layers: int
@@ -71,6 +77,11 @@ class KVLayout:
     def shape(self, positions: int) -> tuple[int, ...]:
         sizes = {"batch": 1, "kv_heads": self.kv_heads, "positions": positions, "head_dim": self.head_dim}
         return tuple(sizes[a] for a in self.axes)
+
+    @property
+    def initial_positions(self) -> int:
+        """Positions of the cache tensors an explicit-cache caller starts a conversation with."""
+        return 0 if self.held_as == "io" else self.max_len
 
 
 @dataclass(frozen=True)
@@ -243,7 +254,7 @@ def consistency_problems(m: Manifest) -> list[str]:
         kv = c.kv_cache
         if kv is not None:
             problems += [f"component {name!r}: KV cache method {meth!r} is not one of its methods" for meth in kv.methods if meth not in c.methods]
-            if kv.held_as == "io" and not (len(kv.inputs) == len(kv.outputs) == 2 * kv.layers):
+            if kv.held_as in EXPLICIT_KV and not (len(kv.inputs) == len(kv.outputs) == 2 * kv.layers):
                 problems.append(f"component {name!r}: an io KV cache needs {2 * kv.layers} input and output names")
     for rel, d in m.device_files.items():
         if d.component not in m.components:

@@ -48,19 +48,34 @@ def _onnxruntime(m: Manifest) -> list[str]:
     step = c.methods["prefill"].entry if c else "artifacts/llm/step.onnx"
     kv = c.kv_cache if c else None
     layers = kv.layers if kv else 0
-    shape = f"[1, {kv.kv_heads}, positions, {kv.head_dim}]" if kv else "[1, kv_heads, positions, head_dim]"
+    static = kv is not None and kv.held_as == "static-io"
+    positions = str(kv.max_len) if static and kv else "0"
+    shape = f"[1, {kv.kv_heads}, {{}}, {kv.head_dim}]" if kv else "[1, kv_heads, {}, head_dim]"
     threads = m.profile.runtime.threads or "all cores"
+    outs = [t.name for t in c.methods["prefill"].outputs] if c else ["logits"]
+    if static:
+        contract = (f"each float32 {shape.format(positions)}); after its outputs come `present_key_0`, ... (`kv_cache.outputs`). "
+                    "Allocate the caches once, zeroed, and bind each `past_*` buffer also as its `present_*` output: every call "
+                    "writes its own positions (`input_pos`, consecutive from 0) into them in place, and nothing is copied. A new "
+                    "conversation zeroes them (or simply starts again at position 0).")  # fmt: skip
+        present_py = "for n, v in past.items(): io.bind_ortvalue_output(n.replace('past', 'present'), v)  # written in place"
+        present_cpp = "for (size_t i = 0; i < past.size(); ++i) io.BindOutput(present_names[i].c_str(), past[i]);  // in place"
+    else:
+        contract = (f"each float32 {shape.format('positions')}); after its outputs come `present_key_0`, ... "
+                    "(`kv_cache.outputs`), the same tensors with this call's positions appended. Start a conversation with 0 "
+                    "positions and feed each call's `present_*` back as the next call's `past_*`.")  # fmt: skip
+        present_py = "for n in past: io.bind_output(n.replace('past', 'present'), 'cpu')  # bind as the next past_*"
+        present_cpp = "for (auto& n : present_names) io.BindOutput(n.c_str(), cpu);  // become the next past_*"
     return [
         "## Loading (ONNX Runtime)",
         "",
         "Each method is one ONNX graph (`entry` in `manifest.json`); a component's graphs share one external-data file, "
         "which must stay beside them. `prefill` and `decode` of a decoder stack are the same graph (`step`): its token count "
         "is dynamic (1 to the prefill chunk). The KV cache is passed explicitly: after the method's inputs come "
-        f"`past_key_0`, `past_value_0`, ... (`kv_cache.inputs`, {2 * layers} tensors for {name}, each float32 {shape}); "
-        "after its outputs come `present_key_0`, ... (`kv_cache.outputs`), the same tensors with this call's positions "
-        "appended. Start a conversation with 0 positions and feed each call's `present_*` back as the next call's `past_*`. "
+        f"`past_key_0`, `past_value_0`, ... (`kv_cache.inputs`, {2 * layers} tensors for {name}, " + contract + " "
         f"Open sessions with {threads} intra-op threads and full graph optimisation (the quantized linears become "
-        "`MatMulNBits` at load).",
+        "`MatMulNBits` at load). Decoder steps use ONNX Runtime's `com.microsoft.GroupQueryAttention` (in every "
+        "standard ONNX Runtime package; a reduced-operator build must keep the contrib ops).",
         "",
         "Python:",
         "",
@@ -68,13 +83,15 @@ def _onnxruntime(m: Manifest) -> list[str]:
         "import numpy as np, onnxruntime as ort",
         "so = ort.SessionOptions(); so.intra_op_num_threads = 2",
         f"step = ort.InferenceSession('{step}', so)",
-        f"past = {{f'past_{{k}}_{{i}}': np.zeros({shape.replace('positions', '0')}, np.float32) for i in range({layers}) for k in ('key', 'value')}}",
+        f"past = {{f'past_{{k}}_{{i}}': ort.OrtValue.ortvalue_from_numpy(np.zeros({shape.format(positions)}, np.float32)) "
+        f"for i in range({layers}) for k in ('key', 'value')}}",
         "io = step.io_binding()  # keeps the cache in ORT memory between steps",
         "io.bind_cpu_input('embeds', embeds); io.bind_cpu_input('input_pos', input_pos)",
-        "for n, v in past.items(): io.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(v))",
-        "for o in step.get_outputs(): io.bind_output(o.name, 'cpu')  # bind again before every run",
+        "for n, v in past.items(): io.bind_ortvalue_input(n, v)",
+        f"for n in {outs!r}: io.bind_output(n, 'cpu')",
+        present_py,
         "step.run_with_iobinding(io)",
-        "outs = io.get_outputs()  # logits, ..., then present_* as OrtValues: bind them as the next past_*",
+        "logits = io.get_outputs()[0].numpy()  # the method's outputs first, in manifest order",
         "```",
         "",
         "C++ (`onnxruntime_cxx_api.h`):",
@@ -85,20 +102,22 @@ def _onnxruntime(m: Manifest) -> list[str]:
         f'Ort::Session step(env, "{step}", so);',
         "Ort::IoBinding io(step);",
         'io.BindInput("embeds", embeds); io.BindInput("input_pos", pos);',
-        'for (size_t i = 0; i < past.size(); ++i) io.BindInput(past_names[i].c_str(), past[i]);',
-        'Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);',
-        "for (auto& n : output_names) io.BindOutput(n.c_str(), cpu);",
+        "for (size_t i = 0; i < past.size(); ++i) io.BindInput(past_names[i].c_str(), past[i]);",
+        "Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);",
+        f"for (auto n : {{{', '.join(repr(o).replace(chr(39), chr(34)) for o in outs)}}}) io.BindOutput(n, cpu);",
+        present_cpp,
         "step.Run(Ort::RunOptions{}, io);",
-        "std::vector<Ort::Value> outs = io.GetOutputValues();  // present_* become the next past_*",
         "```",
         "",
         "C# (`Microsoft.ML.OnnxRuntime`): `new InferenceSession(path, new SessionOptions { IntraOpNumThreads = 2 })`, "
-        "then `session.CreateIoBinding()`, `BindInput(name, OrtValue)`, `BindOutputToDevice(name, OrtMemoryInfo.DefaultInstance)`, "
-        "`session.RunWithBinding(new RunOptions(), binding)` and `binding.GetOutputValues()`.",
+        "then `session.CreateIoBinding()`, `BindInput(name, OrtValue)`, "
+        + ("`BindOutput(presentName, pastOrtValue)` for the cache" if static else "`BindOutputToDevice(name, OrtMemoryInfo.DefaultInstance)`")
+        + ", `session.RunWithBinding(new RunOptions(), binding)` and `binding.GetOutputValues()`.",
         "",
         "Java (`ai.onnxruntime`): `env.createSession(path, opts)` with `opts.setIntraOpNumThreads(2)`; "
         "`session.run(Map<String, OnnxTensor>)` with the `past_*` tensors in the map, and the `present_*` results "
-        "(`result.get(name)`) passed as the next call's `past_*` (Java has no I/O binding: the cache crosses the JNI boundary).",
+        "(`result.get(name)`) passed as the next call's `past_*` (Java has no I/O binding: the cache crosses the JNI boundary "
+        "and is copied each call).",
         "",
     ]
 

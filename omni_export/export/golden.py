@@ -49,18 +49,21 @@ def eager_methods(module: nn.Module, limits: Limits) -> tuple[EagerSession, list
     return EagerSession({s.name: s.module for s in specs}, lambda: reset_kv(module), dtype, device), specs
 
 
-def eager_io_session(module: nn.Module, limits: Limits) -> EagerIOSession:
-    """A copy of the component with its stacks in ``io`` mode: prefill and decode take and return
-    the cache as tensors, the contract ONNX Runtime and TensorRT sessions keep."""
+def eager_io_session(module: nn.Module, limits: Limits, mode: str = "io") -> EagerIOSession:
+    """A copy of the component with its stacks in an explicit-cache mode (``io`` by default):
+    prefill and decode take and return the cache as tensors, the contract ONNX Runtime and
+    TensorRT sessions keep."""
     module = copy.deepcopy(module)
     prepare(module, limits)
-    slots = install(module, KV_MODES.get("io"))
+    kv_mode = KV_MODES.get(mode)
+    slots = install(module, kv_mode)
     specs = method_specs(module, limits)
     layers = kv_stacks(module)
     c = layers[0].cfg
     n = 2 * len(kv_layers(module))
     dtype = next(module.parameters()).dtype
-    empty = lambda: [torch.zeros(1, c.num_key_value_heads, 0, c.head_dim, dtype=dtype) for _ in range(n)]  # noqa: E731
+    start = limits.max_context if kv_mode.static else 0  # static-io tensors always hold max_context positions
+    empty = lambda: [torch.zeros(1, c.num_key_value_heads, start, c.head_dim, dtype=dtype) for _ in range(n)]  # noqa: E731
     return EagerIOSession({s.name: s.module for s in specs if not s.resets}, slots, empty)
 
 

@@ -70,16 +70,18 @@ def plan_methods(specs: list[MethodSpec], module: nn.Module, mode: KVMode, slots
     prefill = max(cached, key=lambda s: s.dynamic_shapes is not None)  # the one with a dynamic token count
     c = kv_stacks(module)[0].cfg
     tokens = Dim("tokens", min=1, max=min(limits.prefill_chunk, limits.max_context))
-    positions = Dim("past", min=0, max=limits.max_context)
-    example = torch.zeros(1, c.num_key_value_heads, 5, c.head_dim, dtype=dtype_of(module))
+    # io: the past grows call by call; static-io: always max_context positions, written in place
+    positions = None if mode.static else Dim("past", min=0, max=limits.max_context)
+    example = torch.zeros(1, c.num_key_value_heads, limits.max_context if mode.static else 5, c.head_dim, dtype=dtype_of(module))
+    past_dim, present_dim = (limits.max_context, limits.max_context) if mode.static else ("past", "past+tokens")
     hidden = prefill.example_inputs[0].shape[-1]
     cache_t = lambda n, dims: Tensor(n, F32, (1, c.num_key_value_heads, dims, c.head_dim))  # noqa: E731
     step = MethodSpec(
         STEP, IOStep(prefill.module, slots, 2 * layers),
         (torch.randn(1, 8, hidden, dtype=dtype_of(module)), torch.arange(5, 13), *[example.clone() for _ in past]),
-        ({1: tokens}, {0: tokens}, *[{2: positions} for _ in past]),
-        (*prefill.inputs, *(cache_t(n, "past") for n in past)),
-        (*prefill.outputs, *(cache_t(n, "past+tokens") for n in present)),
+        ({1: tokens}, {0: tokens}, *[None if positions is None else {2: positions} for _ in past]),
+        (*prefill.inputs, *(cache_t(n, past_dim) for n in past)),
+        (*prefill.outputs, *(cache_t(n, present_dim) for n in present)),
         cached=True,
     )  # fmt: skip
     programs = {s.name: s for s in specs if not s.cached and not s.resets} | {STEP: step}

@@ -51,16 +51,17 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def library_chatter(*loggers: str) -> Iterator[None]:
-    """What an exporter prints, warns and logs below ERROR while it runs (progress lines, its own
-    deprecations, optional ops it skips) goes to this package's debug log, not the user's
-    terminal; `-v` shows it. Errors still raise."""
+def library_chatter(*loggers: str, stdout: bool = False) -> Iterator[None]:
+    """What an exporter warns and logs below ERROR while it runs (its own deprecations, optional
+    ops it skips) and, with ``stdout``, what it prints, goes to this package's debug log, not the
+    user's terminal; `-v` shows it. Errors still raise. (stdout only where a library prints
+    progress: the CLI's progress bar writes there too.)"""
     out = io.StringIO()
     saved = {name: logging.getLogger(name).level for name in loggers}
     try:
         for name in loggers:
             logging.getLogger(name).setLevel(logging.ERROR)
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
+        with warnings.catch_warnings(record=True) as caught, (contextlib.redirect_stdout(out) if stdout else contextlib.nullcontext()):
             warnings.simplefilter("always")
             yield
     finally:

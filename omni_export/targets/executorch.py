@@ -8,14 +8,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import AbstractContextManager
+import warnings
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from omni_export.export.components.kv import KV_MODES, Attend, KVCache, KVMode
+from omni_export.export.components.kv import KV_MODES, Attend, KVCache, KVMode, plain
 from omni_export.targets import torchao_encode
 from omni_export.bundle.manifest import Delegation, RuntimeSettings
 from omni_export.targets.base import TARGETS, Artifact, LoweringError, Target, apply_floats, delegation, library_chatter
@@ -38,11 +40,22 @@ def _delegation(graph_module) -> Delegation:  # type: ignore[no-untyped-def]
     return delegation(info.num_delegated_nodes, sum(fallback.values()), info.num_delegated_subgraphs, fallback)
 
 
-def _no_onednn() -> AbstractContextManager[None]:
+@contextmanager
+def _no_onednn() -> Iterator[None]:
     """Host CPU kernel choice must not shape a device graph: with oneDNN on, convolutions pick an
     algorithm by input size while exporting and lowering re-trace, and that choice becomes a shape
     guard on the example size (a Whisper encoder declared for 30 s came out accepting 6.4 s)."""
-    return torch.backends.mkldnn.flags(enabled=False)
+    with warnings.catch_warnings():
+        # restoring the flags warns about Intel-GPU TF32, which has nothing to do with this host
+        warnings.filterwarnings("ignore", message="TF32 acceleration")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+
+
+@contextmanager
+def _tracing() -> Iterator[None]:
+    with library_chatter("executorch", "torch.export"), _no_onednn():
+        yield
 
 
 class ExecuTorchCache(KVCache):
@@ -93,7 +106,7 @@ def _et_cache(stack, layer: int, max_len: int, slots) -> KVCache:  # type: ignor
 # In-place update and prefix-only attention: index_put + masked SDPA over repeated heads would
 # copy whole caches every step.
 ET_KV = KV_MODES.register("executorch", KVMode("executorch", "buffers", ("batch", "positions", "kv_heads", "head_dim"),
-                                               _et_cache, ExecuTorchAttention))  # fmt: skip
+                                               _et_cache, plain(ExecuTorchAttention)))  # fmt: skip
 
 
 def _check_ranges(traced, edge) -> None:  # type: ignore[no-untyped-def]
@@ -117,7 +130,7 @@ class ExecuTorchTarget(Target):
     quant_activation = "int8 dynamic, asymmetric per token (XNNPACK)"
 
     def trace_context(self, module: nn.Module, limits) -> AbstractContextManager[None]:  # type: ignore[no-untyped-def]
-        return _no_onednn()
+        return _tracing()
 
     def runtime_settings(self, profile) -> RuntimeSettings:  # type: ignore[no-untyped-def]
         return RuntimeSettings(threads=profile.executorch.threads if profile.executorch else 0)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from omni_export.export.components.layers import RMSNorm
 from omni_export.export.trace_specs import MethodSpec
 from omni_export.quantize.result import QTensor
 from omni_export.targets.base import LoweringError, library_chatter
@@ -59,6 +62,33 @@ class QuantizedMatMul(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class OnnxRMSNorm(RMSNorm):
+    """RMSNorm written as ``x / sqrt(mean(x^2) + eps) * w``: the pattern ONNX Runtime fuses into
+    one ``SimplifiedLayerNormalization`` at load (the ``x * rsqrt(...)`` form stays seven
+    element-wise ops per norm, most of a small decoder step's time). Equal to RMSNorm to fp32
+    rounding; parity checks it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+@contextmanager
+def onnx_forms(module: nn.Module) -> Iterator[None]:
+    """While tracing for ONNX: modules in the form ONNX optimizers recognise (same parameters,
+    same function); restored afterwards."""
+    norms = [m for m in module.modules() if type(m) is RMSNorm]
+    for m in norms:
+        m.__class__ = OnnxRMSNorm
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.__class__ = RMSNorm
+
+
 def swap_quantized(module: nn.Module, tensors: dict[str, QTensor]) -> None:
     """Replace every quantized linear of ``module`` by its QuantizedMatMul (for good: the module
     is the compiler's copy, consumed by this build)."""
@@ -76,14 +106,16 @@ def _symbolic(shape: tuple[int | str, ...]):  # type: ignore[no-untyped-def]
     return ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in shape])
 
 
-def to_onnx(program, spec: MethodSpec, tensors: dict[str, QTensor]):  # type: ignore[no-untyped-def]  # -> (ir.Model, int)
+def to_onnx(program, spec: MethodSpec, tensors: dict[str, QTensor], translations: dict | None = None):  # type: ignore[no-untyped-def]  # -> (ir.Model, int)
     """One traced program as an ONNX model (onnx-ir) with the manifest's I/O names and dims and
-    the QuantResult encoded; also how many quantized weights it holds."""
+    the QuantResult encoded; also how many quantized weights it holds. ``translations``: a
+    target's own ops (torch custom op -> onnxscript function)."""
     import onnxscript.optimizer
 
     try:
-        with library_chatter("torch.onnx"):
-            exported = torch.onnx.export(program, (), dynamo=True, opset_version=OPSET, optimize=False, verbose=False)
+        with library_chatter("torch.onnx", stdout=True):
+            exported = torch.onnx.export(program, (), dynamo=True, opset_version=OPSET, optimize=False, verbose=False,
+                                         custom_translation_table=translations)  # fmt: skip
     except Exception as exc:  # torch.onnx raises many types; name the method and the first line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise LoweringError(f"ONNX export of {spec.name} failed: {type(exc).__name__}: {first}") from exc

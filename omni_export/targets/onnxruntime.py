@@ -11,7 +11,8 @@ from typing import Any
 from omni_export.bundle.manifest import RuntimeSettings
 from omni_export.quantize.recipe import Activation
 from omni_export.targets.base import TARGETS, Artifact, LoweringError, QuantEncodingError, Target, apply_floats
-from omni_export.targets.onnx_lowering import GraphSet, swap_quantized, to_onnx
+from omni_export.targets.onnx_lowering import GraphSet, onnx_forms, swap_quantized, to_onnx
+from omni_export.targets.ort_attention import ORT_KV, translations
 
 ARTIFACTS = "artifacts"
 
@@ -20,7 +21,7 @@ class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
     backend = "onnxruntime"
     parity_backend = "onnxruntime"
-    kv_mode = "io"
+    kv_mode = ORT_KV.name  # io tensors, attention fused into GroupQueryAttention
     quant_activation = "int8 dynamic per block of 32 inputs (MatMulNBits, accuracy level 4)"
 
     def runtime_settings(self, profile) -> RuntimeSettings:  # type: ignore[no-untyped-def]
@@ -38,6 +39,9 @@ class OnnxRuntimeTarget(Target):
                  "(accuracy level 4), so weight-only and int8_dynamic linears run the same kernel"]  # fmt: skip
         return notes if dynamic or configs else []
 
+    def trace_context(self, module, limits):  # type: ignore[no-untyped-def]
+        return onnx_forms(module)
+
     def encode(self, module, tensors, floats) -> None:  # type: ignore[no-untyped-def]
         apply_floats(module, floats)
         swap_quantized(module, tensors)
@@ -46,7 +50,7 @@ class OnnxRuntimeTarget(Target):
         start = time.perf_counter()
         models, encoded = {}, 0
         for name, program in traced.programs.items():
-            models[name], n = to_onnx(program, traced.program_specs[name], quant)
+            models[name], n = to_onnx(program, traced.program_specs[name], quant, translations())
             encoded += n
         if encoded != len(quant):
             raise LoweringError(f"{traced.name}: {encoded} of {len(quant)} quantized weights reached its ONNX graphs")

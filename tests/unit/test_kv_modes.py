@@ -43,18 +43,24 @@ def test_every_mode_gives_the_reference_logits(llm):
         assert all(isinstance(a.kv, SliceCache) for a in kv_layers(llm))
         state_out = _steps(lambda method, x: [llm.logits(llm.model(*x))], embeds)
     torch.testing.assert_close(state_out, expected, atol=1e-5, rtol=1e-5)
-    # io mode (ONNX Runtime, TensorRT): the cache goes in and out as tensors.
-    io = eager_io_session(llm, LIMITS)
-    cache = io.new_cache()
-    assert all(c.shape[2] == 0 for c in cache)
+    # io mode (TensorRT) and its fused form (ONNX Runtime's GroupQueryAttention op, here its
+    # eager body): the cache goes in and out as tensors.
+    import omni_export.targets  # noqa: F401  (registers the onnxruntime mode)
 
-    def run(method, inputs):
-        nonlocal cache
-        out, cache = io.run_cached(method, inputs, cache)
-        return out
+    for mode in ("io", "onnxruntime"):
+        io = eager_io_session(llm, LIMITS, mode)
+        cache = io.new_cache()
+        assert all(c.shape[2] == (0 if mode == "io" else LIMITS.max_context) and not c.any() for c in cache)
 
-    torch.testing.assert_close(_steps(run, embeds), expected, atol=1e-5, rtol=1e-5)
-    assert all(c.shape[2] == 10 for c in cache) and len(cache) == 2 * llm.cfg.num_hidden_layers
+        def run(method, inputs):
+            nonlocal cache
+            out, cache = io.run_cached(method, inputs, cache)
+            return out
+
+        torch.testing.assert_close(_steps(run, embeds), expected, atol=1e-5, rtol=1e-5)
+        # io grows by each call's positions; static-io keeps max_context and is written in place
+        assert all(c.shape[2] == (10 if mode == "io" else LIMITS.max_context) for c in cache)
+        assert len(cache) == 2 * llm.cfg.num_hidden_layers
 
 
 def test_the_swap_is_undone_and_the_model_has_no_backend_flag(llm):
@@ -65,7 +71,7 @@ def test_the_swap_is_undone_and_the_model_has_no_backend_flag(llm):
     assert not any("kv_impl" in vars(m) for m in llm.modules())
     import omni_export.targets  # noqa: F401  (targets register their own modes)
 
-    assert set(KV_MODES) >= {"reference", "state", "io", "executorch"}
+    assert set(KV_MODES) >= {"reference", "state", "io", "executorch", "onnxruntime"}
 
 
 def test_kv_stacks_finds_the_cached_stacks_only(tiny):

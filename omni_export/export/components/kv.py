@@ -147,15 +147,16 @@ class KVMode:
     """How a target holds decoder caches.
 
     ``held_as``: buffers | state | io (what the manifest says); ``axes``: the cache tensor's axes
-    in order; ``cache(stack, layer, max_len, slots)`` and ``attend(n_rep)`` build the pair."""
+    in order; ``cache(stack, layer, max_len, slots)`` and ``attend(n_rep, layer, slots)`` build
+    the pair (an ``io`` attention that also produces the present cache writes it to ``slots``)."""
 
     name: str
     held_as: str
     axes: tuple[str, ...]
     cache: Callable[[Any, int, int, IOSlots], KVCache]
-    attend: Callable[[int], Attend]
+    attend: Callable[[int, int, IOSlots], Attend]
     # io mode: prefill and decode are one graph; the runtime zeroes nothing (it owns the tensors).
-    HELD_AS: ClassVar[tuple[str, ...]] = ("buffers", "state", "io")
+    HELD_AS: ClassVar[tuple[str, ...]] = ("buffers", "state", "io", "static-io")
 
     def __post_init__(self) -> None:
         if self.held_as not in self.HELD_AS:
@@ -163,7 +164,13 @@ class KVMode:
 
     @property
     def explicit(self) -> bool:
-        return self.held_as == "io"
+        """The caller passes the cache in and takes it back (``io``: growing tensors;
+        ``static-io``: max_len tensors written in place)."""
+        return self.held_as in ("io", "static-io")
+
+    @property
+    def static(self) -> bool:
+        return self.held_as == "static-io"
 
 
 def _buffers(cls: type[BufferCache]) -> Callable[[Any, int, int, IOSlots], KVCache]:
@@ -174,11 +181,16 @@ def _buffers(cls: type[BufferCache]) -> Callable[[Any, int, int, IOSlots], KVCac
     return make
 
 
+def plain(cls: type[Attend]) -> Callable[[int, int, IOSlots], Attend]:
+    """An attention that needs only the head grouping."""
+    return lambda n_rep, layer, slots: cls(n_rep)
+
+
 HEADS_FIRST = ("batch", "kv_heads", "positions", "head_dim")
 KV_MODES: Registry[KVMode] = Registry("KV cache mode")
-REFERENCE = KV_MODES.register("reference", KVMode("reference", "buffers", HEADS_FIRST, _buffers(BufferCache), MaskedAttention))
-KV_MODES.register("state", KVMode("state", "state", HEADS_FIRST, _buffers(SliceCache), MaskedAttention))
-KV_MODES.register("io", KVMode("io", "io", HEADS_FIRST, lambda stack, layer, n, slots: IOCache(slots, layer), GroupedAttention))
+REFERENCE = KV_MODES.register("reference", KVMode("reference", "buffers", HEADS_FIRST, _buffers(BufferCache), plain(MaskedAttention)))
+KV_MODES.register("state", KVMode("state", "state", HEADS_FIRST, _buffers(SliceCache), plain(MaskedAttention)))
+KV_MODES.register("io", KVMode("io", "io", HEADS_FIRST, lambda stack, layer, n, slots: IOCache(slots, layer), plain(GroupedAttention)))
 
 
 # -- finding and swapping ------------------------------------------------------------------------
@@ -208,7 +220,7 @@ def install(module: nn.Module, mode: KVMode, slots: IOSlots | None = None) -> IO
         for layer in stack.layers:
             attn = layer.self_attn
             attn.kv = mode.cache(stack, i, stack.cache_len, slots)
-            attn.attend = mode.attend(attn.n_rep)
+            attn.attend = mode.attend(attn.n_rep, i, slots)
             i += 1
     return slots
 

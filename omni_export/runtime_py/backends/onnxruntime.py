@@ -72,7 +72,7 @@ class OnnxRuntimeSession(Session):
 
     def new_cache(self) -> list[Any]:
         kv = self._kv
-        empty = np.zeros(kv.shape(0), dtype=_NP[kv.dtype])
+        empty = np.zeros(kv.shape(kv.initial_positions), dtype=_NP[kv.dtype])
         return [self._ort.OrtValue.ortvalue_from_numpy(empty.copy()) for _ in kv.inputs]
 
     def run_cached(self, method: str, inputs: Sequence[torch.Tensor], cache: list[Any]) -> tuple[list[torch.Tensor], list[Any]]:
@@ -85,11 +85,17 @@ class OnnxRuntimeSession(Session):
         names = self._outputs[method]
         # Bound again on every call: a binding that held last call's output would take it as a
         # pre-allocated buffer of the old size.
-        for name in (*names, *kv.outputs):
+        for name in names:
             io.bind_output(name, "cpu")
+        static = kv.held_as == "static-io"
+        for name, value in zip(kv.outputs, cache, strict=True):
+            # static-io: present is past's own buffer, written in place (nothing copied);
+            # io: the graph returns a new, longer tensor
+            io.bind_ortvalue_output(name, value) if static else io.bind_output(name, "cpu")
         sess.run_with_iobinding(io)
         values = io.get_outputs()
-        return [torch.from_numpy(v.numpy()) for v in values[: len(names)]], list(values[len(names) :])
+        outs = [torch.from_numpy(v.numpy()) for v in values[: len(names)]]
+        return outs, (cache if static else list(values[len(names) :]))
 
 
 SESSIONS.register(OnnxRuntimeSession.backend, OnnxRuntimeSession)
