@@ -152,44 +152,115 @@ def _strip_debug(model) -> None:  # type: ignore[no-untyped-def]
 
 def encode_quant(model, tensors: dict[str, QTensor]) -> int:  # type: ignore[no-untyped-def]
     """Replace each quantized linear's ``weight_t`` initializer in this graph with
-    DequantizeLinear over its integers and scales. Returns how many were encoded (a graph holds
-    the linears its method uses; the component's graphs together hold them all)."""
-    import ml_dtypes
-    import onnx_ir as ir
-
+    DequantizeLinear over its integers and scales, then pack the linears that read one input.
+    Returns how many weights were encoded (a graph holds the linears its method uses; the
+    component's graphs together hold them all)."""
     graph = model.graph
     by_suffix = {f"{path}.weight_t": (path, qt) for path, qt in tensors.items()}
-    done: set[str] = set()
+    done: dict[str, object] = {}
     for name in list(graph.initializers):
         match = next((v for k, v in by_suffix.items() if name == k or name.endswith("." + k)), None)
         if match is None:
             continue
         path, qt = match
         value = graph.initializers[name]
-        k, n = qt.q.shape[1], qt.q.shape[0]
-        g = qt.group_size
-        codes = qt.q.T.contiguous().numpy()
-        code_type = ml_dtypes.int4 if qt.config.bits == 4 else np.int8
-        ir_type = ir.DataType.INT4 if qt.config.bits == 4 else ir.DataType.INT8
-        per_channel = g == k
-        scale = qt.scale.T.contiguous().float().numpy()  # [K/g, N]
-        attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": g}
-        if per_channel:
-            scale = scale[0]
-        inputs = [
-            _initializer(graph, f"{path}.qweight", ir.Tensor(codes.astype(code_type), dtype=ir_type)),
-            _initializer(graph, f"{path}.scales", ir.Tensor(scale)),
-        ]
-        if not qt.config.symmetric:
-            zero = qt.zero.T.contiguous().numpy()
-            zero = zero[0] if per_channel else zero
-            inputs.append(_initializer(graph, f"{path}.zero_points", ir.Tensor(zero.astype(code_type), dtype=ir_type)))
-        node = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{path}.dequantize", outputs=[ir.Value(name=f"{path}.weight")])
+        node = _dequantize(graph, path, qt)
         graph.insert_before(_first_user(graph, value), node)
         value.replace_all_uses_with(node.outputs[0])
         del graph.initializers[name]
-        done.add(path)
+        done[path] = node
+    _pack_shared_inputs(graph, {p: (tensors[p], n) for p, n in done.items()})
     return len(done)
+
+
+def _dequantize(graph, path: str, qt: QTensor):  # type: ignore[no-untyped-def]
+    """DequantizeLinear over ``qt`` as [K, N]: int4 blockwise along K, or int8 per channel."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    k = qt.q.shape[1]
+    g = qt.group_size
+    codes = qt.q.T.contiguous().numpy()
+    code_type = ml_dtypes.int4 if qt.config.bits == 4 else np.int8
+    ir_type = ir.DataType.INT4 if qt.config.bits == 4 else ir.DataType.INT8
+    per_channel = g == k
+    scale = qt.scale.T.contiguous().float().numpy()  # [K/g, N]
+    attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": g}
+    if per_channel:
+        scale = scale[0]
+    inputs = [
+        _initializer(graph, f"{path}.qweight", ir.Tensor(codes.astype(code_type), dtype=ir_type)),
+        _initializer(graph, f"{path}.scales", ir.Tensor(scale)),
+    ]
+    if not qt.config.symmetric:
+        zero = qt.zero.T.contiguous().numpy()
+        zero = zero[0] if per_channel else zero
+        inputs.append(_initializer(graph, f"{path}.zero_points", ir.Tensor(zero.astype(code_type), dtype=ir_type)))
+    return ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{path}.dequantize", outputs=[ir.Value(name=f"{path}.weight")])
+
+
+def _pack_shared_inputs(graph, encoded: dict) -> None:  # type: ignore[no-untyped-def]
+    """Quantized linears that read the same tensor with the same quantization (q/k/v, gate/up)
+    become one MatMul over their concatenated codes, then a Split: fewer, wider MatMulNBits,
+    which is where a small decoder step spends its time. Exact: the codes and scales are the
+    same numbers, side by side along N."""
+    import onnx_ir as ir
+
+    groups: dict[tuple, list[tuple[str, QTensor, object, object]]] = {}
+    for path, (qt, dq) in encoded.items():
+        users = list(dq.outputs[0].uses())
+        if len(users) != 1 or users[0][0].op_type != "MatMul" or users[0][1] != 1:
+            continue
+        matmul = users[0][0]
+        key = (id(matmul.inputs[0]), qt.config.bits, qt.group_size, qt.config.symmetric, qt.q.shape[1])
+        groups.setdefault(key, []).append((path, qt, dq, matmul))
+    order = {id(node): i for i, node in enumerate(graph)}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda m: order[id(m[3])])
+        paths, qts = [m[0] for m in members], [m[1] for m in members]
+        packed = QTensor(torch.cat([t.q for t in qts]), torch.cat([t.scale for t in qts]), torch.cat([t.zero for t in qts]), qts[0].config)
+        name = "+".join(paths)
+        first = members[0][3]
+        dq = _dequantize(graph, name, packed)
+        mm = ir.node("MatMul", [first.inputs[0], dq.outputs[0]], name=f"{name}.matmul", outputs=[ir.Value(name=f"{name}.out")])
+        new = [dq, mm]
+        # Biases (Qwen2's q/k/v) are packed too, so the runtime folds one Add into its kernel.
+        adds = [_bias_add(graph, m[3]) for m in members]
+        olds = [m[3] for m in members]
+        biased = all(a is not None for a in adds)
+        if biased:
+            bias = np.concatenate([a[1].const_value.numpy() for a in adds])
+            new.append(ir.node("Add", [mm.outputs[0], _initializer(graph, f"{name}.bias", ir.Tensor(bias))], name=f"{name}.add",
+                               outputs=[ir.Value(name=f"{name}.biased")]))  # fmt: skip
+            olds = [a[0] for a in adds]
+        sizes = _initializer(graph, f"{name}.split", ir.Tensor(np.array([t.q.shape[0] for t in qts], dtype=np.int64)))
+        split = ir.node("Split", [new[-1].outputs[0], sizes], attributes={"axis": -1}, name=f"{name}.split",
+                        outputs=[ir.Value(name=f"{p}.out") for p in paths])  # fmt: skip
+        graph.insert_before(first, [*new, split])
+        for old, out in zip(olds, split.outputs, strict=True):
+            old.outputs[0].replace_all_uses_with(out)
+        for i, (_, _, old_dq, old_mm) in enumerate(members):
+            chain = [adds[i][0], old_mm, old_dq] if biased else [old_mm, old_dq]  # consumers first
+            stored = [v for n in chain for v in n.inputs if v is not None and v.name in graph.initializers]
+            for n in chain:
+                graph.remove(n, safe=True)
+            for value in stored:
+                if value.name in graph.initializers and not list(value.uses()):
+                    del graph.initializers[value.name]
+
+
+def _bias_add(graph, matmul):  # type: ignore[no-untyped-def]
+    """(the Add, its constant [N] bias) when ``matmul``'s only consumer adds a bias to it."""
+    users = list(matmul.outputs[0].uses())
+    if len(users) != 1 or users[0][0].op_type != "Add":
+        return None
+    add = users[0][0]
+    other = add.inputs[1 - users[0][1]]
+    if other is None or other.name not in graph.initializers or other.const_value is None or len(other.const_value.shape) != 1:
+        return None
+    return add, other
 
 
 def _initializer(graph, name: str, tensor):  # type: ignore[no-untyped-def]

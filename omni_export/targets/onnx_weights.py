@@ -27,6 +27,10 @@ def read_quantized_weights(path: str | os.PathLike) -> list[OnnxQuantWeight]:
 
     model = onnx.load(str(path), load_external_data=True)
     inits = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
     out = []
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
@@ -40,9 +44,28 @@ def read_quantized_weights(path: str | os.PathLike) -> list[OnnxQuantWeight]:
         zero = onnx.numpy_helper.to_array(inits[node.input[2]]).astype(np.int8) if len(node.input) > 2 and node.input[2] else None
         if scale.ndim == 1:  # per output channel: one group spanning all inputs
             scale, zero = scale[None], None if zero is None else zero[None]
-        out.append(OnnxQuantWeight(node.name, bits, torch.from_numpy(codes.T.copy()), torch.from_numpy(scale.T.copy()),
-                                   None if zero is None else torch.from_numpy(zero.T.copy())))  # fmt: skip
+        for lo, hi in _packed_parts(node, codes.shape[1], consumers, inits):
+            out.append(OnnxQuantWeight(node.name, bits, torch.from_numpy(codes[:, lo:hi].T.copy()), torch.from_numpy(scale[:, lo:hi].T.copy()),
+                                       None if zero is None else torch.from_numpy(zero[:, lo:hi].T.copy())))  # fmt: skip
     return out
+
+
+def _packed_parts(dq, n: int, consumers: dict, inits: dict) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+    """Column ranges of the linears a weight holds: linears packed side by side (one MatMul, an
+    Add of their packed biases if they have them, then a Split along the last axis) are read
+    back one by one."""
+    import onnx
+
+    users = consumers.get(dq.output[0], [])
+    if len(users) == 1 and users[0].op_type == "MatMul":
+        after = consumers.get(users[0].output[0], [])
+        if len(after) == 1 and after[0].op_type == "Add":  # packed biases
+            after = consumers.get(after[0].output[0], [])
+        if len(after) == 1 and after[0].op_type == "Split" and len(after[0].input) > 1 and after[0].input[1] in inits:
+            sizes = onnx.numpy_helper.to_array(inits[after[0].input[1]]).tolist()
+            edges = np.cumsum([0, *sizes]).tolist()
+            return list(zip(edges[:-1], edges[1:], strict=True))
+    return [(0, n)]
 
 
 def read_component(files: list[Path]) -> list[OnnxQuantWeight]:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from omni_export.errors import ConfigError
-from omni_export.export.components.layers import merge_heads, repeat_kv, sdpa
+from omni_export.export.components.layers import apply_rope, merge_heads, repeat_kv, sdpa
 from omni_export.registry import Registry
 
 
@@ -51,6 +51,10 @@ class Attend(nn.Module):
     def __init__(self, n_rep: int) -> None:
         super().__init__()
         self.n_rep = n_rep
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on queries and keys [B, T, heads, D] (cos/sin [T, D]) before the cache sees them."""
+        return apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
 
 
 def causal_over(keys_len: int | torch.SymInt, input_pos: torch.Tensor) -> torch.Tensor:
@@ -147,14 +151,15 @@ class KVMode:
     """How a target holds decoder caches.
 
     ``held_as``: buffers | state | io (what the manifest says); ``axes``: the cache tensor's axes
-    in order; ``cache(stack, layer, max_len, slots)`` and ``attend(n_rep, layer, slots)`` build
-    the pair (an ``io`` attention that also produces the present cache writes it to ``slots``)."""
+    in order; ``cache(stack, layer, max_len, slots)`` and ``attend(stack, n_rep, layer, slots)``
+    build the pair (an ``io`` attention that also produces the present cache writes it to
+    ``slots``)."""
 
     name: str
     held_as: str
     axes: tuple[str, ...]
     cache: Callable[[Any, int, int, IOSlots], KVCache]
-    attend: Callable[[int, int, IOSlots], Attend]
+    attend: Callable[[Any, int, int, IOSlots], Attend]
     # io mode: prefill and decode are one graph; the runtime zeroes nothing (it owns the tensors).
     HELD_AS: ClassVar[tuple[str, ...]] = ("buffers", "state", "io", "static-io")
 
@@ -181,9 +186,9 @@ def _buffers(cls: type[BufferCache]) -> Callable[[Any, int, int, IOSlots], KVCac
     return make
 
 
-def plain(cls: type[Attend]) -> Callable[[int, int, IOSlots], Attend]:
+def plain(cls: type[Attend]) -> Callable[[Any, int, int, IOSlots], Attend]:
     """An attention that needs only the head grouping."""
-    return lambda n_rep, layer, slots: cls(n_rep)
+    return lambda stack, n_rep, layer, slots: cls(n_rep)
 
 
 HEADS_FIRST = ("batch", "kv_heads", "positions", "head_dim")
@@ -220,7 +225,7 @@ def install(module: nn.Module, mode: KVMode, slots: IOSlots | None = None) -> IO
         for layer in stack.layers:
             attn = layer.self_attn
             attn.kv = mode.cache(stack, i, stack.cache_len, slots)
-            attn.attend = mode.attend(attn.n_rep, i, slots)
+            attn.attend = mode.attend(stack, attn.n_rep, i, slots)
             i += 1
     return slots
 

@@ -140,10 +140,11 @@ class QwenAttention(nn.Module):
         v = self.v_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
         if self.kv is not None and input_pos is not None:
+            q, k = self.attend.rotate(q, k, cos, sin)  # a fused attention may rotate inside
             keys, values = self.kv.update(k, v, input_pos)
             return self.o_proj(self.attend(q, keys, values, input_pos))
+        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = sdpa(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), mask)
         return self.o_proj(merge_heads(out))
