@@ -44,7 +44,10 @@ def phase(code: str, *args: str) -> tuple[float, dict]:
     """Run one phase in a fresh interpreter; it reports its own peak RSS (RUSAGE_SELF), since the
     parent's RUSAGE_CHILDREN peak is a maximum over every child it ever waited for."""
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"phase failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    out = p.stdout
     return time.perf_counter() - t, ast.literal_eval(out.strip().splitlines()[-1])
 
 

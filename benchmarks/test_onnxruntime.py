@@ -18,8 +18,8 @@ from omni_export.bundle import read_manifest
 from omni_export.bundle.manifest import RuntimeSettings
 from omni_export.runtime_py.backends import open_session
 
-from .llm_decode import prefill_then_decode
-from .peers import hf_llm, ort_genai_build, ort_genai_speed
+from llm_decode import prefill_then_decode
+from peers import hf_llm, ort_genai_build, ort_genai_speed
 
 PROMPT, NEW, ROUNDS, THREADS = 64, 128, 3, 2
 OUT = Path(__file__).resolve().parent.parent / "docs" / "onnxruntime"
@@ -52,16 +52,16 @@ def test_llm_speed_against_onnxruntime_genai(demo_checkpoint, demo_bundle):
     sessions = {"omni-export onnxruntime": _session(ort_bundle), "omni-export executorch": _session(et_bundle)}
     best: dict[str, dict[str, float]] = {}
     tokens: dict[str, list[int]] = {}
-    for _ in range(ROUNDS + 1):  # the first round warms every runtime and is not counted
+    for rnd in range(ROUNDS + 1):  # the first round warms every runtime and is not counted
         for name, (sess, _, _) in sessions.items():
             pre, dec, toks = prefill_then_decode(sess, sess.run("embed", [ids])[0], NEW)
             best.setdefault(name, {"prefill": 0.0, "decode": 0.0})
             tokens[name] = toks
-            if _ > 0:
+            if rnd > 0:
                 best[name] = {"prefill": max(best[name]["prefill"], pre), "decode": max(best[name]["decode"], dec)}
         pre, dec, toks = ort_genai_speed(peer_dir, prompt, NEW)
         tokens["onnxruntime-genai builder"] = toks
-        if _ > 0:
+        if rnd > 0:
             b = best.setdefault("onnxruntime-genai builder", {"prefill": 0.0, "decode": 0.0})
             best["onnxruntime-genai builder"] = {"prefill": max(b["prefill"], pre), "decode": max(b["decode"], dec)}
     peer = best["onnxruntime-genai builder"]

@@ -190,7 +190,11 @@ def test_the_session_keeps_the_cache_in_onnxruntime_memory(ort_bundles):
     c = m.components["llm"]
     session = open_session(c, root, m.profile.runtime)
     assert not session.stateful and session._graphs["prefill"] is session._graphs["decode"]
-    assert session._graphs["decode"].get_session_options().intra_op_num_threads == host_cores()
+    # every session of the process shares one pool, sized by the first profile's threads (0: all cores)
+    from omni_export.runtime_py.backends import onnxruntime as ort_backend
+
+    assert not session._graphs["decode"].get_session_options().use_per_session_threads
+    assert ort_backend._POOL_THREADS == [host_cores()]
     stack = KVStack("llm", session, 4, CONTEXT)
     stack.reset()
     stack.feed(torch.randn(1, 1, m.model["llm"]["hidden_size"]))
