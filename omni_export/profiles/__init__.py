@@ -46,6 +46,13 @@ class OnnxRuntimeSettings:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     # MatMulNBits accuracy level: 4 = int8 activations, int32 accumulation (the fast CPU kernel).
     accuracy_level: int = 4
+    # Whether idle intra-op threads spin for more work. A bundle runs one session per component,
+    # each with its own pool, and on a few cores spinning pools take the cores from the session
+    # that has work (the demo conversation's LLM decode step: 7.4 ms spinning, 4.0 not). An app
+    # that runs the LLM alone decodes faster spinning (docs/onnxruntime/benchmark-llm.txt).
+    # (ONNX Runtime's process-wide pool would serve both, but it makes every other session in
+    # the process fail unless it opts in, so a library cannot turn it on for its host app.)
+    spin: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.accuracy_level <= 4:

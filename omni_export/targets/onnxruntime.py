@@ -27,7 +27,8 @@ class OnnxRuntimeTarget(Target):
     def runtime_settings(self, profile) -> RuntimeSettings:  # type: ignore[no-untyped-def]
         s = profile.onnxruntime
         return RuntimeSettings(threads=s.threads, providers=s.providers,
-                               options={"session.qdq_matmulnbits_accuracy_level": str(s.accuracy_level)})  # fmt: skip
+                               options={"session.qdq_matmulnbits_accuracy_level": str(s.accuracy_level),
+                                        "session.intra_op.allow_spinning": "1" if s.spin else "0"})  # fmt: skip
 
     def check_quant(self, configs):  # type: ignore[no-untyped-def]
         static = sorted(f for f, c in configs.items() if c.activation == Activation.INT8_STATIC.value)

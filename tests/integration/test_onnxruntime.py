@@ -53,7 +53,7 @@ def test_bundle_layout_graph_names_and_kv_contract(ort_bundles, family):
     assert verify_bundle(root) == []
     m = read_manifest(root)
     assert m.profile.target == "onnxruntime" and m.profile.runtime.providers == ("CPUExecutionProvider",)
-    assert m.profile.runtime.options == {"session.qdq_matmulnbits_accuracy_level": "4"}
+    assert m.profile.runtime.options == {"session.qdq_matmulnbits_accuracy_level": "4", "session.intra_op.allow_spinning": "0"}
     stacks = [n for n, c in m.components.items() if c.kv_cache is not None]
     assert set(stacks) == ({"llm", "speech_lm"} if family == "interactiveomni" else {"llm", "tts_ar"})
     for name, c in m.components.items():
@@ -190,11 +190,9 @@ def test_the_session_keeps_the_cache_in_onnxruntime_memory(ort_bundles):
     c = m.components["llm"]
     session = open_session(c, root, m.profile.runtime)
     assert not session.stateful and session._graphs["prefill"] is session._graphs["decode"]
-    # every session of the process shares one pool, sized by the first profile's threads (0: all cores)
-    from omni_export.runtime_py.backends import onnxruntime as ort_backend
-
-    assert not session._graphs["decode"].get_session_options().use_per_session_threads
-    assert ort_backend._POOL_THREADS == [host_cores()]
+    options = session._graphs["decode"].get_session_options()
+    assert options.intra_op_num_threads == host_cores()  # the profile's threads = 0: every core
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     stack = KVStack("llm", session, 4, CONTEXT)
     stack.reset()
     stack.feed(torch.randn(1, 1, m.model["llm"]["hidden_size"]))

@@ -18,20 +18,6 @@ from omni_export.runtime_py.backends.base import SESSIONS, Session, host_cores
 _NP = {"float32": np.float32, "float16": np.float16}
 
 
-_POOL_THREADS: list[int] = []
-
-
-def _global_pool(threads: int) -> int:
-    """Size ONNX Runtime's process-wide thread pools once: the first session opened sets them,
-    and every later one shares them."""
-    if not _POOL_THREADS:
-        from onnxruntime.capi import _pybind_state
-
-        _pybind_state.set_global_thread_pool_sizes(threads, 1)
-        _POOL_THREADS.append(threads)
-    return _POOL_THREADS[0]
-
-
 class OnnxRuntimeSession(Session):
     backend = "onnxruntime"
     stateful = False
@@ -43,11 +29,8 @@ class OnnxRuntimeSession(Session):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # The profile's threads, never more than this host's cores; 0: all of them. ORT's own
         # default picked 1 thread on a 2-vCPU VM.
-        threads = min(settings.threads, host_cores()) if settings.threads else host_cores()
-        # One pool for every session of the process: a bundle runs a session per component, and
-        # a pool per session (each spinning while idle) took the cores from the one with work.
-        _global_pool(threads)
-        so.use_per_session_threads = False
+        so.intra_op_num_threads = min(settings.threads, host_cores()) if settings.threads else host_cores()
+        so.inter_op_num_threads = 1
         so.log_severity_level = 3  # errors only: the library's warnings go nowhere near the CLI
         for key, value in settings.options.items():
             so.add_session_config_entry(key, value)
