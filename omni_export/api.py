@@ -13,7 +13,7 @@ import torch
 from omni_export.errors import OmniExportError
 from omni_export.export.checkpoint import Checkpoint, load_checkpoint
 from omni_export.export.synthetic import write_synthetic
-from omni_export.files import cache_dir
+from omni_export.files import cache_dir, check_bundle_out
 from omni_export.profiles import Profile, get_profile
 from omni_export.profiles.fit import FitResult, fit_check
 from omni_export.quantize.presets import resolve_recipe
@@ -145,11 +145,13 @@ def export(target: str, model: str | Path | None = None, quant: str | None = Non
     from omni_export.compiler import build_bundle
     from omni_export.targets import TARGETS
 
-    TARGETS.get(get_profile(target).target)  # an unavailable target fails before any work
+    profile = get_profile(target)
+    TARGETS.get(profile.target)  # an unavailable target fails before any work
+    out = Path(out) if out is not None else Path(f"{profile.name}-bundle")
+    check_bundle_out(out, overwrite)  # and so does an --out that cannot take the bundle
     plan = plan or plan_export(target, model, quant, context)
     if not plan.fit.fits:
         raise DoesNotFitError(plan)
-    out = Path(out) if out is not None else Path(f"{plan.profile.name}-bundle")
     return plan, build_bundle(plan.profile, plan.model, plan.recipe, out, context, overwrite, progress)
 
 

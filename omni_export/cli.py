@@ -122,10 +122,13 @@ def _run_main_job(api, target, model, quant, out, context, overwrite):  # type: 
         TimeElapsedColumn,
     )
 
+    from omni_export.files import check_bundle_out
     from omni_export.profiles import get_profile
     from omni_export.targets import TARGETS
 
-    TARGETS.get(get_profile(target).target)  # an unavailable target fails before any work
+    profile = get_profile(target)
+    TARGETS.get(profile.target)  # an unavailable target fails before any work
+    check_bundle_out(out or Path(f"{profile.name}-bundle"), overwrite)  # so does an --out that cannot take it
     plan = _with_progress("preparing", lambda cb: api.plan_export(target, model, quant, context, progress=cb))
     console.print(f"checkpoint: {plan.model}")
     console.print(_fit_table(plan.fit))

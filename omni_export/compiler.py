@@ -43,7 +43,7 @@ from omni_export.export.components.base import role_of
 from omni_export.export.golden import Context, flops_per_position, make_golden
 from omni_export.export.trace import trace_component
 from omni_export.export.trace_specs import Limits
-from omni_export.files import atomic_write_text, replace_dir
+from omni_export.files import atomic_write_text, check_bundle_out, replace_dir
 from omni_export.profiles import Profile
 from omni_export.quantize.cache import quantize_checkpoint
 from omni_export.quantize.engine import component_classes, plan
@@ -130,8 +130,7 @@ def build_bundle(
     progress: Progress | None = None,
 ) -> BuildResult:
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OmniExportError(f"{out} already exists; remove it or pass --overwrite.")
+    check_bundle_out(out, overwrite)
     target = TARGETS.get(profile.target)
     notes: list[str] = []
     if recipe.float_dtype != target.float_class:

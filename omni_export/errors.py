@@ -39,3 +39,7 @@ class ContextOverflowError(OmniExportError):
 
 class ProfileError(ConfigError):
     """A device profile is malformed or unknown."""
+
+
+class OutputError(OmniExportError):
+    """Where a result would be written cannot take it (a file, someone else's folder, no write access)."""

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from omni_export.errors import CheckpointError
+from omni_export.errors import CheckpointError, OutputError
 
 
 def cache_dir() -> Path:
@@ -41,6 +41,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
+
+
+def check_bundle_out(out: Path, overwrite: bool, marker: str = "manifest.json") -> None:
+    """Before any work: ``out`` can become a bundle. ``--overwrite`` replaces only what is plainly
+    a bundle (a folder holding ``marker``) or an empty folder, never anything else that happens
+    to be at that path (a home folder, a file)."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise OutputError(f"--out {out} is a file or link, not a folder; choose a new folder for the bundle.")
+        if not overwrite:
+            raise OutputError(f"{out} already exists; remove it or pass --overwrite.")
+        if any(out.iterdir()) and not (out / marker).is_file():
+            raise OutputError(f"{out} is not an omni-export bundle (no {marker}) and not empty; --overwrite replaces only a "
+                              f"bundle or an empty folder. Choose another --out.")  # fmt: skip
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write under {parent}; choose an --out you can write to.")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -121,6 +121,23 @@ def test_main_job_on_the_demo_checkpoint(tmp_path):
     assert subprocess.run([sys.executable, "-m", "omni_export", "verify", str(out)], capture_output=True).returncode == 0
 
 
+def test_out_that_cannot_take_a_bundle_is_refused_before_any_work(tiny_dirs, tmp_path, monkeypatch):
+    """--overwrite replaces a bundle or an empty folder, never a file or someone's folder; the
+    refusal comes before the checkpoint is even read (its loader would fail on the bad model)."""
+    monkeypatch.setattr("omni_export.api.plan_export", lambda *a, **k: pytest.fail("planned before checking --out"))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    r = invoke("--target", "desktop", "--model", tiny_dirs["vita15"], "--out", a_file, "--overwrite")
+    assert r.exit_code == 2 and "is a file or link" in r.output and a_file.read_text() == "mine"
+    home = tmp_path / "home"
+    (home / "photos").mkdir(parents=True)
+    (home / "photos" / "cat.jpg").write_bytes(b"jpg")
+    r = invoke("--target", "desktop", "--model", tiny_dirs["vita15"], "--out", home, "--overwrite")
+    assert r.exit_code == 2 and "not an omni-export bundle" in r.output and (home / "photos" / "cat.jpg").read_bytes() == b"jpg"
+    r = invoke("--target", "desktop", "--model", tiny_dirs["vita15"], "--out", home)
+    assert r.exit_code == 2 and "already exists" in r.output
+
+
 def test_recipe_errors_stop_before_any_work(tiny_dirs, tmp_path):
     out = tmp_path / "b"
     bad = tmp_path / "g128.toml"
