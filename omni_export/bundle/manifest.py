@@ -79,6 +79,11 @@ class KVLayout:
         return tuple(sizes[a] for a in self.axes)
 
     @property
+    def in_place(self) -> bool:
+        """static-io: the caller binds each past tensor as its own present output."""
+        return self.held_as == "static-io"
+
+    @property
     def initial_positions(self) -> int:
         """Positions of the cache tensors an explicit-cache caller starts a conversation with."""
         return 0 if self.held_as == "io" else self.max_len

@@ -48,7 +48,7 @@ def _onnxruntime(m: Manifest) -> list[str]:
     step = c.methods["prefill"].entry if c else "artifacts/llm/step.onnx"
     kv = c.kv_cache if c else None
     layers = kv.layers if kv else 0
-    static = kv is not None and kv.held_as == "static-io"
+    static = kv is not None and kv.in_place
     positions = str(kv.max_len) if static and kv else "0"
     shape = f"[1, {kv.kv_heads}, {{}}, {kv.head_dim}]" if kv else "[1, kv_heads, {}, head_dim]"
     threads = m.profile.runtime.threads or "all cores"

@@ -94,10 +94,10 @@ def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe
     total, params, used = 0.0, 0, set()
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         path = name.rpartition(".")[0]
-        owner = module.get_submodule(path) if path else module
+        linear = isinstance(module.get_submodule(path) if path else module, nn.Linear) and t.ndim == 2
         # rules match module paths (what the quantizer checks), not parameter names
-        cfg = recipe.config_for(f"{spec.name}.{path}", role) if isinstance(owner, nn.Linear) and t.ndim == 2 else None
-        if isinstance(owner, nn.Linear) and t.ndim == 2:
+        cfg = recipe.config_for(f"{spec.name}.{path}", role) if linear else None
+        if linear:
             used.add(cfg)
         if cfg is None:
             total += t.numel() * (fb if t.is_floating_point() else t.element_size())

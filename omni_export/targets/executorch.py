@@ -54,6 +54,7 @@ def _no_onednn() -> Iterator[None]:
 
 @contextmanager
 def _tracing() -> Iterator[None]:
+    """Tracing and lowering alike: host kernels kept out of the graph, exporter chatter to the log."""
     with library_chatter("executorch", "torch.export"), _no_onednn():
         yield
 
@@ -181,10 +182,9 @@ class ExecuTorchTarget(Target):
         if unknown:
             raise LoweringError(f"profile {profile.name}: ExecuTorch delegate(s) {unknown} are not supported; known: {sorted(partitioners)}")
         start = time.perf_counter()
-        with library_chatter("executorch", "torch.export"):
+        with _tracing():
             try:
-                with _no_onednn():
-                    program, delegation = self._lower(traced, [partitioners[d]() for d in delegates], metadata)
+                program, delegation = self._lower(traced, [partitioners[d]() for d in delegates], metadata)
             except Exception as exc:  # exir raises many types; name the component and the first line
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise LoweringError(f"ExecuTorch cannot lower {traced.name}: {type(exc).__name__}: {first}") from exc

@@ -11,10 +11,10 @@ input and the present output, the kernel writes the new positions in place, wher
 form's concatenation copies the whole cache every step (at 4B shapes and 4k tokens, over a GB
 per decoded token).
 
-The op is traced as a torch custom op (``omni_export::group_query_attention``; its eager body is
-the ``io`` mode's concatenation and grouped attention, so ``torch.export`` checks and golden I/O
-see the same numbers) and written into the ONNX graph through ``torch.onnx``'s custom
-translation table. Parity replays the graph in ONNX Runtime against the eager reference."""
+The op is traced as a torch custom op (``omni_export::group_query_attention``; its eager body
+rotates, writes the step into copies of the caches and runs the ``io`` mode's grouped attention
+over the filled prefix, so eager checks see the same numbers) and written into the ONNX graph
+through ``torch.onnx``'s custom translation table. Parity replays the graph in ONNX Runtime against the eager reference."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def _rope_tables(head_dim: int, theta: float, max_len: int) -> tuple[torch.Tenso
 
 
 class StepKV(KVCache):
-    """Hands attention this step's keys and values untouched: the fused op appends them."""
+    """Hands attention this step's keys and values untouched: the fused op writes them."""
 
     def update(self, k, v, input_pos):  # type: ignore[no-untyped-def]
         return k, v
@@ -94,6 +94,7 @@ ORT_KV = KV_MODES.register("onnxruntime", KVMode("onnxruntime", "static-io", HEA
                                                   FusedGQA))  # fmt: skip
 
 
+@functools.cache
 def translations() -> dict[Any, Any]:
     """torch.onnx custom translations: the custom op -> GroupQueryAttention (ONNX Runtime contrib
     domain; the positions give the total length: one sequence, consecutive positions)."""

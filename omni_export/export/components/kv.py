@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from omni_export.bundle.manifest import EXPLICIT_KV
 from omni_export.errors import ConfigError
 from omni_export.export.components.layers import apply_rope, merge_heads, repeat_kv, sdpa
 from omni_export.registry import Registry
@@ -171,7 +172,7 @@ class KVMode:
     def explicit(self) -> bool:
         """The caller passes the cache in and takes it back (``io``: growing tensors;
         ``static-io``: max_len tensors written in place)."""
-        return self.held_as in ("io", "static-io")
+        return self.held_as in EXPLICIT_KV
 
     @property
     def static(self) -> bool:

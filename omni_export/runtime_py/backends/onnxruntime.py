@@ -87,15 +87,14 @@ class OnnxRuntimeSession(Session):
         # pre-allocated buffer of the old size.
         for name in names:
             io.bind_output(name, "cpu")
-        static = kv.held_as == "static-io"
         for name, value in zip(kv.outputs, cache, strict=True):
             # static-io: present is past's own buffer, written in place (nothing copied);
             # io: the graph returns a new, longer tensor
-            io.bind_ortvalue_output(name, value) if static else io.bind_output(name, "cpu")
+            io.bind_ortvalue_output(name, value) if kv.in_place else io.bind_output(name, "cpu")
         sess.run_with_iobinding(io)
         values = io.get_outputs()
         outs = [torch.from_numpy(v.numpy()) for v in values[: len(names)]]
-        return outs, (cache if static else list(values[len(names) :]))
+        return outs, (cache if kv.in_place else list(values[len(names) :]))
 
 
 SESSIONS.register(OnnxRuntimeSession.backend, OnnxRuntimeSession)
