@@ -104,21 +104,25 @@ def plan_export(target: str, model: str | Path | None = None, quant: str | None 
     path = Path(model) if model is not None else demo_checkpoint(progress)
     recipe = resolve_recipe(quant or profile.default_quant)
     ckpt = load_checkpoint(path, components=[])  # name/shape/dtype check of every tensor, no weights read
-    check_recipe(ckpt, recipe, profile)
-    return ExportPlan(profile, path, recipe, fit_check(profile, ckpt.family, ckpt.config, recipe, context))
+    as_built = check_recipe(ckpt, recipe, profile)
+    # The preset travels (the build adapts it again and says how); the fit counts it as built.
+    return ExportPlan(profile, path, recipe, fit_check(profile, ckpt.family, ckpt.config, as_built, context))
 
 
-def check_recipe(ckpt: Checkpoint, recipe: QuantRecipe, profile: Profile) -> dict:
+def check_recipe(ckpt: Checkpoint, recipe: QuantRecipe, profile: Profile) -> QuantRecipe:
     """Every recipe error (dead rule, group size that does not divide a width, something the
-    target cannot encode) on weightless modules, before any weight is read."""
+    target cannot encode) on weightless modules, before any weight is read. Returns the recipe
+    as the target will build it (a preset adapted to what it encodes)."""
     from omni_export.quantize.engine import plan
     from omni_export.targets import TARGETS
+    from omni_export.targets.base import recipe_for_target
 
+    target = TARGETS.get(profile.target)
     with torch.device("meta"):
         modules = {name: spec.build() for name, spec in ckpt.specs.items()}
-    configs = plan(modules, recipe)
-    TARGETS.get(profile.target).check_quant(configs)
-    return configs
+    recipe, _ = recipe_for_target(target, recipe, modules)
+    target.check_quant(plan(modules, recipe), profile)
+    return recipe
 
 
 def quant_report(model: str | Path, quant: str, target: str = "android", progress=None):  # type: ignore[no-untyped-def]
@@ -129,7 +133,7 @@ def quant_report(model: str | Path, quant: str, target: str = "android", progres
     profile = get_profile(target)
     recipe = resolve_recipe(quant)
     ckpt = load_checkpoint(model, components=[])
-    check_recipe(ckpt, recipe, profile)
+    recipe = check_recipe(ckpt, recipe, profile)  # as the target builds it
     ckpt = load_checkpoint(model, dtype=torch.float32)
     reports = analyze(ckpt.components, recipe, ckpt.tokenizer, profile.threshold, progress)
     return reports, proposal_recipe(recipe, reports)

@@ -359,12 +359,44 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle directory"), as_json
 
 
 @app.command()
-def parity(bundle: Path = typer.Argument(..., help="bundle directory"), as_json: bool = typer.Option(False, "--json")) -> None:
+def parity(bundle: Path = typer.Argument(..., help="bundle directory"), as_json: bool = typer.Option(False, "--json"),
+           backend: Optional[str] = typer.Option(None, "--backend", help="run on this backend (tensorrt: the built engines) "
+                                                 "instead of each component's parity backend")) -> None:  # fmt: skip
     """Re-run every component's golden I/O on this host's backend and compare with the reference."""
+    _parity(bundle, as_json, backend)
+
+
+@app.command("build-engines")
+def build_engines(
+    bundle: Path = typer.Argument(..., help="a TensorRT bundle (exported for a jetson-* or rtx-4090 profile)"),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="build only this component (repeatable)"),
+    force: bool = typer.Option(False, "--force", help="build even on a GPU other than the one the bundle was exported for"),
+) -> None:
+    """On the device: build the bundle's TensorRT engines (tensorrt/build_engines.py), record them in
+    the manifest, then check their parity against the golden data."""
+    from omni_export.targets import tensorrt_build
+
+    if not (bundle / tensorrt_build.PLAN).is_file():
+        _fail(OmniExportError(f"{bundle} has no {tensorrt_build.PLAN}: it is not a TensorRT bundle (export with --target jetson or desktop-gpu)"))
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as exc:
+        err.print(f"[yellow]TensorRT's Python package is not importable here ({exc}). Engines are built on the device that runs "
+                  f"them: copy the bundle there and run this command (or python {bundle / 'tensorrt' / 'build_engines.py'}).[/]", soft_wrap=True)  # fmt: skip
+        raise typer.Exit(EXIT_NOT_RUN) from None
+    try:
+        built = tensorrt_build.build_all(bundle, set(only) if only else None, force, say=console.print)
+    except tensorrt_build.BuildError as exc:
+        _fail(exc)
+    console.print(f"[green]built {len(built)} engine(s)[/]; checking their parity on TensorRT")
+    _parity(bundle, False, "tensorrt")
+
+
+def _parity(bundle: Path, as_json: bool, backend: str | None) -> None:
     from omni_export.runtime_py.parity import check_bundle
 
     try:
-        results = _with_progress("parity", lambda cb: check_bundle(bundle))
+        results = _with_progress("parity", lambda cb: check_bundle(bundle, backend))
     except OmniExportError as exc:
         _fail(exc)
     if as_json:

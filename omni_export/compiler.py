@@ -40,7 +40,8 @@ from omni_export.bundle.readme import render
 from omni_export.errors import OmniExportError
 from omni_export.export.checkpoint import load_checkpoint
 from omni_export.export.components.base import role_of
-from omni_export.export.golden import Context, flops_per_position, make_golden
+from omni_export.export.golden import Context, flops_per_position, make_golden, replay
+from omni_export.targets.precision import CALLS_PER_METHOD
 from omni_export.export.trace import trace_component
 from omni_export.export.trace_specs import Limits
 from omni_export.files import atomic_write_text, check_bundle_out, replace_dir
@@ -51,7 +52,7 @@ from omni_export.quantize.recipe import QuantRecipe
 from omni_export.quantize.result import QTensor, QuantResult
 from omni_export.runtime_py.parity import ComponentParity, judge, not_run, replay_component
 from omni_export.targets import TARGETS
-from omni_export.targets.base import Artifact
+from omni_export.targets.base import Artifact, recipe_for_target
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, str], None]  # (component, step)
@@ -75,6 +76,8 @@ class ComponentBuild:
     parity: ComponentParity
     precision: str = "fp32"
     seconds: dict[str, float] = field(default_factory=dict)
+    # The target's precision measurements (TensorRT: the layers kept in fp32 and why).
+    precision_layers: list[dict] | None = None
 
 
 @dataclass
@@ -139,13 +142,15 @@ def build_bundle(
     start = time.perf_counter()
     step("checkpoint", "loading")
     ckpt = load_checkpoint(model, dtype=torch.float32)
+    recipe, more = recipe_for_target(target, recipe, ckpt.components)
+    notes.extend(more)
     # A float recipe plans nothing (and leaves a tied LM head tied: one table in the artifact).
     configs = {} if recipe.is_float else plan(ckpt.components, recipe)
     classes = component_classes(ckpt.components, configs, target.float_class)
     quant: QuantResult | None = None
     quant_where = None
+    notes.extend(target.check_quant(configs, profile))  # refuses what it cannot encode, before any work
     if configs:
-        notes.extend(target.check_quant(configs))
         step("quantize", f"{recipe.name} (calibrating where the recipe asks)")
         quant, quant_where = quantize_checkpoint(ckpt, recipe, lambda what, i, n: step("quantize", what) if i == n else None)
     llm_cfg = ckpt.family.llm_config(ckpt.config)
@@ -178,11 +183,13 @@ def build_bundle(
             write_golden(tmp / golden, calls)
             t["golden_s"] = time.perf_counter() - t0
             qtensors = quant.for_component(name) if quant else {}
+            plan_ = target.precision_plan(module, lambda m=module: replay(m, limits, script, CALLS_PER_METHOD), set(qtensors))
+            t["precision_s"] = time.perf_counter() - t0 - t["golden_s"]
             if qtensors:
                 target.encode(module, qtensors, quant.floats_for(name))  # type: ignore[union-attr]
             step(name, "tracing")
             t0 = time.perf_counter()
-            with target.trace_context(module, limits):
+            with target.trace_context(module, limits, plan_):
                 traced = trace_component(name, module, limits, target.kv_mode)
             t["trace_s"] = time.perf_counter() - t0
             step(name, f"lowering ({target.name})")
@@ -210,9 +217,11 @@ def build_bundle(
                 parity.backend = backend
             t["parity_s"] = time.perf_counter() - t0
             builds.append(ComponentBuild(name, artifact.files, sum((tmp / f).stat().st_size for f in artifact.files), list(traced.specs),
-                                         artifact.delegated_share, parity, classes[name], t))  # fmt: skip
+                                         artifact.delegated_share, parity, classes[name], t,
+                                         plan_.report() if plan_ is not None else None))  # fmt: skip
             del traced
         step("bundle", "writing")
+        notes.extend(target.finish(tmp, profile, components))
         if quant is not None:
             atomic_write_text(tmp / "reports" / "quant.json", json.dumps(
                 {"recipe": recipe.name, "cache": str(quant_where), "seconds": round(quant.seconds, 2), "layers": quant.layers}, indent=1))
@@ -251,7 +260,8 @@ def _finish(tmp: Path, ckpt, profile: Profile, target, settings: RuntimeSettings
     parity = [b.parity.to_dict() for b in builds]
     atomic_write_text(tmp / "reports" / "parity.json", json.dumps(parity, indent=2))
     build = [{"component": b.name, "files": list(b.files), "bytes": b.bytes, "methods": b.methods, "precision": b.precision,
-              "delegated_share": b.delegated_share, **{k: round(v, 3) for k, v in b.seconds.items()}} for b in builds]  # fmt: skip
+              "delegated_share": b.delegated_share, **{k: round(v, 3) for k, v in b.seconds.items()},
+              **({"fp32_layers": b.precision_layers} if b.precision_layers is not None else {})} for b in builds]  # fmt: skip
     atomic_write_text(tmp / "reports" / "build.json", json.dumps({"components": build, "notes": notes}, indent=2))
     model_cfg = ckpt.family.runtime_config(ckpt)
     model_cfg["assets"] = assets
@@ -270,6 +280,6 @@ def _finish(tmp: Path, ckpt, profile: Profile, target, settings: RuntimeSettings
         files={},
     )  # fmt: skip
     write_schema(tmp)
-    atomic_write_text(tmp / "README.md", render(manifest, parity))
+    atomic_write_text(tmp / "README.md", render(manifest, parity, tmp))
     files = {p.relative_to(tmp).as_posix(): file_entry(p) for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST}
     write_manifest(tmp, manifest.replace(files=files))

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omni_export.bundle.manifest import ComponentEntry, Manifest, TensorSpec
 from omni_export.registry import Registry
 
-LOADING: Registry[Callable[[Manifest], list[str]]] = Registry("bundle README loading section")
+# backend -> the README's loading section, from the manifest and the bundle's own files
+LOADING: Registry[Callable[[Manifest, Path | None], list[str]]] = Registry("bundle README loading section")
 
 
 def _shape(t: TensorSpec) -> str:
@@ -23,7 +25,7 @@ def _kv_component(m: Manifest) -> tuple[str, ComponentEntry] | None:
 
 
 @LOADING.decorator("executorch")
-def _executorch(m: Manifest) -> list[str]:
+def _executorch(m: Manifest, root: Path | None = None) -> list[str]:
     return [
         "## Loading (ExecuTorch)",
         "",
@@ -42,7 +44,7 @@ def _executorch(m: Manifest) -> list[str]:
 
 
 @LOADING.decorator("onnxruntime")
-def _onnxruntime(m: Manifest) -> list[str]:
+def _onnxruntime(m: Manifest, root: Path | None = None) -> list[str]:
     found = _kv_component(m)
     name, c = found if found else ("llm", None)
     step = c.methods["prefill"].entry if c else "artifacts/llm/step.onnx"
@@ -122,7 +124,7 @@ def _onnxruntime(m: Manifest) -> list[str]:
     ]
 
 
-def render(manifest: Manifest, parity: list[dict[str, Any]]) -> str:
+def render(manifest: Manifest, parity: list[dict[str, Any]], root: Path | None = None) -> str:
     m = manifest
     lines = [
         f"# {m.family} bundle for {m.profile.name}",
@@ -157,7 +159,7 @@ def render(manifest: Manifest, parity: list[dict[str, Any]]) -> str:
     ]
     for backend in dict.fromkeys(c.backend for c in m.components.values()):
         if backend in LOADING:
-            lines += LOADING.get(backend)(m)
+            lines += LOADING.get(backend)(m, root)
     quantized = {n: c.quant for n, c in m.components.items() if c.quant}
     if quantized:
         lines += ["## Quantization", "", f"Recipe `{m.quant.recipe}`. Unquantized tensors are {m.quant.float_dtype}.", "",

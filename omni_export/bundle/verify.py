@@ -4,6 +4,7 @@ device (TensorRT engines) match their own section when they are there."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,12 +69,28 @@ def check_bundle_files(bundle: Path) -> Verification:
         present.append(rel)
     if m.device_files:
         out.notes.append(f"files built on the device: {len(present)} ({', '.join(present)})")
+    out.notes += _planned_device_files(bundle, m)
     listed = set(m.files) | set(m.device_files) | {MANIFEST}
     for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
         rel = path.relative_to(bundle).as_posix()
         if rel not in listed:
             out.problems.append(f"{rel}: not listed in the manifest")
     return out
+
+
+DEVICE_PLANS = {"tensorrt/build_plan.json": ("TensorRT engines", "python tensorrt/build_engines.py (or omni-export build-engines BUNDLE) on the device")}
+
+
+def _planned_device_files(bundle: Path, m) -> list[str]:  # type: ignore[no-untyped-def]
+    """Whether the files a bundle builds on its device are there yet (a bundle is valid either way)."""
+    notes = []
+    for plan_file, (what, how) in DEVICE_PLANS.items():
+        if plan_file not in m.files:
+            continue
+        planned = [e["engine"] for e in json.loads((bundle / plan_file).read_text())["engines"]]
+        built = [p for p in planned if p in m.device_files]
+        notes.append(f"{what}: {len(built)} of {len(planned)} built" + ("" if built else f" (not built yet: {how})"))
+    return notes
 
 
 def verify_bundle(bundle: Path) -> list[str]:

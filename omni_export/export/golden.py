@@ -144,6 +144,20 @@ def method_flops(module: nn.Module, ctx: Context) -> dict[str, float]:
     return flops_per_position(script, flops, {s.name: s for s in specs})
 
 
+def replay(module: nn.Module, limits: Limits, script: Script, per_method: int | None = None) -> None:
+    """Run golden ``script`` on the eager ``module`` (for measurements taken with hooks); with
+    ``per_method``, only the first calls of each method. Leaves its caches zeroed."""
+    ref, _ = eager_session(module, limits)
+    seen: dict[str, int] = {}
+    ref.reset()
+    with torch.inference_mode():
+        for method, inputs in script:
+            seen[method] = seen.get(method, 0) + 1
+            if per_method is None or seen[method] <= per_method:
+                ref.run(method, inputs)
+    ref.reset()
+
+
 def make_golden(module: nn.Module, ctx: Context) -> tuple[list[GoldenCall], dict[str, tuple[list[str], list[str]]], Script, list[int]]:
     """Golden calls for one fp32 eager component, with fp32 and fp16 reference outputs; also the
     script and each call's operation count (for the roofline)."""

@@ -18,7 +18,8 @@ from omni_export.errors import OmniExportError
 from omni_export.bundle.manifest import KVLayout
 from omni_export.export.components.kv import KV_MODES, REFERENCE, KVMode, kv_stacks, reset_kv, use_kv
 from omni_export.export.kv_methods import plan_methods
-from omni_export.export.trace_specs import Limits, MethodSpec, method_specs
+from omni_export.export.precision import CastIO
+from omni_export.export.trace_specs import TORCH_DTYPES, Limits, MethodSpec, dtype_of, method_specs
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,22 @@ def trace_component(name: str, module: nn.Module, limits: Limits, kv: KVMode | s
     return TracedComponent(name, module, plan.methods, programs, plan.programs, plan.aliases, plan.kv)
 
 
+def _boundary(spec: MethodSpec) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The method as traced: where the body's float dtype differs from the spec's (an fp16 body
+    behind fp32 inputs and outputs), a CastIO in front of it and examples in the spec's dtypes."""
+    body = dtype_of(spec.module) if next(spec.module.parameters(), None) is not None else torch.float32
+    if body == torch.float32:
+        return spec.module, spec.example_inputs
+    want_in = [TORCH_DTYPES[t.dtype] if x.is_floating_point() else None for t, x in zip(spec.inputs, spec.example_inputs, strict=True)]
+    examples = tuple(x if d is None else x.to(d) for x, d in zip(spec.example_inputs, want_in, strict=True))
+    inner = [None if d is None else x.dtype for x, d in zip(spec.example_inputs, want_in, strict=True)]
+    want_out = [TORCH_DTYPES[t.dtype] if t.dtype in ("float32", "float16", "bfloat16") else None for t in spec.outputs]
+    return CastIO(spec.module, inner, want_out), examples
+
+
 def _export(name: str, module: nn.Module, spec: MethodSpec) -> ExportedProgram:
-    code = spec.module.forward.__code__
+    traced, examples = _boundary(spec)
+    code = traced.forward.__code__
     dyn = spec.dynamic_shapes
     if code.co_flags & 0x04 and dyn is not None:  # forward(..., *args): the *args shapes nest one level
         named = code.co_argcount - 1
@@ -87,7 +102,7 @@ def _export(name: str, module: nn.Module, spec: MethodSpec) -> ExportedProgram:
         # Default grad mode, as ExecuTorch's own exports do; under no_grad the host's conv kernel
         # choice differed and, re-traced in lowering, cut dynamic ranges (see the target's
         # oneDNN note and its range check).
-        program = torch.export.export(spec.module, spec.example_inputs, dynamic_shapes=dyn, strict=False)
+        program = torch.export.export(traced, examples, dynamic_shapes=dyn, strict=False)
     except Exception as exc:  # torch.export raises many unrelated types
         raise TraceError(_explain(name, spec.name, module, exc)) from exc
     log.info("traced %s.%s: %d nodes", name, spec.name, len(program.graph.nodes))

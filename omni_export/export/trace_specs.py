@@ -103,7 +103,16 @@ def dim(name: str, lo: int, hi: int) -> Dim:
 
 
 def dtype_of(m: nn.Module) -> torch.dtype:
-    return next(m.parameters()).dtype
+    """The float dtype most of ``m``'s parameters hold (a mixed-precision module keeps a few
+    layers in fp32 inside an fp16 body: its activations are fp16)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in m.parameters():
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.__getitem__)
+
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64", torch.int32: "int32"}
+TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 def lm_steps(step: Call, hidden_in: int, outs: Callable[[str | int], tuple[Tensor, ...]], lim: Limits, dtype) -> list[MethodSpec]:

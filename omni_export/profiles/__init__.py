@@ -59,11 +59,34 @@ class OnnxRuntimeSettings:
             raise ProfileError(f"onnxruntime.accuracy_level must be 0..4, got {self.accuracy_level}")
 
 
+# Lowest SM (compute capability x 10) each precision needs on NVIDIA GPUs (shared/research and
+# NVIDIA's support matrices: bf16 Ampere, fp8 Ada, nvfp4 Blackwell).
+MIN_SM = {"fp32": 0, "fp16": 53, "int8": 61, "int4": 75, "bf16": 80, "fp8": 89, "nvfp4": 100}
+
+
+def sm_number(arch: str) -> int:
+    """``sm_87`` -> 87."""
+    try:
+        return int(arch.removeprefix("sm_"))
+    except ValueError:
+        raise ProfileError(f"tensorrt.sm_arch must look like sm_87, got {arch!r}") from None
+
+
 @dataclass(frozen=True)
 class TensorRTSettings:
     sm_arch: str
     precision_flags: tuple[str, ...] = ("fp16",)
-    workspace_mb: int = 1024
+    workspace_mb: int = 1024  # MiB
+
+    def __post_init__(self) -> None:
+        sm = sm_number(self.sm_arch)
+        for flag in self.precision_flags:
+            if flag not in MIN_SM:
+                raise ProfileError(f"tensorrt.precision_flags: unknown precision {flag!r}; known: {sorted(MIN_SM)}")
+            if sm < MIN_SM[flag]:
+                raise ProfileError(f"tensorrt.precision_flags: {flag} needs SM {MIN_SM[flag] / 10:.1f} or newer; this device is {self.sm_arch}")
+        if self.workspace_mb <= 0:
+            raise ProfileError(f"tensorrt.workspace_mb must be positive, got {self.workspace_mb}")
 
 
 @dataclass(frozen=True)

@@ -165,5 +165,5 @@ def fit_check(profile: Profile, family: Family, cfg: Any, recipe: QuantRecipe, c
         recipe = replace(recipe, float_dtype=TARGETS.get(profile.target).float_class)
     plan = memory_plan(family, cfg, recipe, context or profile.max_context)
     if profile.tensorrt is not None:
-        plan = replace(plan, overhead_bytes=plan.overhead_bytes + profile.tensorrt.workspace_mb * 1_000_000)
+        plan = replace(plan, overhead_bytes=plan.overhead_bytes + (profile.tensorrt.workspace_mb << 20))
     return FitResult(profile, plan)

@@ -117,6 +117,18 @@ def slaney_mel_filters(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
+def power_spectrum(frames: torch.Tensor, n_fft: int, form: str = "fft") -> torch.Tensor:
+    """|rfft(frames, n_fft)|^2 [..., n_fft // 2 + 1]. ``form="matmul"``: the same as two matmuls
+    over the DFT basis (a constant), the form a graph compiler without an FFT op takes
+    (TensorRT has no DFT); equal to fp32 rounding."""
+    if form == "fft":
+        return torch.fft.rfft(frames, n=n_fft).abs() ** 2
+    k = torch.arange(frames.shape[-1], dtype=torch.float64)[:, None]
+    angle = 2 * math.pi * k * torch.arange(n_fft // 2 + 1, dtype=torch.float64)[None] / n_fft
+    re, im = frames @ torch.cos(angle).to(frames.dtype), frames @ torch.sin(angle).to(frames.dtype)
+    return re * re + im * im
+
+
 class WhisperLogMel(nn.Module):
     """Whisper's front end: STFT(n_fft 400, hop 160, hann) -> power -> mel -> log10 -> dynamic range 8.
 
@@ -128,6 +140,7 @@ class WhisperLogMel(nn.Module):
         super().__init__()
         self.n_mels, self.sample_rate, self.n_fft, self.hop = n_mels, sample_rate, n_fft, hop
         self._filters = slaney_mel_filters(sample_rate, n_fft, n_mels)
+        self.dft = "fft"  # or "matmul" (see power_spectrum), set by a target while it traces
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float32, device=wav.device)
@@ -136,7 +149,7 @@ class WhisperLogMel(nn.Module):
         half = self.n_fft // 2
         x = F.pad(wav.float()[None, None], (half, half), mode="reflect")[0, 0]
         frames = x.unfold(0, self.n_fft, self.hop)[: wav.shape[0] // self.hop]
-        power = (torch.fft.rfft(frames * window).abs() ** 2).T
+        power = power_spectrum(frames * window, self.n_fft, self.dft).T
         mel = torch.from_numpy(self._filters).to(wav.device) @ power
         log_spec = torch.clamp(mel, min=1e-10).log10()
         log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
@@ -168,6 +181,7 @@ class KaldiFbank(nn.Module):
         self.shift = int(sample_rate * shift_ms / 1000)
         self.n_fft = 1 << (self.win - 1).bit_length()
         self._banks = kaldi_mel_banks(n_mels, self.n_fft, sample_rate)
+        self.dft = "fft"  # or "matmul" (see power_spectrum), set by a target while it traces
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         """wav [N] (float, -1..1) -> [1, frames, n_mels]."""
@@ -178,7 +192,7 @@ class KaldiFbank(nn.Module):
         frames = frames - 0.97 * prev
         n = torch.arange(self.win, dtype=torch.float32, device=wav.device)
         window = (0.5 - 0.5 * torch.cos(2 * math.pi * n / (self.win - 1))) ** 0.85
-        spec = torch.fft.rfft(frames * window, n=self.n_fft).abs() ** 2
+        spec = power_spectrum(frames * window, self.n_fft, self.dft)
         mel = spec[:, : self.n_fft // 2] @ torch.from_numpy(self._banks).to(wav.device).T
         eps = torch.finfo(torch.float32).eps
         return torch.clamp(mel, min=eps).log()[None]

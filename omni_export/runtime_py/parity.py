@@ -204,9 +204,10 @@ def replay_component(entry: ComponentEntry, root: Path, settings: RuntimeSetting
     return replay(session, calls, entry.io_names, kv), name, ""
 
 
-def check_bundle(bundle: str | Path) -> list[ComponentParity]:
+def check_bundle(bundle: str | Path, backend: str | None = None) -> list[ComponentParity]:
     """Re-run every component's golden calls on this host, on the runtime that replays the
-    component's artifact, against the thresholds and reference the build recorded."""
+    component's artifact (or on ``backend``: a device runtime such as TensorRT's engines),
+    against the thresholds and reference the build recorded."""
     import json
 
     from omni_export.bundle.golden import read_golden
@@ -223,11 +224,11 @@ def check_bundle(bundle: str | Path) -> list[ComponentParity]:
         th = recorded.get(name, {}).get("threshold", {"cosine_min": 0.999, "top1_min": 0.98, "kl_max": 0.01})
         gate = recorded.get(name, {}).get("gate_reference", "fp16")
         calls = read_golden(bundle / comp.golden)
-        got, backend, reason = replay_component(comp, bundle, m.profile.runtime, calls)
+        got, used, reason = replay_component(comp, bundle, m.profile.runtime, calls, backend)
         if got is None:
             out.append(not_run(name, gate, th, reason))
             continue
         result = judge(name, calls, got, gate, th["cosine_min"], th["top1_min"], th["kl_max"])
-        result.backend = backend
+        result.backend = used
         out.append(result)
     return out

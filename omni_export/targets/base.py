@@ -19,7 +19,7 @@ import io
 import logging
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from omni_export.export.trace import TracedComponent
     from omni_export.export.trace_specs import Limits
     from omni_export.profiles import Profile
-    from omni_export.quantize.recipe import QuantConfig
+    from omni_export.quantize.recipe import QuantConfig, QuantRecipe
     from omni_export.quantize.result import QTensor
 
 
@@ -109,15 +109,31 @@ class Target(ABC):
     def supports(self, traced: TracedComponent) -> bool:
         return True
 
-    def trace_context(self, module: nn.Module, limits: Limits) -> AbstractContextManager[None]:
+    def adapt_recipe(self, recipe: QuantRecipe, components: dict[str, nn.Module]) -> tuple[QuantRecipe, list[str]]:
+        """A named preset as this target can encode it (a user's own recipe is never changed:
+        ``check_quant`` refuses what does not fit, saying why). Returns the recipe and notes."""
+        return recipe, []
+
+    def precision_plan(self, module: nn.Module, run_script: Callable[[], None], skip: set[str]) -> Any:
+        """Before encoding: what this target measures on the float module while ``run_script``
+        replays its golden calls (TensorRT: which layers fp16 cannot hold; ``skip``: quantized
+        linears). Handed to ``trace_context``; its ``report()`` goes in the build report."""
+        return None
+
+    def trace_context(self, module: nn.Module, limits: Limits, plan: Any = None) -> AbstractContextManager[None]:
         """Export-only patches this target wants while ``module`` is traced (none by default)."""
         return nullcontext()
+
+    def finish(self, root: Path, profile: Profile, components: dict[str, Any]) -> list[str]:
+        """Bundle-level files the target adds once every component is lowered (TensorRT's build
+        plan and script); returns notes."""
+        return []
 
     def runtime_settings(self, profile: Profile) -> RuntimeSettings:
         """What sessions open with on the profile's device (recorded in the manifest)."""
         return RuntimeSettings()
 
-    def check_quant(self, configs: dict[str, QuantConfig]) -> list[str]:
+    def check_quant(self, configs: dict[str, QuantConfig], profile: Profile | None = None) -> list[str]:
         """Refuse, before any work, quantization this target cannot encode; return notes on how
         it will encode the rest. By default a target encodes none."""
         if configs:
@@ -136,6 +152,16 @@ class Target(ABC):
 
 
 TARGETS: Registry[Target] = Registry("target")
+
+
+def recipe_for_target(target: Target, recipe: QuantRecipe, components: dict[str, nn.Module]) -> tuple[QuantRecipe, list[str]]:
+    """A named preset as ``target`` encodes it (``Target.adapt_recipe``); a recipe the user wrote
+    is returned as it is."""
+    from omni_export.quantize.presets import PRESETS
+
+    if recipe.name in PRESETS and PRESETS.get(recipe.name) == recipe:
+        return target.adapt_recipe(recipe, components)
+    return recipe, []
 
 
 def apply_floats(module: nn.Module, floats: dict[str, Any]) -> None:

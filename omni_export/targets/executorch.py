@@ -130,7 +130,7 @@ class ExecuTorchTarget(Target):
     extension = ".pte"
     quant_activation = "int8 dynamic, asymmetric per token (XNNPACK)"
 
-    def trace_context(self, module: nn.Module, limits) -> AbstractContextManager[None]:  # type: ignore[no-untyped-def]
+    def trace_context(self, module: nn.Module, limits, plan=None) -> AbstractContextManager[None]:  # type: ignore[no-untyped-def]
         return _tracing()
 
     def runtime_settings(self, profile) -> RuntimeSettings:  # type: ignore[no-untyped-def]
@@ -164,7 +164,7 @@ class ExecuTorchTarget(Target):
         )
         return program, delegation
 
-    def check_quant(self, configs):  # type: ignore[no-untyped-def]
+    def check_quant(self, configs, profile=None):  # type: ignore[no-untyped-def]
         return torchao_encode.check(configs, self.name)
 
     def encode(self, module, tensors, floats):  # type: ignore[no-untyped-def]

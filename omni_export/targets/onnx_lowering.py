@@ -164,7 +164,9 @@ def encode_quant(model, tensors: dict[str, QTensor]) -> int:  # type: ignore[no-
             continue
         path, qt = match
         value = graph.initializers[name]
-        node = _dequantize(graph, path, qt)
+        # Scales in the placeholder's dtype: DequantizeLinear's output takes its scale's type, and
+        # an fp16 graph (TensorRT) multiplies fp16 activations by it.
+        node = _dequantize(graph, path, qt, _NP_FLOAT[value.dtype.name])
         graph.insert_before(_first_user(graph, value), node)
         value.replace_all_uses_with(node.outputs[0])
         del graph.initializers[name]
@@ -173,8 +175,12 @@ def encode_quant(model, tensors: dict[str, QTensor]) -> int:  # type: ignore[no-
     return len(done)
 
 
-def _dequantize(graph, path: str, qt: QTensor):  # type: ignore[no-untyped-def]
-    """DequantizeLinear over ``qt`` as [K, N]: int4 blockwise along K, or int8 per channel."""
+_NP_FLOAT = {"FLOAT": np.float32, "FLOAT16": np.float16}
+
+
+def _dequantize(graph, path: str, qt: QTensor, scale_dtype=np.float32):  # type: ignore[no-untyped-def]
+    """DequantizeLinear over ``qt`` as [K, N]: int4 blockwise along K, or int8 per channel;
+    scales in ``scale_dtype`` (every QuantResult scale is exact in fp16)."""
     import ml_dtypes
     import onnx_ir as ir
 
@@ -184,7 +190,7 @@ def _dequantize(graph, path: str, qt: QTensor):  # type: ignore[no-untyped-def]
     code_type = ml_dtypes.int4 if qt.config.bits == 4 else np.int8
     ir_type = ir.DataType.INT4 if qt.config.bits == 4 else ir.DataType.INT8
     per_channel = g == k
-    scale = qt.scale.T.contiguous().float().numpy()  # [K/g, N]
+    scale = qt.scale.T.contiguous().float().numpy().astype(scale_dtype)  # [K/g, N]
     attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": g}
     if per_channel:
         scale = scale[0]
@@ -223,7 +229,7 @@ def _pack_shared_inputs(graph, encoded: dict) -> None:  # type: ignore[no-untype
         packed = QTensor(torch.cat([t.q for t in qts]), torch.cat([t.scale for t in qts]), torch.cat([t.zero for t in qts]), qts[0].config)
         name = "+".join(paths)
         first = members[0][3]
-        dq = _dequantize(graph, name, packed)
+        dq = _dequantize(graph, name, packed, members[0][2].inputs[1].const_value.numpy().dtype)
         mm = ir.node("MatMul", [first.inputs[0], dq.outputs[0]], name=f"{name}.matmul", outputs=[ir.Value(name=f"{name}.out")])
         new = [dq, mm]
         # Biases (Qwen2's q/k/v) are packed too, so the runtime folds one Add into its kernel.

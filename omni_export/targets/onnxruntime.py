@@ -30,7 +30,7 @@ class OnnxRuntimeTarget(Target):
                                options={"session.qdq_matmulnbits_accuracy_level": str(s.accuracy_level),
                                         "session.intra_op.allow_spinning": "1" if s.spin else "0"})  # fmt: skip
 
-    def check_quant(self, configs):  # type: ignore[no-untyped-def]
+    def check_quant(self, configs, profile=None):  # type: ignore[no-untyped-def]
         static = sorted(f for f, c in configs.items() if c.activation == Activation.INT8_STATIC.value)
         if static:
             raise QuantEncodingError(f"{self.name}: static int8 activations need calibrated activation scales, which the "
@@ -40,7 +40,7 @@ class OnnxRuntimeTarget(Target):
                  "(accuracy level 4), so weight-only and int8_dynamic linears run the same kernel"]  # fmt: skip
         return notes if dynamic or configs else []
 
-    def trace_context(self, module, limits):  # type: ignore[no-untyped-def]
+    def trace_context(self, module, limits, plan=None):  # type: ignore[no-untyped-def]
         return onnx_forms(module)
 
     def encode(self, module, tensors, floats) -> None:  # type: ignore[no-untyped-def]

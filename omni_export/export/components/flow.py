@@ -147,7 +147,11 @@ class FlowDecoder(Component, nn.Module):
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """speech tokens [1, T] -> mu [1, 80, 2T]."""
-        h = self.encoder(self.input_embedding(tokens.clamp(0, self.cfg.vocab - 1)))
+        # Selects rather than clamp: graph optimizers turn an integer clamp (or min/max) into an
+        # integer Clip, which TensorRT does not take.
+        top = torch.full((), self.cfg.vocab - 1, dtype=tokens.dtype, device=tokens.device)
+        tokens = torch.where(tokens > top, top, torch.where(tokens < 0, torch.zeros_like(top), tokens))
+        h = self.encoder(self.input_embedding(tokens))
         return self.encoder_proj(h).transpose(1, 2)
 
     def speaker(self, embedding: torch.Tensor) -> torch.Tensor:

@@ -96,5 +96,7 @@ def sinusoidal_embedding(x: torch.Tensor, dim: int, scale: float = 1000.0) -> to
 
 def chunk_causal_mask(length: int, chunk: int, device: torch.device | None = None) -> torch.Tensor:
     """Boolean [T, T]: frame i sees frame j when j's chunk is not after i's chunk (streamable)."""
-    idx = torch.arange(length, device=device) // chunk
+    # trunc equals floor for these non-negative indices, and lowers to one integer Div (floor
+    # division of a signed tensor becomes a sign-fixing subgraph some compilers refuse).
+    idx = torch.div(torch.arange(length, device=device), chunk, rounding_mode="trunc")
     return idx[None, :] <= idx[:, None]
