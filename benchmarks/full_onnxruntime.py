@@ -1,9 +1,13 @@
-"""The ONNX Runtime path at full size: a 4B-shaped LLM (InteractiveOmni `full`, Qwen3-4B shapes)
-quantized int4 g32 (RTN), traced with the explicit KV cache, lowered to ONNX and run by ONNX
-Runtime. Each phase runs in its own process so its peak RSS is its own. Prints a table and JSON.
+"""The ONNX paths at full size: a 4B-shaped LLM (InteractiveOmni `full`, Qwen3-4B shapes)
+quantized int4 (RTN; g32 for ONNX Runtime, g64 for TensorRT), traced with the explicit KV cache,
+lowered to ONNX by the target (``--target onnxruntime``: fp32 graphs for the CPU provider;
+``--target tensorrt``: the strongly typed fp16 graphs TensorRT builds engines from, op-checked)
+and run by ONNX Runtime on this host. Each phase runs in its own process so its peak RSS is its
+own. Prints a table and JSON.
 
     .venv/bin/python benchmarks/full_checkpoint.py --family interactiveomni --dir /tmp/io4b   # writes it
     .venv/bin/python benchmarks/full_onnxruntime.py --checkpoint /tmp/io4b --out /tmp/io4b-onnx
+    .venv/bin/python benchmarks/full_onnxruntime.py --target tensorrt --checkpoint /tmp/io4b --out /tmp/io4b-trt
 
 This is the LLM alone (the component that dominates memory and time); the whole-model main job at
 this size is the real-size issue's work.
@@ -32,25 +36,28 @@ from omni_export.profiles import get_profile
 from omni_export.quantize.engine import quantize_components
 from omni_export.quantize.recipe import QuantConfig, QuantRecipe, QuantRule
 from omni_export.targets.base import TARGETS
-import omni_export.targets.onnxruntime  # noqa: F401  (registers the target)
+import omni_export.targets  # noqa: F401  (registers the targets)
 
-src, out, context = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+src, out, context, target_name, profile_name, group = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6])
 rss = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024**2
 t = {}
 t0 = time.perf_counter()
 ck = load_checkpoint(src, components=["llm"])  # bf16, memory-mapped
 llm = ck.components["llm"]
 t["load_s"] = time.perf_counter() - t0
-recipe = QuantRecipe("int4-llm", (QuantRule(".", QuantConfig(bits=4, group_size=32)),))
+recipe = QuantRecipe("int4-llm", (QuantRule(".", QuantConfig(bits=4, group_size=group)),))
 t0 = time.perf_counter()
 result = quantize_components({"llm": llm}, recipe, "full", ck.tokenizer)
 t["quantize_s"] = time.perf_counter() - t0
 t["rss_after_quantize_gib"] = rss()
-target = TARGETS.get("onnxruntime")
-profile = get_profile("desktop-cpu")
+target = TARGETS.get(target_name)
+profile = get_profile(profile_name)
 tensors = result.for_component("llm")
 target.encode(llm, tensors, result.floats_for("llm"))
-llm.float()  # what stays float (embedding table, norms) is fp32 on this target; the quantized linears are placeholders now
+if target.float_class == "fp32":
+    llm.float()  # what stays float (embedding table, norms) is fp32 there; the quantized linears are placeholders now
+# (TensorRT: its trace context takes the bf16 body to fp16 directly. Its fp32-layer measurement
+# needs the fp32 module and golden calls, which the main job has; it is not run here.)
 limits = Limits(max_context=context, prefill_chunk=min(Limits.prefill_chunk, context))
 t0 = time.perf_counter()
 with target.trace_context(llm, limits):
@@ -64,6 +71,7 @@ methods = {n: MethodEntry(tuple(TensorSpec(x.name, x.dtype, x.shape) for x in s.
            for n, s in traced.specs.items()}
 entry = ComponentEntry(backend=art.backend, files=art.files, methods=methods, role="decoder", precision="int4",
                        golden="", parity_backend="onnxruntime", description="llm", kv_cache=traced.kv)
+t["rss_after_lower_gib"] = rss()
 (out / "entry.json").write_text(json.dumps(to_dict(entry)))
 sizes = {f: (out / f).stat().st_size for f in art.files}
 print({**t, "files": sizes, "quantized_linears": len(tensors), "hidden": int(llm.cfg.hidden_size),
@@ -84,7 +92,7 @@ from llm_decode import prefill_then_decode
 out, threads = Path(sys.argv[1]), int(sys.argv[2])
 entry = from_dict(ComponentEntry, json.loads((out / "entry.json").read_text()))
 t0 = time.perf_counter()
-sess = open_session(entry, out, RuntimeSettings(threads=threads))
+sess = open_session(entry, out, RuntimeSettings(threads=threads), backend="onnxruntime")  # the graphs as they are, on this host
 load_s = time.perf_counter() - t0
 rss_loaded = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024**2
 torch.manual_seed(0)
@@ -96,8 +104,12 @@ print({"session_load_s": load_s, "rss_after_session_gib": rss_loaded, "prefill_6
 """
 
 
-def measure(checkpoint: Path, out: Path, context: int, threads: int) -> dict:
-    e_wall, e = phase(EXPORT, str(checkpoint), str(out), str(context))
+TARGETS = {"onnxruntime": ("desktop-cpu", 32), "tensorrt": ("jetson-agx-orin", 64)}  # profile, int4 block
+
+
+def measure(checkpoint: Path, out: Path, context: int, threads: int, target: str = "onnxruntime") -> dict:
+    profile, group = TARGETS[target]
+    e_wall, e = phase(EXPORT, str(checkpoint), str(out), str(context), target, profile, str(group))
     r_wall, r = phase(RUN, str(out), str(threads), str(Path(__file__).resolve().parent))
     return {"export_process_s": e_wall, **{f"export.{k}": v for k, v in e.items()}, "run_process_s": r_wall, **{f"run.{k}": v for k, v in r.items()}}
 
@@ -108,12 +120,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--target", choices=sorted(TARGETS), default="onnxruntime")
     a = ap.parse_args()
-    r = measure(a.checkpoint, a.out, a.context, a.threads)
+    r = measure(a.checkpoint, a.out, a.context, a.threads, a.target)
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"ONNX Runtime, full-size LLM ({a.checkpoint.name})")
+    t = Table(title=f"{a.target} graphs on ONNX Runtime, full-size LLM ({a.checkpoint.name})")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in r.items():

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from omni_export.errors import OmniExportError
+from omni_export.errors import ConfigError, OmniExportError
 from omni_export.export.checkpoint import Checkpoint, load_checkpoint
 from omni_export.export.synthetic import write_synthetic
 from omni_export.files import cache_dir, check_bundle_out
@@ -208,17 +208,21 @@ class Runtime(NamedTuple):
     checkpoint: Checkpoint | None  # the eager modules behind the pipeline; None for a bundle
 
 
-def open_runtime(path: str | Path, dtype: str = "fp32", max_context: int = 4096, progress=None, device: str = "cpu", **pipeline_kwargs) -> Runtime:  # type: ignore[no-untyped-def]
-    """A bundle (its artifacts, verified) or a checkpoint (the eager reference), ready to talk."""
+def open_runtime(path: str | Path, dtype: str = "fp32", max_context: int = 4096, progress=None, device: str = "cpu",  # type: ignore[no-untyped-def]
+                 backend: str | None = None, **pipeline_kwargs) -> Runtime:  # fmt: skip
+    """A bundle (its artifacts, verified; ``backend``: see Pipeline.from_bundle) or a checkpoint
+    (the eager reference), ready to talk."""
     from omni_export.bundle import MANIFEST, read_manifest
     from omni_export.profiles.roofline import bundle_weights, module_weights
     from omni_export.runtime_py.pipeline import Pipeline
 
     path = Path(path)
     if (path / MANIFEST).is_file():
-        pipeline = Pipeline.from_bundle(path, **pipeline_kwargs)
+        pipeline = Pipeline.from_bundle(path, backend, **pipeline_kwargs)
         m = read_manifest(path)
         return Runtime(pipeline, bundle_weights(path, m), m.profile.name, None)
+    if backend is not None:
+        raise ConfigError("--backend applies to bundles; a checkpoint runs the eager reference")
     ckpt = load(path, dtype, progress)
     pipeline = eager_pipeline(ckpt, max_context, device, **pipeline_kwargs)
     return Runtime(pipeline, module_weights(ckpt.components), "host-cpu", ckpt)
@@ -241,10 +245,11 @@ def count_flops(pipeline, ckpt: Checkpoint) -> None:  # type: ignore[no-untyped-
 
 
 def profile(path: str | Path, device: str = "local", runs: int = 3, script: str | Path | None = None, profile_name: str | None = None,
-            dtype: str = "fp32", ssh=None, progress=None, torch_device: str = "cpu") -> dict:  # type: ignore[no-untyped-def]  # fmt: skip
+            dtype: str = "fp32", ssh=None, progress=None, torch_device: str = "cpu", backend: str | None = None) -> dict:  # type: ignore[no-untyped-def]  # fmt: skip
     """Measure the latency of a scripted conversation on ``device`` (``local`` or
     ``ssh://user@host[:port]``, see remote.py); the report gets roofline floors for
-    ``profile_name`` (default: the bundle's profile; host-cpu for a checkpoint)."""
+    ``profile_name`` (default: the bundle's profile; host-cpu for a checkpoint). ``backend``
+    (local bundles): as in Pipeline.from_bundle."""
     from omni_export.profiles.roofline import add_floors
     from omni_export.remote import parse_device, remote_profile
     from omni_export.runtime_py.profiler import measure
@@ -254,12 +259,16 @@ def profile(path: str | Path, device: str = "local", runs: int = 3, script: str 
     parsed = load_script(script_path)  # bad scripts fail here, before anything is copied
     target = parse_device(device)
     if target is not None:
+        if backend is not None:
+            raise ConfigError("--backend is for local runs; on a device the bundle runs its own backend")
         report = remote_profile(target, Path(path), script_path.parent, script_path.name, runs, profile_name, dtype, ssh, progress, torch_device)
         report["device"] = device
         return report
-    rt = open_runtime(path, dtype, progress=progress, device=torch_device)
+    rt = open_runtime(path, dtype, progress=progress, device=torch_device, backend=backend)
     report = measure(rt.pipeline, parsed, runs, progress=progress)
     report["device"], report["source"] = "local", str(path)
+    if backend is not None:
+        report["backend"] = backend
     if rt.checkpoint is not None:  # a bundle's manifest carries the counts; a checkpoint is counted now,
         count_flops(rt.pipeline, rt.checkpoint)  # after measuring, so the counting pass warms nothing
     return add_floors(report, get_profile(profile_name or rt.profile), rt.weights, rt.pipeline.components)

@@ -38,6 +38,8 @@ def run(
     seed: int = typer.Option(0, "--seed"),
     no_speech: bool = typer.Option(False, "--no-speech", help="text only"),
     as_json: bool = typer.Option(False, "--json", help="print the turns' results as JSON"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="bundles: run every component on this backend; 'parity': on "
+                                          "each component's host replay backend (a TensorRT bundle's graphs on ONNX Runtime)"),
 ) -> None:
     """Hold a conversation: audio is fed in chunks as a microphone would, text prints as it is
     decoded, speech is written to --out. A bundle runs through its own backend (ExecuTorch here);
@@ -80,7 +82,7 @@ def run(
                                            max_new_tokens=max_new_tokens),), chunk_ms=chunk_ms, seed=seed).resolve(Path.cwd())  # fmt: skip
         script = replace(script, speech=script.speech and not no_speech)
         pipeline = _with_progress("loading", lambda cb: api.open_runtime(path, dtype, max_context, progress=cb, device=torch_device,
-                                                                          context_policy=context_policy)).pipeline  # fmt: skip
+                                                                          backend=backend, context_policy=context_policy)).pipeline  # fmt: skip
         results = []
         for stats in play(pipeline, script, show):
             sr = pipeline.config["output_sample_rate"]
@@ -122,6 +124,7 @@ def profile(
     remote_python: str = typer.Option("python3", "--remote-python", help="ssh: the device's Python (with torch and the backend runtime)"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = typer.Option(False, "--quiet", help="write the reports, print nothing"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="local bundles: as for run (parity: a TensorRT bundle's graphs on ONNX Runtime)"),
 ) -> None:
     """Latency of a scripted multi-turn conversation: per-stage p50/p90 with roofline floors, TTFT,
     TTFA, decode tokens/s, speech real-time factor, peak RSS; a JSON report and a PNG timeline."""
@@ -132,12 +135,12 @@ def profile(
     out = out or Path(f"profile-{path.resolve().name}")
     try:
         if quiet:
-            report = api.profile(path, device, runs, script, profile_name, dtype, ssh, torch_device=torch_device)
+            report = api.profile(path, device, runs, script, profile_name, dtype, ssh, torch_device=torch_device, backend=backend)
         else:
             with _spinner("profiling") as prog:
                 task = prog.add_task("starting")
                 report = api.profile(path, device, runs, script, profile_name, dtype, ssh, lambda s: prog.update(task, description=s),
-                                     torch_device)  # fmt: skip
+                                     torch_device, backend)  # fmt: skip
         js, png = api.write_latency_report(report, out)
     except OmniExportError as exc:
         _fail(exc)

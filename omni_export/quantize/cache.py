@@ -17,7 +17,7 @@ from omni_export.quantize.result import QuantResult
 
 log = logging.getLogger(__name__)
 # Bump when calibration data or an algorithm changes what a recipe produces.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2  # 2: static activation scales for quantized activations
 
 
 def cache_key(ckpt: Any, fingerprint: str, recipe: QuantRecipe, samples: int) -> str:

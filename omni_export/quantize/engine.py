@@ -24,7 +24,7 @@ from omni_export.export.components.qwen import QwenDecoderLayer, QwenForCausalLM
 from omni_export.quantize import awq
 from omni_export.quantize.calibrate import Calibration, Sources, calibration_for
 from omni_export.quantize.gptq import gptq
-from omni_export.quantize.recipe import Method, QuantConfig, QuantRecipe, precision_class
+from omni_export.quantize.recipe import Activation, Method, QuantConfig, QuantRecipe, precision_class
 from omni_export.quantize.result import QTensor, QuantResult
 from omni_export.quantize.rtn import rtn, weight_error
 
@@ -86,9 +86,12 @@ class Stats:
     gram: torch.Tensor | None = None
     rows: list[torch.Tensor] = field(default_factory=list)
     n_rows: int = 0
+    absmax: float = 0.0  # over every row seen: a static activation scale's range
 
     def add(self, x: torch.Tensor, want_gram: bool) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
+        if x.numel():
+            self.absmax = max(self.absmax, float(x.abs().max()))
         if want_gram:
             self.gram = x.T @ x if self.gram is None else self.gram.addmm_(x.T, x)
         kept = sum(r.shape[0] for r in self.rows)
@@ -131,6 +134,10 @@ def _quantize_one(w: torch.Tensor, cfg: QuantConfig, st: Stats | None, scale: to
     else:
         qt = rtn(w, cfg)
     info = {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "weight_rel_err": round(weight_error(w, qt), 6)}
+    if cfg.activation != Activation.NONE.value and st is not None and st.absmax > 0:
+        # Per-tensor, symmetric: the input as the layer sees it (after an AWQ scale is folded, x / s).
+        qt.act_scale = torch.tensor((st.absmax if scale is None else float(x.abs().max())) / 127.0, dtype=torch.float32)
+        info["act_absmax"] = round(qt.act_scale.item() * 127.0, 6)
     if x is not None:
         ref = x @ w.float().T
         info["output_rel_err"] = round(float((x @ qt.dequantize().T - ref).norm() / ref.norm().clamp(min=1e-12)), 6)
@@ -149,7 +156,8 @@ def quantize_components(
     cfgs = plan(components, recipe)
     result = QuantResult(recipe.name, fingerprint)
     report = progress or (lambda what, done, total: None)
-    needs_data = {fqn.split(".", 1)[0] for fqn, c in cfgs.items() if c.method != Method.RTN.value}
+    # Calibrated methods need data, and so do quantized activations (their static scales).
+    needs_data = {fqn.split(".", 1)[0] for fqn, c in cfgs.items() if c.method != Method.RTN.value or c.activation != Activation.NONE.value}
     sources = Sources(components, tokenizer, samples=samples)
     for cname, module in components.items():
         mine = {fqn[len(cname) + 1:]: c for fqn, c in cfgs.items() if fqn.startswith(cname + ".")}

@@ -32,6 +32,10 @@ class QTensor:
     scale: torch.Tensor
     zero: torch.Tensor
     config: QuantConfig
+    # Quantized activations (w8a8): the input's per-tensor scale, absmax / 127 over the
+    # calibration data, for targets that quantize activations statically (TensorRT). None when
+    # the config keeps activations float.
+    act_scale: torch.Tensor | None = None
 
     @property
     def group_size(self) -> int:
@@ -88,6 +92,8 @@ class QuantResult:
                                 "seconds": self.seconds, "layers": self.layers, "tensors": {}}  # fmt: skip
         for name, t in self.tensors.items():
             blobs[f"{name}::q"], blobs[f"{name}::scale"], blobs[f"{name}::zero"] = t.q, t.scale, t.zero
+            if t.act_scale is not None:
+                blobs[f"{name}::act_scale"] = t.act_scale.reshape(1)
             meta["tensors"][name] = t.config.__dict__
         for name, w in self.floats.items():
             blobs[f"{name}::float"] = w.contiguous()
@@ -103,7 +109,8 @@ class QuantResult:
             meta = json.loads((directory / "result.json").read_text())
             blobs = load((directory / "tensors.safetensors").read_bytes())
             tensors = {
-                name: QTensor(blobs[f"{name}::q"], blobs[f"{name}::scale"], blobs[f"{name}::zero"], QuantConfig(**cfg))
+                name: QTensor(blobs[f"{name}::q"], blobs[f"{name}::scale"], blobs[f"{name}::zero"], QuantConfig(**cfg),
+                              blobs[f"{name}::act_scale"].reshape(()) if f"{name}::act_scale" in blobs else None)
                 for name, cfg in meta["tensors"].items()
             }
         except Exception as exc:  # safetensors' own error type, JSON, missing keys: all mean "re-run"

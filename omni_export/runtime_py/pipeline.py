@@ -101,8 +101,10 @@ class Pipeline:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_bundle(cls, path: str | Path, **kwargs: Any) -> Pipeline:
-        """Open a bundle; it must pass verify (a bundle that does not match its manifest is refused)."""
+    def from_bundle(cls, path: str | Path, backend: str | None = None, **kwargs: Any) -> Pipeline:
+        """Open a bundle; it must pass verify (a bundle that does not match its manifest is refused).
+        ``backend``: run every component there instead of on the manifest's backend; ``parity``:
+        on each component's parity backend (a TensorRT bundle's exact graphs on ONNX Runtime)."""
         from tokenizers import Tokenizer
 
         from omni_export.bundle import verify_bundle
@@ -114,7 +116,8 @@ class Pipeline:
         if problems:
             raise BundleError(f"{path} fails verify ({len(problems)} problem(s)): " + "; ".join(problems[:5]))
         m = read_manifest(path)
-        sessions = {name: open_session(c, path, m.profile.runtime) for name, c in m.components.items()}
+        pick = (lambda c: c.parity_backend or None) if backend == "parity" else (lambda c: backend)  # noqa: E731
+        sessions = {name: open_session(c, path, m.profile.runtime, backend=pick(c)) for name, c in m.components.items()}
         assets = {k: np.load(path / rel) for k, rel in m.model.get("assets", {}).items()}
         tokenizer = Tokenizer.from_file(str(path / "tokenizer" / "tokenizer.json"))
         return cls(sessions, m.components, m.model, tokenizer, assets, **kwargs)

@@ -106,10 +106,13 @@ def _symbolic(shape: tuple[int | str, ...]):  # type: ignore[no-untyped-def]
     return ir.Shape([d if isinstance(d, int) else ir.SymbolicDim(d) for d in shape])
 
 
-def to_onnx(program, spec: MethodSpec, tensors: dict[str, QTensor], translations: dict | None = None):  # type: ignore[no-untyped-def]  # -> (ir.Model, int)
+def to_onnx(program, spec: MethodSpec, tensors: dict[str, QTensor], translations: dict | None = None,  # type: ignore[no-untyped-def]
+            activations: bool = False):  # fmt: skip  # -> (ir.Model, int)
     """One traced program as an ONNX model (onnx-ir) with the manifest's I/O names and dims and
     the QuantResult encoded; also how many quantized weights it holds. ``translations``: a
-    target's own ops (torch custom op -> onnxscript function)."""
+    target's own ops (torch custom op -> onnxscript function). ``activations``: quantized
+    activations as QuantizeLinear/DequantizeLinear with the QuantResult's static scales (a
+    target without dynamic activation quantization)."""
     import onnxscript.optimizer
 
     try:
@@ -128,7 +131,7 @@ def to_onnx(program, spec: MethodSpec, tensors: dict[str, QTensor], translations
         value.name = t.name
         value.shape = _symbolic(t.shape)
     # Encoded first: the placeholders it replaces are equal to each other and would be merged.
-    encoded = encode_quant(model, tensors)
+    encoded = encode_quant(model, tensors, activations)
     # Large limits: every constant transpose of a float weight is folded into a [K, N] initializer
     # once here, instead of at every session load; DequantizeLinear is never folded (it is the
     # quantization the runtime fuses into its integer kernels).
@@ -150,7 +153,7 @@ def _strip_debug(model) -> None:  # type: ignore[no-untyped-def]
     model.graph.metadata_props.clear()
 
 
-def encode_quant(model, tensors: dict[str, QTensor]) -> int:  # type: ignore[no-untyped-def]
+def encode_quant(model, tensors: dict[str, QTensor], activations: bool = False) -> int:  # type: ignore[no-untyped-def]
     """Replace each quantized linear's ``weight_t`` initializer in this graph with
     DequantizeLinear over its integers and scales, then pack the linears that read one input.
     Returns how many weights were encoded (a graph holds the linears its method uses; the
@@ -172,7 +175,40 @@ def encode_quant(model, tensors: dict[str, QTensor]) -> int:  # type: ignore[no-
         del graph.initializers[name]
         done[path] = node
     _pack_shared_inputs(graph, {p: (tensors[p], n) for p, n in done.items()})
+    if activations:
+        _quantize_activations(graph, tensors)
     return len(done)
+
+
+def _quantize_activations(graph, tensors: dict[str, QTensor]) -> None:  # type: ignore[no-untyped-def]
+    """Each MatMul over a quantized weight whose config quantizes activations reads its input
+    through QuantizeLinear/DequantizeLinear (int8, per tensor, the calibrated scale; a packed
+    MatMul takes the largest of its linears', which read the same tensor): the explicit form a
+    strongly typed TensorRT network turns into an int8 GEMM."""
+    import onnx_ir as ir
+
+    for dq in [n for n in graph if n.op_type == "DequantizeLinear" and n.name.endswith(".dequantize")]:
+        paths = dq.name[: -len(".dequantize")].split("+")
+        qts = [tensors[p] for p in paths if p in tensors]
+        if not qts or qts[0].config.activation == "none":
+            continue
+        missing = [p for p, t in zip(paths, qts, strict=True) if t.act_scale is None]
+        if missing:
+            raise LoweringError(f"{missing[0]}: int8 activations need a calibrated activation scale, which this QuantResult lacks "
+                                "(computed before omni-export recorded them); delete the cached quantization and build again")  # fmt: skip
+        users = [(n, i) for n, i in dq.outputs[0].uses() if n.op_type == "MatMul" and i == 1]
+        if len(users) != 1:
+            continue
+        matmul = users[0][0]
+        x = matmul.inputs[0]
+        dtype = _NP_FLOAT[dq.inputs[1].dtype.name]
+        name = "+".join(paths)
+        scale = _initializer(graph, f"{name}.act_scale", ir.Tensor(np.array(max(float(t.act_scale) for t in qts), dtype=dtype)))
+        zero = _initializer(graph, f"{name}.act_zero", ir.Tensor(np.array(0, dtype=np.int8)))
+        q = ir.node("QuantizeLinear", [x, scale, zero], name=f"{name}.act_quantize", outputs=[ir.Value(name=f"{name}.act_q")])
+        d = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{name}.act_dequantize", outputs=[ir.Value(name=f"{name}.act")])
+        graph.insert_before(matmul, [q, d])
+        matmul.replace_input_with(0, d.outputs[0])
 
 
 _NP_FLOAT = {"FLOAT": np.float32, "FLOAT16": np.float16}

@@ -89,7 +89,8 @@ class TensorRTTarget(Target):
     parity_backend = "onnxruntime"  # the exact graphs TensorRT parses, on the build host
     kv_mode = "io"
     float_class = "fp16"
-    quant_activation = "fp16 (weight-only: int4 block-wise / int8 per-channel DequantizeLinear into fp16 GEMMs)"
+    quant_activation = ("fp16 (weight-only: int4 block-wise / int8 per-channel DequantizeLinear into fp16 GEMMs); w8a8: int8 "
+                        "activations, static per-tensor scales from calibration (QuantizeLinear/DequantizeLinear)")
 
     def runtime_settings(self, profile) -> RuntimeSettings:  # type: ignore[no-untyped-def]
         # The golden replay on the build host runs the graphs on ONNX Runtime's CPU provider; the
@@ -99,11 +100,7 @@ class TensorRTTarget(Target):
     def check_quant(self, configs, profile=None):  # type: ignore[no-untyped-def]
         if profile is not None:
             check_hardware(profile, configs)
-        acts = sorted({c.activation for c in configs.values()} - {Activation.NONE.value})
-        if acts:
-            raise QuantEncodingError(f"{self.name}: quantized activations ({', '.join(acts)}) are not encoded for TensorRT; "
-                                     "TensorRT quantizes activations only with calibrated static scales. Use a weight-only "
-                                     "preset (int4, int8) or fp16")  # fmt: skip
+        acts = [p for p, c in configs.items() if c.activation != Activation.NONE.value]
         for path, c in configs.items():
             if c.bits == 4 and c.group_size not in INT4_BLOCKS:
                 raise QuantEncodingError(f"{path}: TensorRT's int4 weights are block-wise with blocks of {INT4_BLOCKS}, "
@@ -114,7 +111,13 @@ class TensorRTTarget(Target):
                 raise QuantEncodingError(f"{path}: TensorRT's weight DequantizeLinear takes no zero point; use symmetric quantization")
             if c.bits not in (4, 8):
                 raise QuantEncodingError(f"{path}: TensorRT encodes 4- and 8-bit weights, not {c.bits}-bit")
-        return [f"{self.name}: quantized linears are weight-only (int4/int8 codes dequantized into fp16 GEMMs)"] if configs else []
+            if c.activation != Activation.NONE.value and c.bits != 8:
+                raise QuantEncodingError(f"{path}: TensorRT quantizes activations only with int8 weights (w8a8), not int{c.bits}")
+        notes = [f"{self.name}: weight-only linears dequantize int4/int8 codes into fp16 GEMMs"] if len(acts) < len(configs) else []
+        if acts:
+            notes.append(f"{self.name}: {len(acts)} linear(s) quantize activations to int8 with static per-tensor scales from "
+                         "calibration (absmax / 127; int8_dynamic in a recipe means this here: TensorRT has no dynamic int8)")  # fmt: skip
+        return notes
 
     def adapt_recipe(self, recipe, components):  # type: ignore[no-untyped-def]
         """int4 presets use blocks of 32, which TensorRT's int4 kernels do not take: here they
@@ -176,7 +179,7 @@ class TensorRTTarget(Target):
         rel = f"{ARTIFACTS}/{traced.name}"
         for name, program in traced.programs.items():
             spec = traced.program_specs[name]
-            models[name], n = to_onnx(program, spec, quant)
+            models[name], n = to_onnx(program, spec, quant, activations=True)
             encoded += n
             check_graph(models[name], traced.name, name)
             graphs[name] = {"onnx": f"{rel}/{name}.onnx", "engine": f"{ENGINES}/{traced.name}/{name}.engine",

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from omni_export.compiler import build_bundle
@@ -44,38 +46,55 @@ def trt_bundles(tiny_dirs, tmp_path_factory):
     return {f: build_bundle(get_profile("jetson"), p, PRESETS.get("fp16"), root / f, context=CONTEXT) for f, p in tiny_dirs.items()}
 
 
+def _holds_exactly(tensors, stored, where: str) -> None:
+    """``stored`` (weights read back from an artifact) are exactly ``tensors`` (a component's
+    QuantResult), codes and scales, one for one."""
+    import torch
+
+    assert len(stored) == len(tensors), where
+    left = dict(tensors)
+    for w in stored:
+        hit = next((k for k, t in left.items() if t.q.shape == w.q.shape and torch.equal(t.q, w.q)), None)
+        assert hit is not None and torch.equal(left.pop(hit).scale, w.scale), (where, hit)
+
+
+def _quant_result_of(build):  # type: ignore[no-untyped-def]
+    import json
+
+    from omni_export.quantize.result import QuantResult
+
+    return QuantResult.load(Path(json.loads((build.bundle / "reports" / "quant.json").read_text())["cache"]))
+
+
 @pytest.fixture(scope="session")
 def same_integers():
     """Asserts that an ONNX bundle's graphs and an ExecuTorch bundle's .pte files hold exactly the
     codes and scales of the one QuantResult both were built from (read back with each format's
     own tooling); returns the (bits, group size) pairs seen."""
-    import json
-    from pathlib import Path
-
-    import torch
-
     from omni_export.bundle import read_manifest
-    from omni_export.quantize.result import QuantResult
     from omni_export.targets.onnx_weights import read_component
     from omni_export.targets.pte_weights import read_quantized_weights as read_pte
 
     def check(onnx_build, et_build) -> set[tuple[int, int]]:
-        cache = {json.loads((r.bundle / "reports" / "quant.json").read_text())["cache"] for r in (onnx_build, et_build)}
-        assert len(cache) == 1  # computed once, encoded twice
-        result = QuantResult.load(Path(cache.pop()))
+        result = _quant_result_of(onnx_build)
+        assert _quant_result_of(et_build).source_fingerprint == result.source_fingerprint
         m_onnx, m_et = read_manifest(onnx_build.bundle), read_manifest(et_build.bundle)
         seen = set()
         for name, comp in m_onnx.components.items():
             tensors = result.for_component(name)
-            onnx_w = read_component([onnx_build.bundle / f for f in comp.files])
-            pte_w = read_pte(et_build.bundle / m_et.components[name].files[0])
-            assert len(onnx_w) == len(tensors) == len(pte_w), name
-            for stored in (onnx_w, pte_w):
-                left = dict(tensors)
-                for w in stored:
-                    hit = next((k for k, t in left.items() if t.q.shape == w.q.shape and torch.equal(t.q, w.q)), None)
-                    assert hit is not None and torch.equal(left.pop(hit).scale, w.scale), (name, hit)
+            _holds_exactly(tensors, read_component([onnx_build.bundle / f for f in comp.files]), f"{name} (onnx)")
+            _holds_exactly(tensors, read_pte(et_build.bundle / m_et.components[name].files[0]), f"{name} (pte)")
             seen |= {(t.config.bits, t.group_size) for t in tensors.values()}
         return seen
 
     return check
+
+
+@pytest.fixture(scope="session")
+def holds_exactly():
+    return _holds_exactly
+
+
+@pytest.fixture(scope="session")
+def quant_result_of():
+    return _quant_result_of

@@ -38,17 +38,6 @@ except ImportError as exc:  # the CI machines cannot install it (its wheels fetc
 needs_tensorrt = pytest.mark.skipif(bool(NO_TENSORRT) or not torch.cuda.is_available(), reason=NO_TENSORRT or "no CUDA GPU")
 
 
-def _recipe_of(bundle: Path, out: Path) -> Path:
-    """The recipe a bundle was built with, as a TOML file (the manifest records every rule)."""
-    import tomli_w
-
-    q = read_manifest(bundle).quant
-    rules = [{"pattern": r.pattern, **({"roles": list(r.roles)} if r.roles else {}), **({"float": True} if r.config is None else r.config)}
-             for r in q.rules]  # fmt: skip
-    out.write_text(tomli_w.dumps({"name": q.recipe + "-as-built", "float_dtype": q.float_dtype, "rules": rules}))
-    return out
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_component_passes_fp16_parity_on_the_exact_tensorrt_graphs(trt_bundles, family):
     result = trt_bundles[family]
@@ -121,16 +110,39 @@ def test_a_type_tensorrt_refuses_is_named_with_what_it_takes():
     assert len(found) == 1 and "(Clip)" in found[0] and "is INT64" in found[0] and "it takes FP32, FP16, BF16" in found[0]
 
 
-def test_int4_integers_in_the_tensorrt_graphs_equal_the_quant_result_and_the_pte(quant_bundles, tiny_dirs, tmp_path, same_integers):
-    """The int4 preset on TensorRT uses blocks of 64 (TensorRT's blocks are 64 or 128); the
-    manifest records the rules as built, and ExecuTorch built from that recipe holds the same
-    integers and scales: one QuantResult, two targets."""
+def test_int4_integers_in_the_tensorrt_graphs_equal_the_quant_result_and_the_pte(quant_bundles, tiny_dirs, tmp_path, holds_exactly,
+                                                                                 quant_result_of):  # fmt: skip
+    """The int4 preset on TensorRT uses blocks of 64 (TensorRT's blocks are 64 or 128): every
+    quantized weight in the TensorRT graphs is the QuantResult's, codes and scales, and the
+    ExecuTorch target lowering the LLM from that same QuantResult writes the same numbers into
+    its .pte: one QuantResult, two targets. (The LLM alone: a whole ExecuTorch bundle costs
+    minutes here and adds no other encoding.)"""
+    from omni_export.export.checkpoint import load_checkpoint
+    from omni_export.export.trace import trace_component
+    from omni_export.export.trace_specs import Limits
+    from omni_export.quantize.engine import untie_heads
+    from omni_export.targets import TARGETS
+    from omni_export.targets.onnx_weights import read_component
+    from omni_export.targets.pte_weights import read_quantized_weights as read_pte
+
     trt = quant_bundles("jetson", "interactiveomni", "int4")
     assert any("int4 blocks of 64" in n for n in trt.notes)
     assert all(b.parity.passed for b in trt.components), [(b.name, b.parity.failures) for b in trt.components]
-    recipe = load_recipe_toml(_recipe_of(trt.bundle, tmp_path / "as-built.toml"))
-    et = build_bundle(get_profile("android"), tiny_dirs["interactiveomni"], recipe, tmp_path / "et", context=CONTEXT)
-    assert {g for bits, g in same_integers(trt, et) if bits == 4} == {64}
+    result = quant_result_of(trt)
+    m = read_manifest(trt.bundle)
+    for name, comp in m.components.items():
+        holds_exactly(result.for_component(name), read_component([trt.bundle / f for f in comp.files]), name)
+    tensors = result.for_component("llm")
+    assert {(t.config.bits, t.group_size) for t in tensors.values()} == {(4, 64)}
+    et = TARGETS.get("executorch")
+    llm = load_checkpoint(tiny_dirs["interactiveomni"], dtype=torch.float32, components=["llm"]).components["llm"]
+    untie_heads({"llm": llm})  # as the quantizer did: the tied head quantized as its own linear
+    et.encode(llm, tensors, result.floats_for("llm"))
+    limits = Limits(max_context=CONTEXT, prefill_chunk=min(Limits.prefill_chunk, CONTEXT))
+    with et.trace_context(llm, limits):
+        traced = trace_component("llm", llm, limits, et.kv_mode)
+    art = et.lower(traced, get_profile("android"), tmp_path, {}, tensors)
+    holds_exactly(tensors, read_pte(tmp_path / art.files[0]), "llm (pte)")
 
 
 def test_int8_weights_are_per_channel_with_fp16_scales(quant_bundles):
@@ -191,8 +203,30 @@ def test_recipes_tensorrt_cannot_encode_are_refused_saying_what_to_change(tiny_d
     g32.write_text('name = "mine"\n[[rules]]\npattern = "."\nroles = ["decoder"]\nbits = 4\ngroup_size = 32\n')
     with pytest.raises(QuantEncodingError, match=r"blocks of \(64, 128\), not 32; set group_size"):
         build_bundle(get_profile("jetson"), tiny_dirs["vita15"], load_recipe_toml(g32), tmp_path / "b", context=CONTEXT)
-    with pytest.raises(QuantEncodingError, match="int8_dynamic.*calibrated static scales"):
-        build_bundle(get_profile("jetson"), tiny_dirs["vita15"], PRESETS.get("w8a8"), tmp_path / "b", context=CONTEXT)
+    a4 = tmp_path / "a4.toml"
+    a4.write_text('name = "mine"\n[[rules]]\npattern = "^llm\\\\."\nbits = 4\ngroup_size = 64\nactivation = "int8_dynamic"\n')
+    with pytest.raises(QuantEncodingError, match="activations only with int8 weights"):
+        build_bundle(get_profile("jetson"), tiny_dirs["vita15"], load_recipe_toml(a4), tmp_path / "b", context=CONTEXT)
+    assert not list((tmp_path).glob("b*"))
+
+
+def test_w8a8_quantizes_activations_with_calibrated_static_scales(quant_bundles):
+    r = quant_bundles("jetson", "interactiveomni", "w8a8")
+    assert all(b.parity.passed for b in r.components), [(b.name, b.parity.failures) for b in r.components]
+    m = read_manifest(r.bundle)
+    assert m.components["llm"].precision == "w8a8" and "static per-tensor" in m.components["llm"].quant.activations
+    g = onnx.load(str(r.bundle / m.components["llm"].methods["decode"].entry), load_external_data=False).graph
+    inits = {t.name: t for t in g.initializer}
+    qs = [n for n in g.node if n.op_type == "QuantizeLinear"]
+    # every quantized GEMM reads its input through Q/DQ: one per packed group (q/k/v, gate/up) or linear
+    layers = m.components["llm"].kv_cache.layers
+    assert len(qs) == 4 * layers + 1
+    for q in qs:
+        scale = onnx.numpy_helper.to_array(inits[q.input[1]])
+        assert scale.shape == () and scale.dtype.name == "float16" and 0 < float(scale) < 10
+        assert onnx.numpy_helper.to_array(inits[q.input[2]]).item() == 0  # TensorRT takes no zero point
+    report = json.loads((r.bundle / "reports" / "quant.json").read_text())["layers"]
+    assert all(v["act_absmax"] > 0 for k, v in report.items() if k.startswith("llm."))
 
 
 def test_fit_counts_the_tensorrt_workspace(tiny):
@@ -230,3 +264,21 @@ def test_the_tensorrt_session_says_why_it_cannot_run_here(trt_bundles):
         pytest.skip("TensorRT runs here: the engine tests cover the session")
     with pytest.raises(BackendUnavailableError, match="TensorRT|CUDA"):
         open_session(m.components["llm"], root, m.profile.runtime)
+
+
+def test_a_spoken_turn_runs_on_the_tensorrt_graphs_here_with_backend_parity(trt_bundles, speech_wav, tmp_path):
+    """Where TensorRT is not installed, `run --backend parity` drives the exact graphs the engines
+    are built from through the streaming pipeline (on ONNX Runtime); without it the run says why."""
+    from omni_export.runtime_py.audio import read_audio
+
+    root = trt_bundles["interactiveomni"].bundle
+    out = tmp_path / "reply.wav"
+    r = runner.invoke(app, ["run", str(root), "--audio", str(speech_wav), "--max-new-tokens", "6", "--out", str(out), "--backend", "parity", "--json"],
+                      catch_exceptions=False)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    turn = json.loads(r.output.strip().splitlines()[-1])["turns"][0]
+    assert len(turn["tokens"]) == 6 and turn["audio_s"] > 0
+    assert len(read_audio(out, 24000)) > 0
+    if NO_TENSORRT:
+        r = runner.invoke(app, ["run", str(root), "--audio", str(speech_wav), "--out", str(tmp_path / "x.wav")], catch_exceptions=False)
+        assert r.exit_code != 0 and "TensorRT" in r.output
