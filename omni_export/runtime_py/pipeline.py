@@ -37,10 +37,8 @@ from omni_export.runtime_py.events import AudioChunk, Event, Stats, TextDelta
 from omni_export.runtime_py.image import preprocess_image
 from omni_export.runtime_py.kv_cache import KVStack
 from omni_export.runtime_py.prompt import (
-    chat_prompt,
     merge_placeholders,
-    next_turn,
-    user_turn,
+    turn_ids,
 )
 from omni_export.runtime_py.sampler import sample
 from omni_export.runtime_py.speech import SPEECH
@@ -212,10 +210,8 @@ class Pipeline:
         turn, p = self._turn, self.config["prompt"]
         image = torch.cat(turn.image_tokens) if turn.image_tokens else None
         audio = torch.cat(turn.audio_tokens) if turn.audio_tokens else None
-        user = user_turn(p, 0 if image is None else image.shape[0], 0 if audio is None else audio.shape[0], turn.text,
-                         p["image_token"], p["audio_token"])  # fmt: skip
-        text = chat_prompt(user, p["system"]) if fresh else next_turn(user)
-        return self.tokenizer.encode(text, add_special_tokens=False).ids, image, audio
+        ids = turn_ids(self.tokenizer, p, fresh, 0 if image is None else image.shape[0], 0 if audio is None else audio.shape[0], turn.text)
+        return ids, image, audio
 
     @torch.inference_mode()
     def respond_stream(self, max_new_tokens: int = 64, top_k: int = 1, seed: int = 0, speech: bool = True) -> Iterator[Event]:

@@ -48,3 +48,28 @@ def next_turn(user: str) -> str:
 def encode(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text`` (special tokens in it are parsed, none are added)."""
     return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of user text, as text: a ``<|im_end|>`` or a placeholder typed by a user is the
+    characters it spells, never the control token (special tokens only where the pipeline puts
+    them)."""
+    saved = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True
+    try:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+    finally:
+        tokenizer.encode_special_tokens = saved
+
+
+_USER = "\x00user text\x00"  # where the user's own text goes in a template
+
+
+def turn_ids(tokenizer: Any, prompt_cfg: dict, fresh: bool, n_image: int, n_audio: int, text: str | None) -> list[int]:
+    """A user turn's token ids: the chat template and the placeholders with their special tokens,
+    the user's text encoded as text (``encode_text``). ``fresh``: the first turn (with the
+    system prompt); otherwise the turn closes the previous reply first (``next_turn``)."""
+    user = user_turn(prompt_cfg, n_image, n_audio, _USER, prompt_cfg["image_token"], prompt_cfg["audio_token"])
+    template = chat_prompt(user, prompt_cfg["system"]) if fresh else next_turn(user)
+    head, tail = template.split(_USER)
+    return encode(tokenizer, head) + (encode_text(tokenizer, text) if text else []) + encode(tokenizer, tail)
