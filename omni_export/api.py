@@ -100,6 +100,9 @@ def plan_export(target: str, model: str | Path | None = None, quant: str | None 
                 progress: Callable[[str], None] | None = None) -> ExportPlan:  # fmt: skip
     """Resolve profile, checkpoint and recipe; validate every tensor of the checkpoint against its
     config (without materialising weights); check the memory fit. Everything before tracing."""
+    from omni_export.profiles.fit import check_context
+
+    check_context(context)  # before the demo checkpoint is written or anything is read
     profile = get_profile(target)
     path = Path(model) if model is not None else demo_checkpoint(progress)
     recipe = resolve_recipe(quant or profile.default_quant)
@@ -216,6 +219,9 @@ def open_runtime(path: str | Path, dtype: str = "fp32", max_context: int = 4096,
     from omni_export.profiles.roofline import bundle_weights, module_weights
     from omni_export.runtime_py.pipeline import Pipeline
 
+    from omni_export.profiles.fit import check_context
+
+    check_context(max_context, "--max-context")
     path = Path(path)
     if (path / MANIFEST).is_file():
         pipeline = Pipeline.from_bundle(path, backend, **pipeline_kwargs)

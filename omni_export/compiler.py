@@ -46,6 +46,7 @@ from omni_export.export.trace import trace_component
 from omni_export.export.trace_specs import Limits
 from omni_export.files import atomic_write_text, check_bundle_out, replace_dir
 from omni_export.profiles import Profile
+from omni_export.profiles.fit import check_context
 from omni_export.quantize.cache import quantize_checkpoint
 from omni_export.quantize.engine import component_classes, plan
 from omni_export.quantize.recipe import QuantRecipe
@@ -133,6 +134,7 @@ def build_bundle(
     progress: Progress | None = None,
 ) -> BuildResult:
     out = Path(out)
+    check_context(context)
     check_bundle_out(out, overwrite)
     target = TARGETS.get(profile.target)
     notes: list[str] = []

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from omni_export.errors import ConfigError
 from omni_export.export.checkpoint import meta_build
 from omni_export.export.components.internvit import InternViTConfig
 from omni_export.export.components.base import role_of
@@ -142,7 +143,14 @@ def activation_estimate(family: Family, cfg: Any, modules: dict[str, nn.Module],
     return max(peaks)
 
 
+def check_context(context: int | None, what: str = "--context") -> None:
+    """A context length is a positive number of tokens (None: the profile's)."""
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise ConfigError(f"{what} must be a positive number of tokens, got {context!r}; leave it out for the profile's own")
+
+
 def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, specs: Sequence[ComponentSpec] | None = None) -> MemoryPlan:
+    check_context(context)
     specs = list(specs or family.specs(cfg))
     modules = {s.name: meta_build(s) for s in specs}
     if not recipe.is_float:
@@ -159,6 +167,7 @@ def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, spe
 def fit_check(profile: Profile, family: Family, cfg: Any, recipe: QuantRecipe, context: int | None = None) -> FitResult:
     from omni_export.targets import TARGETS
 
+    check_context(context)
     # Counted as the target stores it: a target whose float class is fp32 (ONNX Runtime's CPU
     # provider, ExecuTorch's XNNPACK here) keeps the recipe's float tensors and the KV cache in fp32.
     if profile.target in TARGETS:

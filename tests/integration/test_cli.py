@@ -203,3 +203,14 @@ def test_a_written_recipe_builds_on_executorch(tiny_dirs, mixed_recipe, tmp_path
     r = invoke("--target", "android", "--model", tiny_dirs["interactiveomni"], "--quant", mixed_recipe, "--context", 96, "--out", out)
     assert r.exit_code == 0, r.output
     assert verify_bundle(out) == []
+
+
+@pytest.mark.parametrize("value", ["-5", "0"])
+def test_a_context_that_is_not_a_positive_length_is_refused_before_any_work(tiny_dirs, tmp_path, value):
+    out = tmp_path / "b"
+    r = runner.invoke(app, ["--target", "desktop", "--model", str(tiny_dirs["vita15"]), f"--context={value}", "--out", str(out)])
+    assert r.exit_code == 2 and f"--context must be a positive number of tokens, got {value}" in r.output and not out.exists()
+    r = runner.invoke(app, ["fit", "--target", "jetson", "--family", "interactiveomni", "--quant", "int4", f"--context={value}"])
+    assert r.exit_code == 2 and "--context must be a positive number of tokens" in r.output
+    r = runner.invoke(app, ["run", str(tiny_dirs["vita15"]), "--text", "hi", f"--max-context={value}", "--out", str(tmp_path / "r.wav")])
+    assert r.exit_code == 2 and "--max-context must be a positive number of tokens" in r.output and not (tmp_path / "r.wav").exists()
