@@ -11,8 +11,9 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from omni_export.cli import _fail, _gb, _spinner, _with_progress, app, console
+from omni_export.cli import EXIT_ERROR, _fail, _gb, _spinner, _with_progress, app, console, err
 from omni_export.errors import OmniExportError
+from omni_export.files import check_output_file
 
 GAP_S = 0.3  # silence between turns in the written reply
 
@@ -61,6 +62,13 @@ def run(
         _fail(ValueError("give either --turns or --audio/--image/--text, not both"))
     pcm: list[np.ndarray] = []
     tokens: list[list[int]] = []
+    results: list[dict] = []
+    kept = 0  # pcm pieces of the turns that finished
+    failed: OmniExportError | None = None
+    try:
+        check_output_file(out)  # before any model work
+    except OmniExportError as exc:
+        _fail(exc)
 
     def show(i: int, ev) -> None:  # type: ignore[no-untyped-def]
         if isinstance(ev, TextDelta):
@@ -83,7 +91,6 @@ def run(
         script = replace(script, speech=script.speech and not no_speech)
         pipeline = _with_progress("loading", lambda cb: api.open_runtime(path, dtype, max_context, progress=cb, device=torch_device,
                                                                           backend=backend, context_policy=context_policy)).pipeline  # fmt: skip
-        results = []
         for stats in play(pipeline, script, show):
             sr = pipeline.config["output_sample_rate"]
             if not as_json:
@@ -96,11 +103,19 @@ def run(
                 tokens.append([])
             results.append({**stats.to_dict(), "tokens": tokens[stats.turn]})
             pcm.append(silence(GAP_S, sr))
+            kept = len(pcm)
     except OmniExportError as exc:
-        _fail(exc)
+        if not results:
+            _fail(exc)
+        failed = exc  # a later turn failed: the turns before it are still written
+        del pcm[kept:]
     sr = pipeline.config["output_sample_rate"]
     audio_out = np.concatenate(pcm[:-1]) if len(pcm) > 1 else np.zeros(0, dtype=np.float32)
     write_wav(out, audio_out, sr)
+    if failed is not None:
+        err.print(f"[bold red]error:[/] turn {len(results) + 1} failed: {failed}", soft_wrap=True)
+        err.print(f"the {len(results)} turn(s) before it are in {out} ({len(audio_out) / sr:.2f} s)", soft_wrap=True)
+        raise typer.Exit(EXIT_ERROR)
     if as_json:
         last = results[-1]  # the last turn's figures at the top level, for one-turn use
         print(json.dumps({"text": last["text"], "tokens": last["tokens"], "prompt_tokens": last["prompt_tokens"], "turns": results,

@@ -56,11 +56,25 @@ def check_bundle_out(out: Path, overwrite: bool, marker: str = "manifest.json") 
         if any(out.iterdir()) and not (out / marker).is_file():
             raise OutputError(f"{out} is not an omni-export bundle (no {marker}) and not empty; --overwrite replaces only a "
                               f"bundle or an empty folder. Choose another --out.")  # fmt: skip
+    _check_parent(out)
+
+
+def _check_parent(out: Path) -> None:
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write under {parent}; choose an --out you can write to.")
+
+
+def check_output_file(out: Path) -> None:
+    """Before any work: a file can be written at ``out`` (not a folder, its folder writable)."""
+    out = Path(out)
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder; give a file name (e.g. {out / 'reply.wav'}).")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise OutputError(f"cannot overwrite {out}; choose an --out you can write to.")
+    _check_parent(out)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

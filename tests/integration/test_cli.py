@@ -214,3 +214,19 @@ def test_a_context_that_is_not_a_positive_length_is_refused_before_any_work(tiny
     assert r.exit_code == 2 and "--context must be a positive number of tokens" in r.output
     r = runner.invoke(app, ["run", str(tiny_dirs["vita15"]), "--text", "hi", f"--max-context={value}", "--out", str(tmp_path / "r.wav")])
     assert r.exit_code == 2 and "--max-context must be a positive number of tokens" in r.output and not (tmp_path / "r.wav").exists()
+
+
+def test_a_failing_later_turn_keeps_the_speech_of_the_turns_before_it(tiny_dirs, tmp_path):
+    script = tmp_path / "turns.toml"
+    script.write_text('[[turn]]\ntext = "Tell me about the weather today please"\nmax_new_tokens = 20\n'
+                      '[[turn]]\ntext = "And tomorrow?"\nmax_new_tokens = 20\n'
+                      '[[turn]]\ntext = "And the day after tomorrow, and the whole week after that, with every detail you know of?"\n'
+                      "max_new_tokens = 40\n")  # fmt: skip
+    out = tmp_path / "reply.wav"
+    r = runner.invoke(app, ["run", str(tiny_dirs["interactiveomni"]), "--turns", str(script), "--max-context", "150", "--out", str(out)])
+    assert r.exit_code == 2 and "turn 3 failed" in r.output and "beyond the KV cache's 150" in r.output, r.output
+    assert "the 2 turn(s) before it are in" in r.output
+    wav, sr = sf.read(out)
+    assert sr == 24000 and len(wav) / sr > 2.0  # two turns of speech and the gap between them
+    r = runner.invoke(app, ["run", str(tiny_dirs["interactiveomni"]), "--text", "hi", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "is a folder; give a file name" in r.output
