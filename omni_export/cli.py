@@ -67,6 +67,31 @@ def _fit_table(fit) -> Table:  # type: ignore[no-untyped-def]
     return t
 
 
+LOG_FILE = "omni-export.log"
+
+
+def _logging(verbose: bool) -> None:
+    """The terminal gets warnings (everything with -v); the log file under the cache folder gets
+    everything, library and native chatter included, so a run's details are there after it."""
+    from omni_export.files import cache_dir
+
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    term = logging.StreamHandler()
+    term.setLevel(logging.INFO if verbose else logging.WARNING)
+    term.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(term)
+    try:
+        (cache_dir() / "logs").mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(cache_dir() / "logs" / LOG_FILE)
+        file.setLevel(logging.DEBUG)
+        file.setFormatter(fmt)
+        root.addHandler(file)
+    except OSError:  # a read-only home: the terminal still gets what matters
+        pass
+
+
 @app.callback()
 def main_job(
     ctx: typer.Context,
@@ -79,7 +104,7 @@ def main_job(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Main job: omni-export --target PROFILE [--model DIR] [--quant PRESET] [--out DIR]."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _logging(verbose)
     if not verbose:
         # Import-time chatter of the backends (missing CUDA kernels, deprecations) says nothing about this run.
         for noisy in ("torchao", "torch", "executorch"):

@@ -1,14 +1,45 @@
-"""File helpers: strict JSON reading and atomic writes (temp file + rename)."""
+"""File helpers: strict JSON reading, atomic writes (temp file + rename), output checks, and
+native libraries' stderr routed to the log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from omni_export.errors import CheckpointError, OutputError
+
+
+@contextlib.contextmanager
+def native_chatter(what: str) -> Iterator[None]:
+    """What native libraries (and code that bypasses ``logging``) write to the process's stderr
+    while ``what`` runs, C++ included, goes to this package's log (the log file; the terminal
+    with ``--verbose``), not between the CLI's lines. Errors still raise as exceptions."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (embedded interpreters): nothing to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace").strip()
+            if text:
+                logging.getLogger("omni_export.native").info("%s:\n%s", what, text)
 
 
 def cache_dir() -> Path:

@@ -76,8 +76,11 @@ def host_cores() -> int:
 
 def open_session(entry: ComponentEntry, root: Path, settings: RuntimeSettings, backend: str | None = None) -> Session:
     """The component's session on ``backend`` (default: the one its manifest entry names)."""
+    from omni_export.files import native_chatter
+
     cls = SESSIONS.get(backend or entry.backend)
-    reason = cls.unavailable()
-    if reason:
-        raise BackendUnavailableError(f"the {cls.backend} runtime cannot run here: {reason}")
-    return cls.open(entry, Path(root), settings)
+    with native_chatter(f"{cls.backend} session"):  # runtimes print CPU probes and load failures as they start
+        reason = cls.unavailable()
+        if reason:
+            raise BackendUnavailableError(f"the {cls.backend} runtime cannot run here: {reason}")
+        return cls.open(entry, Path(root), settings)
