@@ -167,11 +167,16 @@ def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, spe
 def fit_check(profile: Profile, family: Family, cfg: Any, recipe: QuantRecipe, context: int | None = None) -> FitResult:
     from omni_export.targets import TARGETS
 
+    from omni_export.targets.base import recipe_for_target
+
     check_context(context)
-    # Counted as the target stores it: a target whose float class is fp32 (ONNX Runtime's CPU
-    # provider, ExecuTorch's XNNPACK here) keeps the recipe's float tensors and the KV cache in fp32.
+    # Counted as the target stores it: a preset as the target adapts it (TensorRT's int4 blocks),
+    # and a target whose float class is fp32 (ONNX Runtime's CPU provider, ExecuTorch's XNNPACK
+    # here) keeps the recipe's float tensors and the KV cache in fp32.
     if profile.target in TARGETS:
-        recipe = replace(recipe, float_dtype=TARGETS.get(profile.target).float_class)
+        target = TARGETS.get(profile.target)
+        recipe, _ = recipe_for_target(target, recipe, {s.name: meta_build(s) for s in family.specs(cfg)})
+        recipe = replace(recipe, float_dtype=target.float_class)
     plan = memory_plan(family, cfg, recipe, context or profile.max_context)
     if profile.tensorrt is not None:
         plan = replace(plan, overhead_bytes=plan.overhead_bytes + (profile.tensorrt.workspace_mb << 20))

@@ -237,6 +237,8 @@ def test_fit_counts_the_tensorrt_workspace(tiny):
     a = fit_check(small, ck.family, ck.config, PRESETS.get("int4"), context=CONTEXT).plan
     b = fit_check(big, ck.family, ck.config, PRESETS.get("int4"), context=CONTEXT).plan
     assert b.overhead_bytes - a.overhead_bytes == (4096 - 1024) << 20 and a.float_dtype == "fp16"
+    llm = next(c for c in a.components if c.name == "llm")
+    assert llm.precision == "int4 g64"  # counted as TensorRT builds the preset
 
 
 @needs_tensorrt

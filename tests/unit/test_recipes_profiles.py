@@ -119,11 +119,11 @@ def test_full_4b_fit_on_orin_nano():
     llm4 = next(c for c in int4.plan.components if c.name == "llm")
     assert abs(llm16.params - 4.02e9) < 0.01e9  # Qwen3-4B, tied embedding counted once
     assert llm16.weight_bytes == pytest.approx(2 * llm16.params, rel=1e-3)
-    # Linears at 4 bits + an fp16 scale per 32; the embedding table stays float (fp16 on TensorRT)
-    # and the tied head is quantized as its own copy.
+    # Linears at 4 bits + an fp16 scale per 64 (the int4 preset as TensorRT builds it); the
+    # embedding table stays float (fp16 on TensorRT) and the tied head is quantized as its own copy.
     table = cfg.llm.vocab_size * cfg.llm.hidden_size
-    assert llm4.params == llm16.params + table
-    assert llm4.weight_bytes == pytest.approx((llm4.params - table) * (0.5 + 2 / 32) + table * 2, rel=0.01)
+    assert llm4.params == llm16.params + table and llm4.precision == "int4 g64"
+    assert llm4.weight_bytes == pytest.approx((llm4.params - table) * (0.5 + 2 / 64) + table * 2, rel=0.01)
     # KV: 36 layers x 8 heads x 128 x 4096 positions x K,V x fp16, plus the speech LM's.
     assert int4.plan.kv_bytes >= 36 * 8 * 128 * 4096 * 2 * 2
 
