@@ -234,7 +234,7 @@ def test_a_failing_later_turn_keeps_the_speech_of_the_turns_before_it(tiny_dirs,
 
 def test_a_run_on_a_bundle_prints_no_library_chatter_and_logs_it(bundles, tmp_path):
     """ExecuTorch's C++ CPU probe lines and the backends' load warnings go to the log file, not
-    between the CLI's lines; `-v` shows them."""
+    between the CLI's lines (test_files.py: the redirection itself, and -v)."""
     env = {**os.environ, "OMNI_EXPORT_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "omni_export", "run", str(bundles["vita15"].bundle), "--text", "hi", "--max-new-tokens", "3",
            "--no-speech", "--out", str(tmp_path / "r.wav")]  # fmt: skip
@@ -243,5 +243,3 @@ def test_a_run_on_a_bundle_prints_no_library_chatter_and_logs_it(bundles, tmp_pa
     log = (tmp_path / "cache" / "logs" / "omni-export.log").read_text()
     assert "cpuinfo" in log and "executorch session" in log
     assert "cpuinfo" not in p.stderr + p.stdout and "Failed to load" not in p.stderr, p.stderr
-    v = subprocess.run([sys.executable, "-m", "omni_export", "-v", *cmd[3:]], capture_output=True, text=True, env=env, timeout=600)
-    assert v.returncode == 0 and "cpuinfo" in v.stderr
