@@ -41,7 +41,6 @@ from omni_export.errors import OmniExportError
 from omni_export.export.checkpoint import load_checkpoint
 from omni_export.export.components.base import role_of
 from omni_export.export.golden import Context, flops_per_position, make_golden, replay
-from omni_export.targets.precision import CALLS_PER_METHOD
 from omni_export.export.trace import trace_component
 from omni_export.export.trace_specs import Limits
 from omni_export.files import atomic_write_text, check_bundle_out, replace_dir
@@ -54,6 +53,7 @@ from omni_export.quantize.result import QTensor, QuantResult
 from omni_export.runtime_py.parity import ComponentParity, judge, not_run, replay_component
 from omni_export.targets import TARGETS
 from omni_export.targets.base import Artifact, recipe_for_target
+from omni_export.targets.precision import CALLS_PER_METHOD
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, str], None]  # (component, step)

@@ -3,12 +3,13 @@
 Each layer that holds weights (linears, norms, convolutions, embeddings) and each attention is
 run twice on the inputs it sees in the float reference's golden calls: as it is (fp32) and as an
 fp16 copy. A layer is kept in fp32 when its fp16 output is not finite, when its relative error is
-above ``TOLERANCE``, or when its input or output leaves fp16's range (then its parent is kept: a
-layer cannot hand fp16 back a value fp16 cannot hold; at the top, the whole component stays
-fp32). Method inputs are rounded to fp16 where the body starts, so a kept first layer sees fp16
-inputs. Every layer's figure goes in the build
-report, kept or not, so a reader sees the margin. Quantized linears are not measured: their
-weights are the QuantResult's whatever the activation dtype."""
+above ``TOLERANCE``, or when its input or output leaves fp16's range (then its nearest ancestor
+whose outputs fit is kept too: a layer cannot hand fp16 back a value fp16 cannot hold; with no
+such ancestor, the whole component stays fp32). Method inputs are rounded to fp16 where the body
+starts, so a kept first layer sees fp16 inputs. The build report lists every kept layer with its
+figure and reason, how many were measured, and the worst layer left in fp16, so a reader sees the
+margin. Quantized linears are not measured: their weights are the QuantResult's whatever the
+activation dtype."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class LayerPrecision:
     kept_fp32: bool = False
     reason: str = ""
     measured: bool = True  # False: an ancestor kept for a measured layer
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["rel_err"] = d["rel_err"] if math.isfinite(d["rel_err"]) else "inf"

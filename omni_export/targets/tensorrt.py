@@ -31,7 +31,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-
 from omni_export.bundle.manifest import RuntimeSettings
 from omni_export.bundle.readme import LOADING
 from omni_export.profiles import MIN_SM, sm_number
@@ -61,20 +60,20 @@ def components_width(components, fqn: str) -> int:  # type: ignore[no-untyped-de
     return components[name].get_submodule(path).in_features
 
 
-def needs(configs: dict[str, Any], float_dtype: str) -> dict[str, list[str]]:
-    """Precision -> the weights that need it."""
-    out: dict[str, list[str]] = {"fp16" if float_dtype == "fp32" else float_dtype: ["(tensors left float)"]}
+def needs(configs: dict[str, Any]) -> dict[str, list[str]]:
+    """Precision -> the weights that need it (what stays float is fp16 on this target)."""
+    out: dict[str, list[str]] = {"fp16": ["(tensors left float)"]}
     for path, cfg in configs.items():
         out.setdefault(f"int{cfg.bits}", []).append(path)
     return out
 
 
-def check_hardware(profile, configs: dict[str, Any], float_dtype: str = "fp16") -> None:  # type: ignore[no-untyped-def]
+def check_hardware(profile, configs: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
     """Refuse, before any work, a recipe that asks for a precision the profile's GPU does not
     have (by SM) or the profile does not enable (``precision_flags``)."""
     s = profile.tensorrt
     sm = sm_number(s.sm_arch)
-    for precision, who in needs(configs, float_dtype).items():
+    for precision, who in needs(configs).items():
         if sm < MIN_SM.get(precision, 0):
             raise QuantEncodingError(f"{profile.name} ({profile.description}, {s.sm_arch}) has no {precision} "
                                      f"(it needs SM {MIN_SM[precision] / 10:.1f} or newer), which {who[0]}"
@@ -126,11 +125,10 @@ class TensorRTTarget(Target):
         if recipe.is_float:
             return recipe, []
         configs = plan(components, recipe)
-        narrow = sorted(p for p, c in configs.items() if c.bits == 4 and c.group_size not in INT4_BLOCKS
-                        and components_width(components, p) % INT4_BLOCK)  # fmt: skip
-        changed = any(c.bits == 4 and c.group_size not in INT4_BLOCKS for c in configs.values())
-        if not changed:
+        blocked = [p for p, c in configs.items() if c.bits == 4 and c.group_size not in INT4_BLOCKS]
+        if not blocked:
             return recipe, []
+        narrow = sorted(p for p in blocked if components_width(components, p) % INT4_BLOCK)
         rules = [QuantRule(f"^{re.escape(p)}$", QuantConfig(bits=8)) for p in narrow]
         for r in recipe.rules:
             c = r.config

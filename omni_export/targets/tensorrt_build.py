@@ -106,20 +106,22 @@ def build_one(trt, builder, logger, root: Path, plan: dict, entry: dict, cache) 
     return bytes(serialized)
 
 
-def record_existing(root: Path, built_by: str = "trtexec") -> list[dict]:
+def _built(entry: dict, out: Path, version: str, device: str, when: datetime) -> dict:
+    """What the manifest records of one engine file."""
+    return {"engine": entry["engine"], "component": entry["component"], "built_from": entry["onnx"], "builder": "tensorrt",
+            "builder_version": version, "device": device, "sha256": sha256(out), "bytes": out.stat().st_size,
+            "built_at": when.isoformat(timespec="seconds")}  # fmt: skip
+
+
+def record_existing(root: Path) -> list[dict]:
     """Record engines already built (by trtexec) in the manifest, as ``build_all`` would."""
     import tensorrt as trt
 
     root = Path(root)
     plan = json.loads((root / PLAN).read_text())
     name, _ = gpu()
-    found = []
-    for e in plan["engines"]:
-        out = root / e["engine"]
-        if out.is_file():
-            found.append({"engine": e["engine"], "component": e["component"], "built_from": e["onnx"], "builder": "tensorrt",
-                          "builder_version": trt.__version__, "device": name, "sha256": sha256(out), "bytes": out.stat().st_size,
-                          "built_at": datetime.fromtimestamp(out.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
+    found = [_built(e, root / e["engine"], trt.__version__, name, datetime.fromtimestamp((root / e["engine"]).stat().st_mtime, timezone.utc))
+             for e in plan["engines"] if (root / e["engine"]).is_file()]  # fmt: skip
     record(root, found)
     return found
 
@@ -147,9 +149,7 @@ def build_all(root: Path, only: set[str] | None = None, force: bool = False, say
         data = build_one(trt, builder, logger, root, plan, entry, cache)
         out = root / entry["engine"]
         _atomic_write(out, data)
-        built.append({"engine": entry["engine"], "component": entry["component"], "built_from": entry["onnx"], "builder": "tensorrt",
-                      "builder_version": trt.__version__, "device": name, "sha256": sha256(out), "bytes": out.stat().st_size,
-                      "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
+        built.append(_built(entry, out, trt.__version__, name, datetime.now(timezone.utc)))
         say(f"[{i}/{len(engines)}] {entry['component']}/{entry['graph']}: {out.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s")
         _atomic_write(cache_path, bytes(cache.serialize()))
         record(root, built[-1:])  # one at a time: an interrupted run keeps what it finished

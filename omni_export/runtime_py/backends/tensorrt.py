@@ -117,11 +117,15 @@ class TensorRTSession(Session):
             return names.index("decode")
         return names.index("prefill") if "prefill" in names else 0
 
-    def _bind(self, eng: _Engine, ctx, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    def _bind(self, eng: _Engine, ctx, feeds: dict[str, torch.Tensor], outputs: Sequence[str]) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+        """Input shapes and addresses set; ``outputs`` allocated at their resolved shapes and bound."""
         for name, x in feeds.items():
             ctx.set_input_shape(name, tuple(x.shape))
             ctx.set_tensor_address(name, x.data_ptr())
-        return {n: torch.empty(tuple(ctx.get_tensor_shape(n)), dtype=eng.dtypes[n], device="cuda") for n in eng.outputs}
+        out = {n: torch.empty(tuple(ctx.get_tensor_shape(n)), dtype=eng.dtypes[n], device="cuda") for n in outputs}
+        for n, t in out.items():
+            ctx.set_tensor_address(n, t.data_ptr())
+        return out
 
     def _device(self, eng: _Engine, names: list[str], inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {n: x.detach().to("cuda", eng.dtypes[n], non_blocking=True).contiguous() for n, x in zip(names, inputs, strict=True)}
@@ -142,9 +146,7 @@ class TensorRTSession(Session):
                 self._graphs.pop(method, None)
                 ctx = eng.contexts[self._profile(method, inputs)]
                 feeds = self._device(eng, self._in[method], inputs)
-                out = self._bind(eng, ctx, feeds)
-                for n, t in out.items():
-                    ctx.set_tensor_address(n, t.data_ptr())
+                out = self._bind(eng, ctx, feeds, self._out[method])
                 ctx.execute_async_v3(self._stream.cuda_stream)
                 outs = [out[n] for n in self._out[method]]
                 if self._last.get(method) == shapes:  # the same shapes twice in a row: capture them
@@ -160,9 +162,7 @@ class TensorRTSession(Session):
     # -- the KV cache on the GPU ----------------------------------------------------------------
     def new_cache(self) -> GpuCache:
         kv = self._kv
-        size = 1
-        for d in kv.shape(kv.max_len):
-            size *= d
+        size = _numel(kv.shape(kv.max_len))
         dtype = _TORCH["HALF"] if kv.dtype == "float16" else torch.float32
         return GpuCache(tuple([torch.zeros(size, dtype=dtype, device="cuda") for _ in kv.inputs] for _ in range(2)))  # type: ignore[arg-type]
 
@@ -176,12 +176,7 @@ class TensorRTSession(Session):
             ctx = eng.contexts[self._profile(method, inputs)]
             feeds = self._device(eng, self._in[method], inputs)
             feeds.update({n: b[:n_past].view(past_shape) for n, b in zip(kv.inputs, src, strict=True)})
-            for name, x in feeds.items():
-                ctx.set_input_shape(name, tuple(x.shape))
-                ctx.set_tensor_address(name, x.data_ptr())
-            outs = {n: torch.empty(tuple(ctx.get_tensor_shape(n)), dtype=eng.dtypes[n], device="cuda") for n in self._out[method]}
-            for n, t in outs.items():
-                ctx.set_tensor_address(n, t.data_ptr())
+            outs = self._bind(eng, ctx, feeds, self._out[method])
             for n, b in zip(kv.outputs, dst, strict=True):
                 ctx.set_tensor_address(n, b[:n_present].data_ptr())
             ctx.execute_async_v3(self._stream.cuda_stream)
