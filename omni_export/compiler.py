@@ -118,7 +118,9 @@ def _methods(traced, artifact: Artifact, script, flops: list[int]) -> dict[str, 
     operations per position counted on the float module's golden calls (the runtime's compute
     roofline reads them)."""
     methods = {name: MethodEntry(tuple(TensorSpec(t.name, t.dtype, t.shape) for t in spec.inputs),
-                                 tuple(TensorSpec(t.name, t.dtype, t.shape) for t in spec.outputs), artifact.entries[name])
+                                 tuple(TensorSpec(t.name, t.dtype, t.shape) for t in spec.outputs), artifact.entries[name],
+                                 enumerated=artifact.enumerated.get(name, {}),
+                                 **dict(zip(("compute_units", "compute_units_reason"), artifact.compute_units.get(name, ("", "")), strict=True)))
                for name, spec in traced.specs.items()}  # fmt: skip
     per = flops_per_position(script, flops, methods)
     return {m: replace(e, flops_per_position=per.get(m)) for m, e in methods.items()}
@@ -174,6 +176,7 @@ def build_bundle(
             "omni_audio_token_id": rc["audio_token_id"]}  # fmt: skip
     components: dict[str, ComponentEntry] = {}
     builds: list[ComponentBuild] = []
+    unrun: dict[tuple[str, str], list[str]] = {}  # (why, where it runs) -> components whose parity was not run
     try:
         for name, module in ckpt.components.items():
             t: dict[str, float] = {}
@@ -213,7 +216,7 @@ def build_bundle(
             got, backend, reason = replay_component(entry, tmp, settings, calls)
             if got is None:
                 parity = not_run(name, gate, th.__dict__, reason)
-                notes.append(f"{name}: parity not run on this host ({reason}); run `omni-export parity BUNDLE` where {entry.parity_backend or entry.backend} runs")
+                unrun.setdefault((reason, entry.parity_backend or entry.backend), []).append(name)
             else:
                 parity = judge(name, calls, got, gate, th.cosine_min, th.top1_min, th.kl_max)
                 parity.backend = backend
@@ -222,6 +225,9 @@ def build_bundle(
                                          artifact.delegated_share, parity, classes[name], t,
                                          plan_.report() if plan_ is not None else None))  # fmt: skip
             del traced
+        for (reason, runs_on), names in unrun.items():
+            notes.append(f"parity not run on this host for {', '.join(names)} ({reason}): these components are not verified; "
+                         f"run `omni-export parity BUNDLE` where {runs_on} runs")  # fmt: skip
         step("bundle", "writing")
         notes.extend(target.finish(tmp, profile, components))
         if quant is not None:

@@ -4,7 +4,7 @@ format (``manifest.schema.json``) for app teams that read it in their own langua
 
 Schema 2 (this one): a component may own several files (``.onnx`` graphs and their external data,
 a ``.mlpackage`` directory's files) and names, per method, the entry that runs it (a program
-method or a graph file); the KV cache layout is structured data; files built later on the device
+method, a graph file, or a Core ML package's function as ``package#function``); the KV cache layout is structured data; files built later on the device
 (TensorRT engines) have their own section, ``device_files``. Schema 1 bundles (omni-export 0.1)
 are refused with a message saying to rebuild."""
 
@@ -45,8 +45,15 @@ class MethodEntry:
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    entry: str  # a program method name (.pte) or a graph file relative to the bundle (.onnx)
+    entry: str  # a program method name (.pte), a graph file relative to the bundle (.onnx), package#function (Core ML)
     flops_per_position: float | None = None
+    # symbolic dim -> the only sizes the artifact takes (Core ML enumerated shapes: a caller
+    # splits a longer prefill into these); empty: any size in the traced range
+    enumerated: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # Where it runs when not where the profile's runtime settings say, and why (Core ML: a
+    # function with a flexible shape runs on CPU and GPU, not the Neural Engine)
+    compute_units: str = ""
+    compute_units_reason: str = ""
 
 
 EXPLICIT_KV = ("io", "static-io")  # caches the caller passes in and takes back

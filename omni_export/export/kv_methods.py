@@ -1,7 +1,7 @@
 """What a KV mode does to a component's methods.
 
 Buffer and state modes trace every method as it is: ``prefill`` and ``decode`` share the cache
-inside the program and ``reset_cache`` zeroes it. The ``io`` mode (ONNX Runtime, TensorRT) traces
+inside the program and ``reset_cache`` zeroes it (buffers; a Core ML caller makes a new state). The ``io`` mode (ONNX Runtime, TensorRT) traces
 ``prefill`` and ``decode`` as one graph, ``step``, whose token count is dynamic (1 .. prefill
 chunk) and which takes every layer's past keys and values after its inputs and returns the
 present ones after its outputs, so one file serves both and no weight is stored twice; there is
@@ -50,8 +50,9 @@ class IOStep(nn.Module):
 
 def _layout(module: nn.Module, mode: KVMode, limits: Limits, methods: tuple[str, ...], names: tuple[list[str], list[str]] = ([], [])) -> KVLayout:
     c = kv_stacks(module)[0].cfg
+    held = getattr(kv_layers(module)[0].kv, "k_cache", None)  # a mode may hold its buffers in their own dtype
     return KVLayout(held_as=mode.held_as, layers=len(kv_layers(module)), kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
-                    max_len=limits.max_context, dtype=DTYPE_NAMES[dtype_of(module)], axes=mode.axes, methods=methods,
+                    max_len=limits.max_context, dtype=DTYPE_NAMES[held.dtype if held is not None else dtype_of(module)], axes=mode.axes, methods=methods,
                     inputs=tuple(names[0]), outputs=tuple(names[1]))  # fmt: skip
 
 
@@ -61,7 +62,9 @@ def plan_methods(specs: list[MethodSpec], module: nn.Module, mode: KVMode, slots
         return TracePlan({s.name: s for s in specs}, {s.name: s.name for s in specs}, {s.name: s for s in specs})
     kv_methods = tuple(s.name for s in cached)
     if not mode.explicit:
-        return TracePlan({s.name: s for s in specs}, {s.name: s.name for s in specs}, {s.name: s for s in specs},
+        # Core ML states are reset by the caller making a new one (and cannot be zeroed in a graph)
+        kept = [s for s in specs if not (s.resets and mode.held_as == "state")]
+        return TracePlan({s.name: s for s in kept}, {s.name: s.name for s in kept}, {s.name: s for s in kept},
                          _layout(module, mode, limits, kv_methods))  # fmt: skip
     layers = len(kv_layers(module))
     past = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from fractions import Fraction
@@ -123,10 +124,32 @@ def power_spectrum(frames: torch.Tensor, n_fft: int, form: str = "fft") -> torch
     (TensorRT has no DFT); equal to fp32 rounding."""
     if form == "fft":
         return torch.fft.rfft(frames, n=n_fft).abs() ** 2
-    k = torch.arange(frames.shape[-1], dtype=torch.float64)[:, None]
-    angle = 2 * math.pi * k * torch.arange(n_fft // 2 + 1, dtype=torch.float64)[None] / n_fft
-    re, im = frames @ torch.cos(angle).to(frames.dtype), frames @ torch.sin(angle).to(frames.dtype)
+    cos, sin = _dft_basis(frames.shape[-1], n_fft)
+    re, im = frames @ cos.to(frames.dtype), frames @ sin.to(frames.dtype)
     return re * re + im * im
+
+
+def frames_of(x: torch.Tensor, size: int, hop: int, form: str = "fft") -> torch.Tensor:
+    """Frames [n, size] of a 1-D signal every ``hop`` samples (``x.unfold``). ``form="matmul"``
+    (an export form, with the matmul spectrum): the same frames gathered by index, for
+    converters without unfold (Core ML)."""
+    if form == "fft":
+        return x.unfold(0, size, hop)
+    n = (x.shape[0] - size) // hop + 1
+    return x[torch.arange(n, device=x.device)[:, None] * hop + torch.arange(size, device=x.device)[None]]
+
+
+@functools.lru_cache(maxsize=8)
+def _dft_basis(length: int, n_fft: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the real DFT [length, n_fft // 2 + 1], computed in float64 by NumPy: a
+    traced graph holds them as constants (Core ML has no float64 to compute them in)."""
+    angle = 2 * np.pi * np.arange(length)[:, None] * np.arange(n_fft // 2 + 1)[None] / n_fft
+    return torch.from_numpy(np.cos(angle).astype(np.float32)), torch.from_numpy(np.sin(angle).astype(np.float32))
+
+
+def periodic_hann(n: int, device: torch.device | None = None) -> torch.Tensor:
+    """torch.hann_window(n, periodic=True), as a constant (Core ML has no hann_window)."""
+    return torch.from_numpy((0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)).astype(np.float32)).to(device)
 
 
 class WhisperLogMel(nn.Module):
@@ -143,12 +166,12 @@ class WhisperLogMel(nn.Module):
         self.dft = "fft"  # or "matmul" (see power_spectrum), set by a target while it traces
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        window = torch.hann_window(self.n_fft, periodic=True, dtype=torch.float32, device=wav.device)
+        window = periodic_hann(self.n_fft, wav.device)
         # STFT as reflect-pad + unfold + rfft: torch.stft's internal reshape adds a shape guard
         # that torch.export cannot prove for a dynamic length. Whisper drops the last frame.
         half = self.n_fft // 2
         x = F.pad(wav.float()[None, None], (half, half), mode="reflect")[0, 0]
-        frames = x.unfold(0, self.n_fft, self.hop)[: wav.shape[0] // self.hop]
+        frames = frames_of(x, self.n_fft, self.hop, self.dft)[: wav.shape[0] // self.hop]
         power = power_spectrum(frames * window, self.n_fft, self.dft).T
         mel = torch.from_numpy(self._filters).to(wav.device) @ power
         log_spec = torch.clamp(mel, min=1e-10).log10()
@@ -186,7 +209,7 @@ class KaldiFbank(nn.Module):
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         """wav [N] (float, -1..1) -> [1, frames, n_mels]."""
         x = wav.float() * 32768.0
-        frames = x.unfold(0, self.win, self.shift)
+        frames = frames_of(x, self.win, self.shift, self.dft)
         frames = frames - frames.mean(dim=-1, keepdim=True)
         prev = torch.cat([frames[:, :1], frames[:, :-1]], dim=-1)
         frames = frames - 0.97 * prev

@@ -87,6 +87,11 @@ class Artifact:
     delegation: dict[str, Delegation]
     build_s: float
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # method -> symbolic dim -> the sizes the artifact accepts (Core ML enumerated shapes)
+    enumerated: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+    # method -> (compute units, why) where the device runs it elsewhere than the profile says
+    # (Core ML: CPU and GPU for functions the Neural Engine rejects)
+    compute_units: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def delegated_share(self) -> float:
@@ -169,3 +174,15 @@ def apply_floats(module: nn.Module, floats: dict[str, Any]) -> None:
     for name, value in floats.items():
         owner, _, leaf = name.rpartition(".")
         getattr(module.get_submodule(owner), leaf).data.copy_(value)
+
+
+def swap_linears(module: nn.Module, tensors: dict[str, QTensor], make: Callable[[nn.Linear, str, QTensor], nn.Module]) -> None:
+    """Replace every quantized linear of ``module`` by ``make(linear, path, qtensor)``, the form a
+    target traces its QuantResult in (for good: the module is the compiler's copy, consumed by
+    this build)."""
+    for path, qt in tensors.items():
+        lin = module.get_submodule(path)
+        if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != tuple(qt.q.shape):
+            raise LoweringError(f"{path}: the QuantResult does not fit this module (shape {tuple(qt.q.shape)}); re-run quantization")
+        owner, _, leaf = path.rpartition(".")
+        setattr(module.get_submodule(owner) if owner else module, leaf, make(lin, path, qt))

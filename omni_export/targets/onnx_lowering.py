@@ -33,7 +33,7 @@ from torch import nn
 from omni_export.export.components.layers import RMSNorm
 from omni_export.export.trace_specs import MethodSpec
 from omni_export.quantize.result import QTensor
-from omni_export.targets.base import LoweringError, library_chatter
+from omni_export.targets.base import LoweringError, library_chatter, swap_linears
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,7 @@ def onnx_forms(module: nn.Module) -> Iterator[None]:
 def swap_quantized(module: nn.Module, tensors: dict[str, QTensor]) -> None:
     """Replace every quantized linear of ``module`` by its QuantizedMatMul (for good: the module
     is the compiler's copy, consumed by this build)."""
-    for path, qt in tensors.items():
-        lin = module.get_submodule(path)
-        if not isinstance(lin, nn.Linear) or tuple(lin.weight.shape) != tuple(qt.q.shape):
-            raise LoweringError(f"{path}: the QuantResult does not fit this module (shape {tuple(qt.q.shape)}); re-run quantization")
-        owner, _, leaf = path.rpartition(".")
-        setattr(module.get_submodule(owner) if owner else module, leaf, QuantizedMatMul(lin, path))
+    swap_linears(module, tensors, lambda lin, path, qt: QuantizedMatMul(lin, path))
 
 
 def _symbolic(shape: tuple[int | str, ...]):  # type: ignore[no-untyped-def]

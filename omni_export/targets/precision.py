@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from omni_export.export.components.kv import Attend, KVCache
+from omni_export.export.precision import keep_float32, to_half
 
 FP16_MAX = 65504.0
 # Relative L2 error of one layer's fp16 output against its fp32 output on the same inputs. A
@@ -182,3 +184,36 @@ def measure_fp16(module: nn.Module, run_script, skip: set[str] = frozenset(), to
         elif lp.rel_err > tolerance:
             lp.kept_fp32, lp.reason = True, f"fp16 relative error {lp.rel_err:.2e} > {tolerance:g}"
     return plan
+
+
+@contextmanager
+def fp16_forms(module: nn.Module, plan: PrecisionPlan | None,
+               forms: Callable[[nn.Module], AbstractContextManager[None]] = lambda m: nullcontext()) -> Iterator[None]:  # fmt: skip
+    """While an fp16 target traces ``module``: its body in fp16 with ``plan``'s layers kept fp32
+    (the whole component fp32 when the plan says so), audio spectra as matmuls over the DFT basis
+    (neither TensorRT nor the Neural Engine has an FFT) and the target's own module ``forms``.
+    The module is the compiler's copy, consumed by this build: it stays fp16 afterwards."""
+    whole = plan is not None and plan.whole
+    with forms(module), matmul_spectra(module):
+        undo = [] if whole else keep_float32(module, plan.keep if plan else [])
+        if not whole:
+            to_half(module)
+        try:
+            yield
+        finally:
+            for owner, leaf, inner in undo:
+                setattr(owner, leaf, inner)
+
+
+@contextmanager
+def matmul_spectra(module: nn.Module) -> Iterator[None]:
+    """Audio front ends' framing and spectrum as gathers and matmuls over the DFT basis (for
+    compilers without FFT or unfold: TensorRT, Core ML)."""
+    spectra = [m for m in module.modules() if getattr(m, "dft", None) == "fft"]
+    for m in spectra:
+        m.dft = "matmul"
+    try:
+        yield
+    finally:
+        for m in spectra:
+            m.dft = "fft"

@@ -25,7 +25,6 @@ import json
 import re
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -34,12 +33,11 @@ from typing import Any
 from omni_export.bundle.manifest import RuntimeSettings
 from omni_export.bundle.readme import LOADING
 from omni_export.profiles import MIN_SM, sm_number
-from omni_export.export.precision import keep_float32, to_half
 from omni_export.quantize.engine import plan
 from omni_export.quantize.recipe import Activation, QuantConfig, QuantRule
 from omni_export.targets.base import TARGETS, Artifact, LoweringError, QuantEncodingError, Target, apply_floats
 from omni_export.targets.onnx_lowering import GraphSet, onnx_forms, swap_quantized, to_onnx
-from omni_export.targets.precision import PrecisionPlan, measure_fp16
+from omni_export.targets.precision import fp16_forms, measure_fp16
 from omni_export.targets.tensorrt_ops import check_graph
 
 ARTIFACTS = "artifacts"
@@ -144,28 +142,8 @@ class TensorRTTarget(Target):
     def precision_plan(self, module, run_script, skip):  # type: ignore[no-untyped-def]
         return measure_fp16(module, run_script, skip)
 
-    @contextmanager
-    def _fp16(self, module, plan: PrecisionPlan | None):  # type: ignore[no-untyped-def]
-        # TensorRT has no DFT: audio front ends take their spectrum as matmuls over the basis.
-        spectra = [m for m in module.modules() if getattr(m, "dft", None) == "fft"]
-        whole = plan is not None and plan.whole
-        with onnx_forms(module):
-            undo = [] if whole else keep_float32(module, plan.keep if plan else [])
-            if not whole:
-                to_half(module)
-            for m in spectra:
-                m.dft = "matmul"
-            try:
-                yield
-            finally:
-                for owner, leaf, inner in undo:
-                    setattr(owner, leaf, inner)
-                for m in spectra:
-                    m.dft = "fft"
-
     def trace_context(self, module, limits, plan=None):  # type: ignore[no-untyped-def]
-        # The module is the compiler's copy, consumed by this build: it stays fp16 afterwards.
-        return self._fp16(module, plan)
+        return fp16_forms(module, plan, onnx_forms)
 
     def encode(self, module, tensors, floats) -> None:  # type: ignore[no-untyped-def]
         apply_floats(module, floats)

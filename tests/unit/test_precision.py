@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from omni_export.export.precision import CastIO, KeepFloat32, to_half
-from omni_export.targets.precision import FP16_MAX, TOLERANCE, measure_fp16
-from omni_export.targets.tensorrt import TensorRTTarget
+from omni_export.targets.precision import FP16_MAX, TOLERANCE, fp16_forms, measure_fp16
 
 
 class Toy(nn.Module):
@@ -54,7 +53,7 @@ def test_a_kept_layer_runs_fp32_in_the_graph_and_restores_the_answer():
     x, pair = _inputs()
     ref = toy(x, pair)
     plan = measure_fp16(toy, lambda: toy(x, pair))
-    with TensorRTTarget()._fp16(toy, plan):
+    with fp16_forms(toy, plan):
         assert sorted(plan.keep) == ["big", "cancel"]
         assert isinstance(toy.cancel, KeepFloat32) and isinstance(toy.big, KeepFloat32) and toy.fine.weight.dtype == torch.float16
         wrapped = CastIO(toy, [torch.float16, torch.float16], [torch.float32] * 3)
@@ -73,3 +72,24 @@ def test_to_half_keeps_a_broadcast_placeholder_a_broadcast():
     m.register_buffer("weight_t", torch.zeros(()).expand(4096, 4096))
     to_half(m)
     assert m.weight.dtype == torch.float16 and m.weight_t.dtype == torch.float16 and m.weight_t.stride() == (0, 0)
+
+
+def test_core_ml_converts_the_kept_layers_in_fp32_and_the_rest_in_fp16(tmp_path):
+    """Core ML gets the same plan as an op selector over its fp16 pass: the ops of the kept
+    layers compute in fp32 in the package, a fine layer's in fp16."""
+    from omni_export.export.trace_specs import MethodSpec, Tensor
+    from omni_export.targets.coreml_package import convert, function_ops, load_spec
+
+    toy = _nested()
+    x, pair = _inputs()
+    plan = measure_fp16(toy, lambda: toy(x, pair))
+    program = torch.export.export(toy, (x, pair))
+    spec = MethodSpec("forward", toy, (x, pair), None, (Tensor("x", "float32", (3, 16)), Tensor("pair", "float32", (1, 2))),
+                      tuple(Tensor(n, "float32", ()) for n in ("fine", "cancel", "big")))  # fmt: skip
+    path = convert(program, spec, "iOS18", {}, tmp_path / "toy.mlpackage", plan)
+    ops = function_ops(load_spec(path))["main"]
+    linear = {op.outputs[0].name: op.outputs[0].type.tensorType.dataType for op in ops if op.type == "linear"}
+    from coremltools.proto.MIL_pb2 import DataType
+
+    kinds = sorted(DataType.Name(d) for d in linear.values())
+    assert kinds == ["FLOAT16", "FLOAT32", "FLOAT32"], linear  # cancel and big fp32, fine fp16

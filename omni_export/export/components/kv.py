@@ -6,8 +6,8 @@ step's keys and values, returns what attention reads) and an ``Attend`` (attenti
 
 - ``reference`` (the eager model; what parity compares against): buffers [1, kv_heads, max_len,
   head_dim] written with ``index_copy_``, plain masked attention over the whole buffer.
-- ``state`` (Core ML states): the same buffers written by a slice update at the first position,
-  Apple's documented pattern for stateful models.
+- ``state`` (Core ML states): the same buffers, always fp16 (the only state type Core ML has),
+  written by a slice update at the first position, Apple's documented pattern for stateful models.
 - ``io`` (ONNX Runtime, TensorRT): no buffers; past keys and values come in as tensors, are
   concatenated with the step's own, and go out as ``present`` tensors. Attention groups query
   heads over the shared K/V heads without copying them.
@@ -88,10 +88,13 @@ class SliceCache(BufferCache):
     positions of one call are consecutive)."""
 
     def update(self, k, v, input_pos):  # type: ignore[no-untyped-def]
-        start = input_pos[0]
-        end = start + k.shape[1]
-        self.k_cache[:, :, start:end] = k.transpose(1, 2).to(self.k_cache.dtype)
-        self.v_cache[:, :, start:end] = v.transpose(1, 2).to(self.v_cache.dtype)
+        # A start position read from the tensor (an unbacked size when traced): coremltools takes
+        # the read as a no-op and the slice write as a tensor assign on the state.
+        start = input_pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start + k.shape[1] <= self.k_cache.shape[2])
+        self.k_cache[:, :, start : start + k.shape[1]] = k.transpose(1, 2).to(self.k_cache.dtype)
+        self.v_cache[:, :, start : start + k.shape[1]] = v.transpose(1, 2).to(self.v_cache.dtype)
         return self.k_cache, self.v_cache
 
 
@@ -179,10 +182,12 @@ class KVMode:
         return self.held_as == "static-io"
 
 
-def _buffers(cls: type[BufferCache]) -> Callable[[Any, int, int, IOSlots], KVCache]:
+def _buffers(cls: type[BufferCache], dtype: torch.dtype | None = None) -> Callable[[Any, int, int, IOSlots], KVCache]:
+    """Buffers in the stack's dtype, or in ``dtype`` whatever the stack's (Core ML states are fp16)."""
+
     def make(stack: Any, layer: int, max_len: int, slots: IOSlots) -> KVCache:
         ref = stack.norm.weight
-        return cls(stack.cfg.num_key_value_heads, stack.cfg.head_dim, max_len, ref.dtype, ref.device)
+        return cls(stack.cfg.num_key_value_heads, stack.cfg.head_dim, max_len, dtype or ref.dtype, ref.device)
 
     return make
 
@@ -195,7 +200,7 @@ def plain(cls: type[Attend]) -> Callable[[Any, int, int, IOSlots], Attend]:
 HEADS_FIRST = ("batch", "kv_heads", "positions", "head_dim")
 KV_MODES: Registry[KVMode] = Registry("KV cache mode")
 REFERENCE = KV_MODES.register("reference", KVMode("reference", "buffers", HEADS_FIRST, _buffers(BufferCache), plain(MaskedAttention)))
-KV_MODES.register("state", KVMode("state", "state", HEADS_FIRST, _buffers(SliceCache), plain(MaskedAttention)))
+KV_MODES.register("state", KVMode("state", "state", HEADS_FIRST, _buffers(SliceCache, torch.float16), plain(MaskedAttention)))
 KV_MODES.register("io", KVMode("io", "io", HEADS_FIRST, lambda stack, layer, n, slots: IOCache(slots, layer), plain(GroupedAttention)))
 
 
