@@ -1,13 +1,15 @@
-"""The ONNX paths at full size: a 4B-shaped LLM (InteractiveOmni `full`, Qwen3-4B shapes)
+"""The ONNX and Core ML paths at full size: a 4B-shaped LLM (InteractiveOmni `full`, Qwen3-4B shapes)
 quantized int4 (RTN; g32 for ONNX Runtime, g64 for TensorRT), traced with the explicit KV cache,
 lowered to ONNX by the target (``--target onnxruntime``: fp32 graphs for the CPU provider;
-``--target tensorrt``: the strongly typed fp16 graphs TensorRT builds engines from, op-checked)
-and run by ONNX Runtime on this host. Each phase runs in its own process so its peak RSS is its
+``--target tensorrt``: the strongly typed fp16 graphs TensorRT builds engines from, op-checked;
+``--target coreml``: the stateful multifunction .mlpackage, validated) and, for the ONNX graphs,
+run by ONNX Runtime on this host. Each phase runs in its own process so its peak RSS is its
 own. Prints a table and JSON.
 
     .venv/bin/python benchmarks/full_checkpoint.py --family interactiveomni --dir /tmp/io4b   # writes it
     .venv/bin/python benchmarks/full_onnxruntime.py --checkpoint /tmp/io4b --out /tmp/io4b-onnx
     .venv/bin/python benchmarks/full_onnxruntime.py --target tensorrt --checkpoint /tmp/io4b --out /tmp/io4b-trt
+    .venv/bin/python benchmarks/full_onnxruntime.py --target coreml --checkpoint /tmp/io4b --out /tmp/io4b-coreml
 
 This is the LLM alone (the component that dominates memory and time); the whole-model main job at
 this size is the real-size issue's work.
@@ -54,9 +56,11 @@ target = TARGETS.get(target_name)
 profile = get_profile(profile_name)
 tensors = result.for_component("llm")
 target.encode(llm, tensors, result.floats_for("llm"))
-if target.float_class == "fp32":
-    llm.float()  # what stays float (embedding table, norms) is fp32 there; the quantized linears are placeholders now
-# (TensorRT: its trace context takes the bf16 body to fp16 directly. Its fp32-layer measurement
+if target_name != "tensorrt":
+    # What stays float (embedding table, norms) is traced fp32 (ONNX Runtime runs it so; Core ML's
+    # converter takes it to fp16 itself); the quantized linears hold the QuantResult now.
+    llm.float()
+# (TensorRT: its trace context takes the bf16 body to fp16 directly. The fp32-layer measurement
 # needs the fp32 module and golden calls, which the main job has; it is not run here.)
 limits = Limits(max_context=context, prefill_chunk=min(Limits.prefill_chunk, context))
 t0 = time.perf_counter()
@@ -104,12 +108,15 @@ print({"session_load_s": load_s, "rss_after_session_gib": rss_loaded, "prefill_6
 """
 
 
-TARGETS = {"onnxruntime": ("desktop-cpu", 32), "tensorrt": ("jetson-agx-orin", 64)}  # profile, int4 block
+TARGETS = {"onnxruntime": ("desktop-cpu", 32), "tensorrt": ("jetson-agx-orin", 64), "coreml": ("iphone-15-pro", 32)}  # profile, int4 block
+NOT_RUN = {"coreml": "Core ML predicts only on macOS: the package is converted and validated here, not run"}
 
 
 def measure(checkpoint: Path, out: Path, context: int, threads: int, target: str = "onnxruntime") -> dict:
     profile, group = TARGETS[target]
     e_wall, e = phase(EXPORT, str(checkpoint), str(out), str(context), target, profile, str(group))
+    if target in NOT_RUN:
+        return {"export_process_s": e_wall, **{f"export.{k}": v for k, v in e.items()}, "run": NOT_RUN[target]}
     r_wall, r = phase(RUN, str(out), str(threads), str(Path(__file__).resolve().parent))
     return {"export_process_s": e_wall, **{f"export.{k}": v for k, v in e.items()}, "run_process_s": r_wall, **{f"run.{k}": v for k, v in r.items()}}
 

@@ -81,7 +81,11 @@ def _logging(verbose: bool) -> None:
     term = logging.StreamHandler()
     term.setLevel(logging.INFO if verbose else logging.WARNING)
     term.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if not verbose:  # libraries' warnings (deprecations, their own chatter) are for the log; ours and errors for the user
+        term.addFilter(lambda r: r.name.startswith("omni_export") or r.levelno >= logging.ERROR)
     root.addHandler(term)
+    logging.captureWarnings(True)
+    _route_torch_logs()
     try:
         (cache_dir() / "logs").mkdir(parents=True, exist_ok=True)
         file = logging.FileHandler(cache_dir() / "logs" / LOG_FILE)
@@ -90,6 +94,19 @@ def _logging(verbose: bool) -> None:
         root.addHandler(file)
     except OSError:  # a read-only home: the terminal still gets what matters
         pass
+
+
+def _route_torch_logs() -> None:
+    """torch gives its loggers their own stderr handlers and stops them propagating: routed
+    through ours instead, so its warnings (a deprecation raised while torchao loads) reach the
+    log file, not the terminal."""
+    import torch  # noqa: F401  (sets the handlers up)
+
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and name.split(".")[0] == "torch":
+            for h in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+                logger.removeHandler(h)
+            logger.propagate = True
 
 
 @app.callback()

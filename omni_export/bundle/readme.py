@@ -124,6 +124,81 @@ def _onnxruntime(m: Manifest, root: Path | None = None) -> list[str]:
     ]
 
 
+@LOADING.decorator("coreml")
+def _coreml(m: Manifest, root: Path | None = None) -> list[str]:
+    units = m.profile.runtime.compute_units or "ALL"
+    rows = []
+    for name, c in m.components.items():
+        for method, e in c.methods.items():
+            package, _, function = e.entry.rpartition("#")
+            shapes = "; ".join(_shape(t) for t in e.inputs) + " -> " + "; ".join(_shape(t) for t in e.outputs)
+            sizes = "; ".join(f"{d} in {list(v)}" for d, v in e.enumerated.items())
+            where = f"{e.compute_units} ({e.compute_units_reason})" if e.compute_units else units
+            state = "KV state" if c.kv_cache is not None and method in c.kv_cache.methods else ""
+            rows.append(f"| `{package}` | `{function}` | {shapes} | {sizes or '-'} | {state or '-'} | {where} |")
+    found = _kv_component(m)
+    llm, c = found if found else ("llm", None)
+    kv = c.kv_cache if c else None
+    pkg = (c.methods["prefill"].entry.rpartition("#")[0] if c else "artifacts/llm/llm.mlpackage").rpartition("/")[2]
+    sizes = list(c.methods["prefill"].enumerated.get("tokens", ())) if c else []
+    rate_in, rate_out = m.model.get("audio_sample_rate", 16000), m.model.get("output_sample_rate", 24000)
+    enc = next((n for n, x in m.components.items() if x.role == "encoder" and "audio" in n), "audio_encoder")
+    voc = next((n for n, x in m.components.items() if x.role == "vocoder"), "vocoder")
+    speech = [n for n, x in m.components.items() if x.role in ("decoder", "acoustic") and n != llm]
+    stateful = next((n for n in speech if m.components[n].kv_cache is not None), None)
+    return [
+        "## Loading (Core ML: iOS 18 / macOS 15)",
+        "",
+        "Each component is one ML Program package (`.mlpackage`, compile it into the app or with `MLModel.compileModel(at:)`); "
+        "each method is a *function* of it, loaded with `MLModelConfiguration.functionName`. Functions of one package share "
+        "their weights. Inputs and outputs are float32 (the model computes in fp16, with the layers measured to need fp32 "
+        "kept in fp32); int64 ids and positions are Int32 MLMultiArrays, and a scalar is a one-element array. "
+        f"Compute units: `{units}` (this profile) unless the table says otherwise.",
+        "",
+        "| package | function | I/O | enumerated sizes | state | compute units |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        f"**KV cache.** `prefill` and `decode` of {llm} read and write one Core ML state "
+        + (f"({2 * kv.layers} fp16 tensors [1, {kv.kv_heads}, {kv.max_len}, {kv.head_dim}], K and V per layer) " if kv else "")
+        + "that both functions share: make it once per conversation with `model.makeState()` from the `decode` function's "
+        "model and pass the same `MLState` to every `prefill` and `decode` call; a new conversation is a new state (nothing to "
+        "zero). Positions (`input_pos`) are consecutive from 0, and a call must not go past the cache's length. "
+        + (f"`prefill` takes exactly {sizes} tokens (enumerated shapes, so it runs on the Neural Engine): split a prompt into "
+           "the largest of these that fit and send the remainder through `decode` one token at a time; never pad." if sizes else ""),
+        "",
+        f"**Audio.** Microphone audio goes in at {rate_in} Hz mono float32 in [-1, 1] (resample first); speech comes out at "
+        f"{rate_out} Hz from `{voc}`.",
+        "",
+        "One spoken turn in Swift (error handling left out; names as in the table):",
+        "",
+        "```swift",
+        "import CoreML",
+        "",
+        "func load(_ url: URL, _ function: String, _ units: MLComputeUnits = .cpuAndNeuralEngine) throws -> MLModel {",
+        "    let config = MLModelConfiguration()",
+        "    config.functionName = function",
+        "    config.computeUnits = units",
+        "    return try MLModel(contentsOf: url, configuration: config)  // a compiled .mlmodelc URL",
+        "}",
+        "func features(_ dict: [String: MLMultiArray]) throws -> MLFeatureProvider {",
+        "    try MLDictionaryFeatureProvider(dictionary: dict.mapValues { MLFeatureValue(multiArray: $0) })",
+        "}",
+        "",
+        f'let prefill = try load({llm}URL, "prefill"), decode = try load({llm}URL, "decode")  // {pkg}',
+        "let state = decode.makeState()  // one per conversation, shared by prefill and decode",
+        f"// 1. audio -> features -> tokens ({enc}); splice them into the prompt's embeddings at the audio placeholders",
+        "// 2. prefill the prompt in enumerated chunks, all with the same state",
+        'var out = try prefill.prediction(from: features(["embeds": chunk, "input_pos": positions]), using: state)',
+        "// 3. decode: one token per call until an end-of-turn id, the same state",
+        'out = try decode.prediction(from: features(["embeds": next, "input_pos": position]), using: state)',
+        *([f"// 4. speech: {', '.join(speech)} ({f'its own state: `{stateful}`' + chr(39) + 's decode.makeState()' if stateful else 'no state'}) on each chunk of the text's",
+           f"//    hidden states, then `{voc}`: {rate_out} Hz samples to play while the text goes on decoding"] if speech else []),
+        "```",
+        "",
+    ]
+
+
 def render(manifest: Manifest, parity: list[dict[str, Any]], root: Path | None = None) -> str:
     m = manifest
     lines = [

@@ -98,3 +98,12 @@ def holds_exactly():
 @pytest.fixture(scope="session")
 def quant_result_of():
     return _quant_result_of
+
+
+@pytest.fixture(scope="session")
+def coreml_bundles(tiny_dirs, tmp_path_factory):
+    """Core ML (iphone-15-pro profile), both tiny families: InteractiveOmni int4 (block-wise int4
+    decoders, int8 encoders), VITA-1.5 int8 (per-channel everywhere but the vocoder)."""
+    root = tmp_path_factory.mktemp("coreml-bundles")
+    presets = {"interactiveomni": "int4", "vita15": "int8"}
+    return {f: build_bundle(get_profile("iphone"), p, PRESETS.get(presets[f]), root / f, context=CONTEXT) for f, p in tiny_dirs.items()}
