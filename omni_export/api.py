@@ -31,17 +31,18 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def demo_checkpoint(progress: Callable[[str], None] | None = None) -> Path:
     """The built-in demo checkpoint (small InteractiveOmni, its LLM trained for DEMO_TRAIN_S on
     pydoc's text), generated once and cached."""
-    from omni_export.files import replace_dir
+    from omni_export.files import replace_dir, staged_dir
     from omni_export.quantize.fixture import train_in_place
 
     path = cache_dir() / f"demo-{DEMO_FAMILY}-{DEMO_SIZE}-seed{DEMO_SEED}-trained{DEMO_TRAIN_S}s"
     if not (path / "config.json").is_file():
         log.info("writing the demo checkpoint to %s (once)", path)
-        tmp = path.with_name(f".{path.name}.partial")
-        write_synthetic(DEMO_FAMILY, DEMO_SIZE, tmp, seed=DEMO_SEED, progress=progress, overwrite=True)
-        step = progress or (lambda what: None)
-        train_in_place(tmp, DEMO_TRAIN_S, lambda i, loss: step(f"training the demo LLM ({DEMO_TRAIN_S} s, once): step {i}, loss {loss:.2f}"))
-        replace_dir(tmp, path)
+        with staged_dir(path) as stage:
+            tmp = stage / "checkpoint"
+            write_synthetic(DEMO_FAMILY, DEMO_SIZE, tmp, seed=DEMO_SEED, progress=progress)
+            step = progress or (lambda what: None)
+            train_in_place(tmp, DEMO_TRAIN_S, lambda i, loss: step(f"training the demo LLM ({DEMO_TRAIN_S} s, once): step {i}, loss {loss:.2f}"))
+            replace_dir(tmp, path)
     return path
 
 
@@ -184,23 +185,21 @@ def profile_script(max_new_tokens: int = 24) -> Path:
     that can travel to a device (the device needs no espeak)."""
     import shutil
 
-    from omni_export.files import atomic_write_text, replace_dir
+    from omni_export.files import atomic_write_text, replace_dir, staged_dir
     from omni_export.quantize.calibrate import photo_path, say
     from omni_export.runtime_py.script import Script, TurnSpec, script_toml
 
     path = cache_dir() / f"profile-script-v{PROFILE_SCRIPT_VERSION}-{max_new_tokens}"
     if not (path / "script.toml").is_file():
-        tmp = path.with_name(f".{path.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        shutil.copy(photo_path(), tmp / "photo.jpg")
-        turns = []
-        for i, (sentence, with_photo) in enumerate(PROFILE_TURNS, 1):
-            say(sentence, tmp / f"turn{i}.wav")
-            turns.append(TurnSpec(audio=str(tmp / f"turn{i}.wav"), image=str(tmp / "photo.jpg") if with_photo else None,
-                                  image_max_tiles=1 if with_photo else None, max_new_tokens=max_new_tokens, end_of_turn="eof"))  # fmt: skip
-        atomic_write_text(tmp / "script.toml", script_toml(Script(turn=tuple(turns)), tmp))
-        replace_dir(tmp, path)
+        with staged_dir(path) as tmp:
+            shutil.copy(photo_path(), tmp / "photo.jpg")
+            turns = []
+            for i, (sentence, with_photo) in enumerate(PROFILE_TURNS, 1):
+                say(sentence, tmp / f"turn{i}.wav")
+                turns.append(TurnSpec(audio=str(tmp / f"turn{i}.wav"), image=str(tmp / "photo.jpg") if with_photo else None,
+                                      image_max_tiles=1 if with_photo else None, max_new_tokens=max_new_tokens, end_of_turn="eof"))  # fmt: skip
+            atomic_write_text(tmp / "script.toml", script_toml(Script(turn=tuple(turns)), tmp))
+            replace_dir(tmp, path)
     return path / "script.toml"
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from omni_export.export.components.base import role_of
 from omni_export.export.golden import Context, flops_per_position, make_golden, replay
 from omni_export.export.trace import trace_component
 from omni_export.export.trace_specs import Limits
-from omni_export.files import atomic_write_text, check_bundle_out, replace_dir
+from omni_export.files import atomic_write_text, check_bundle_out, new_staged_dir, replace_dir
 from omni_export.profiles import Profile
 from omni_export.profiles.fit import check_context
 from omni_export.quantize.cache import quantize_checkpoint
@@ -161,10 +160,7 @@ def build_bundle(
     max_context = min(context or profile.max_context, llm_cfg.max_position_embeddings)
     limits = Limits(max_context=max_context, prefill_chunk=min(Limits.prefill_chunk, max_context),
                     max_tiles=ckpt.config.max_dynamic_patch + 1)  # fmt: skip
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = new_staged_dir(out)
     gctx = Context(ckpt.tokenizer, limits)
     rc = ckpt.family.runtime_config(ckpt)
     settings = target.runtime_settings(profile)
@@ -241,8 +237,7 @@ def build_bundle(
     failed = [b for b in builds if b.parity.failures]
     if failed:
         rejected = out.with_name(f"{out.name}.rejected")
-        shutil.rmtree(rejected, ignore_errors=True)
-        os.replace(tmp, rejected)
+        replace_dir(tmp, rejected)
         result.bundle = rejected
         raise ParityGateError(
             f"parity failed for {', '.join(b.name for b in failed)}; the bundle was not published (kept for inspection at {rejected}). "

@@ -1,5 +1,6 @@
-"""File helpers: strict JSON reading, atomic writes (temp file + rename), output checks, and
-native libraries' stderr routed to the log."""
+"""File helpers: strict JSON reading, staged writes (a unique hidden temporary beside the output,
+renamed into place when whole: ``staged_file``, ``staged_dir`` + ``replace_dir``; every writer in
+the package goes through them), output checks, and native libraries' stderr routed to the log."""
 
 from __future__ import annotations
 
@@ -61,17 +62,90 @@ def read_json(path: Path, error: type[Exception] = CheckpointError) -> dict[str,
     return data
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
+def _stage_name(final: Path, suffix: str) -> str:
+    """A hidden name beside ``final``, unique to this process and call: two runs writing the same
+    output never share a temporary, and a stale one names the process that left it."""
+    return f".{final.name}.{os.getpid()}-{os.urandom(4).hex()}{suffix}"
+
+
+@contextlib.contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """Write ``path`` atomically: the caller writes the yielded temporary beside it, which
+    replaces ``path`` only when the block ends without error (and is removed otherwise)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    tmp = path.with_name(_stage_name(path, ".tmp"))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    with staged_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
+
+
+STAGED_DIR = ".partial"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale(final: Path) -> list[Path]:
+    """Remove what runs that were killed (SIGKILL, power loss) left beside ``final``: staged
+    folders and files whose process is gone. Returns what was removed."""
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    prefix = f".{final.name}."
+    for p in final.parent.iterdir():
+        rest = p.name[len(prefix) :] if p.name.startswith(prefix) else ""
+        pid = rest.split("-", 1)[0]
+        if not (rest.endswith((STAGED_DIR, ".tmp", ".old")) and pid.isdigit()) or _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def new_staged_dir(final: Path) -> Path:
+    """A fresh, uniquely named hidden folder beside ``final`` (what killed runs left swept first);
+    the caller removes it on failure and publishes it with ``replace_dir``."""
+    final = Path(final)
+    sweep_stale(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(_stage_name(final, STAGED_DIR))
+    tmp.mkdir()
+    return tmp
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Build a folder for ``final`` in a fresh hidden folder beside it (a unique name), removed if
+    the block fails or is interrupted (Ctrl-C included); publishing it is the caller's
+    (``replace_dir``), so a caller can also keep it elsewhere (a rejected bundle). What a killed
+    run left is swept first."""
+    tmp = new_staged_dir(final)
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_bundle_out(out: Path, overwrite: bool, marker: str = "manifest.json") -> None:
@@ -109,7 +183,13 @@ def check_output_file(out: Path) -> None:
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Publish a directory built at ``tmp`` under ``final`` (whatever was there goes)."""
-    if final.exists():
-        shutil.rmtree(final)
+    """Publish a directory built at ``tmp`` under ``final``. What was there is moved aside first
+    and deleted only once the new one is in place, so an interruption never leaves neither."""
+    final = Path(final)
+    old = None
+    if final.exists() or final.is_symlink():
+        old = final.with_name(_stage_name(final, ".old"))
+        os.replace(final, old)
     os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink(missing_ok=True)

@@ -8,13 +8,13 @@ for call I, with NAME the manifest's input/output names."""
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from omni_export.errors import OmniExportError
+from omni_export.files import atomic_write_bytes
 
 PRECISIONS = ("fp32", "fp16")
 
@@ -34,11 +34,7 @@ def write_golden(path: Path, calls: list[GoldenCall]) -> Path:
             arrays.update({f"{prec}/{i}/{k}": v for k, v in outs.items()})
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def read_golden(path: Path) -> list[GoldenCall]:

@@ -6,7 +6,6 @@ first, so a full 8B-shaped checkpoint is written with about one tensor of RAM.""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from omni_export.errors import OmniExportError
+from omni_export.files import new_staged_dir, replace_dir
 from omni_export.export import tokenizer as tokenizer_mod
 from omni_export.export.checkpoint import INDEX, SINGLE
 from omni_export.export.components.layers import RMSNorm, sinusoids
@@ -130,10 +130,7 @@ def write_synthetic(
     if out.exists() and not overwrite:
         raise OmniExportError(f"{out} already exists; remove it or pass another --out.")
     cfg = family.preset(size)
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = new_staged_dir(out)
     try:
         tok_size = "full" if size.startswith("full") else size
         if progress:
@@ -164,9 +161,7 @@ def write_synthetic(
         for rel, state in side.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, str(tmp / rel))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,7 +18,7 @@ from omni_export.export.checkpoint import load_checkpoint
 from omni_export.export.components.qwen import QwenForCausalLM
 from omni_export.runtime_py.prompt import encode
 from omni_export.export.safetensors_io import SafetensorsFile, write_streaming
-from omni_export.files import cache_dir, replace_dir
+from omni_export.files import cache_dir, replace_dir, staged_dir
 from omni_export.quantize.calibrate import text_split
 
 SEQ = 128
@@ -119,9 +119,8 @@ def trained_checkpoint(src: Path, seconds: float, progress: Callable[[int, float
     out = cache_dir() / f"trained-{fingerprint[:16]}-{int(seconds)}s"
     if (out / "config.json").is_file():
         return out
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    train_in_place(tmp, seconds, progress)
-    replace_dir(tmp, out)
+    with staged_dir(out) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        train_in_place(tmp, seconds, progress)
+        replace_dir(tmp, out)
     return out

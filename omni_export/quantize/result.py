@@ -4,7 +4,6 @@ per (checkpoint, recipe, calibration) and encoded unchanged by every target."""
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 
 from omni_export.errors import OmniExportError
-from omni_export.files import replace_dir
+from omni_export.files import replace_dir, staged_dir
 from omni_export.quantize.grid import Grid
 from omni_export.quantize.recipe import QuantConfig
 
@@ -81,12 +80,14 @@ class QuantResult:
 
     # -- storage ---------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        with staged_dir(directory) as tmp:
+            self._write(tmp)
+            replace_dir(tmp, directory)
+
+    def _write(self, tmp: Path) -> None:
         from safetensors.torch import save
 
-        directory = Path(directory)
-        tmp = directory.with_name(f".{directory.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         blobs: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"recipe": self.recipe, "source_fingerprint": self.source_fingerprint,
                                 "seconds": self.seconds, "layers": self.layers, "tensors": {}}  # fmt: skip
@@ -99,7 +100,6 @@ class QuantResult:
             blobs[f"{name}::float"] = w.contiguous()
         (tmp / "tensors.safetensors").write_bytes(save({k: v.contiguous() for k, v in blobs.items()}))
         (tmp / "result.json").write_text(json.dumps(meta, indent=1))
-        replace_dir(tmp, directory)
 
     @classmethod
     def load(cls, directory: Path) -> QuantResult:

@@ -6,7 +6,6 @@ planned once with ``share_mutable_buffers``), so ``prefill`` fills the cache ``d
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from torch import nn
 from omni_export.export.components.kv import KV_MODES, Attend, KVCache, KVMode, plain
 from omni_export.targets import torchao_encode
 from omni_export.bundle.manifest import Delegation, RuntimeSettings
+from omni_export.files import staged_file
 from omni_export.targets.base import TARGETS, Artifact, LoweringError, Target, apply_floats, delegation, library_chatter
 
 log = logging.getLogger(__name__)
@@ -190,11 +190,8 @@ class ExecuTorchTarget(Target):
                 raise LoweringError(f"ExecuTorch cannot lower {traced.name}: {type(exc).__name__}: {first}") from exc
         rel = f"artifacts/{traced.name}{self.extension}"
         path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
+        with staged_file(path) as tmp, open(tmp, "wb") as f:
             program.write_to_file(f)
-        os.replace(tmp, path)
         return Artifact(traced.name, (rel,), {m: m for m in traced.specs}, self.backend, delegation, time.perf_counter() - start)
 
 

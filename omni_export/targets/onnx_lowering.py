@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from torch import nn
 from omni_export.export.components.layers import RMSNorm
 from omni_export.export.trace_specs import MethodSpec
 from omni_export.quantize.result import QTensor
+from omni_export.files import staged_file
 from omni_export.targets.base import LoweringError, library_chatter, swap_linears
 
 log = logging.getLogger(__name__)
@@ -326,10 +326,9 @@ class GraphSet:
 
         self.directory.mkdir(parents=True, exist_ok=True)
         data = self.directory / self.data_name
-        tmp_data = data.with_name(f".{data.name}.tmp")
         seen: dict[tuple, tuple[int, int]] = {}
         offset = 0
-        with open(tmp_data, "wb") as f:
+        with staged_file(data) as tmp_data, open(tmp_data, "wb") as f:
             for model in models.values():
                 for value in model.graph.initializers.values():  # type: ignore[attr-defined]
                     tensor = value.const_value
@@ -348,12 +347,10 @@ class GraphSet:
                     start, length = seen[key]
                     value.const_value = ir.ExternalTensor(self.data_name, start, length, tensor.dtype, shape=tensor.shape,
                                                           name=value.name, base_dir=self.directory)  # fmt: skip
-        os.replace(tmp_data, data)
         names = []
         for name, model in models.items():
             path = self.directory / f"{name}.onnx"
-            tmp = path.with_name(f".{path.name}.tmp")
-            ir.save(model, tmp)  # type: ignore[arg-type]
-            os.replace(tmp, path)
+            with staged_file(path) as tmp:
+                ir.save(model, tmp)  # type: ignore[arg-type]
             names.append(path.name)
         return [*names, data.name]

@@ -243,3 +243,39 @@ def test_a_run_on_a_bundle_prints_no_library_chatter_and_logs_it(bundles, tmp_pa
     log = (tmp_path / "cache" / "logs" / "omni-export.log").read_text()
     assert "cpuinfo" in log and "executorch session" in log
     assert "cpuinfo" not in p.stderr + p.stdout and "Failed to load" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_an_interrupted_export_leaves_the_old_bundle_intact_and_nothing_that_looks_like_a_bundle(ort_bundles, tiny_dirs, tmp_path, sig):
+    """Ctrl-C cleans up after itself; a SIGKILL cannot, but what it leaves is a hidden, uniquely
+    named .partial folder beside the bundle, which the next run sweeps."""
+    import shutil
+    import signal
+    import time
+
+    from omni_export.bundle import verify_bundle
+    from omni_export.bundle.manifest import sha256_file
+    from omni_export.files import sweep_stale
+
+    out = tmp_path / "bundle"
+    shutil.copytree(ort_bundles["interactiveomni"].bundle, out)
+    before = sha256_file(out / "manifest.json")
+    cmd = [sys.executable, "-m", "omni_export", "--target", "desktop-cpu", "--model", str(tiny_dirs["interactiveomni"]),
+           "--quant", "fp32", "--context", "320", "--out", str(out), "--overwrite"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".bundle.*.partial")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    staged = list(tmp_path.glob(".bundle.*.partial"))
+    assert staged and proc.poll() is None, "the export never started staging"
+    time.sleep(1.0)  # into the work: golden calls and tracing
+    proc.send_signal(getattr(signal, sig))
+    _, stderr = proc.communicate(timeout=120)
+    assert verify_bundle(out) == [] and sha256_file(out / "manifest.json") == before  # the old bundle, untouched
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if sig == "SIGINT":
+        assert proc.returncode == 130 and left == ["bundle"], (left, stderr[-2000:])
+    else:
+        assert proc.returncode == -signal.SIGKILL and left == ["bundle", staged[0].name]
+        assert not (staged[0] / "manifest.json").exists()  # hidden, named .partial, and no manifest: not a bundle
+        assert sweep_stale(out) == [staged[0]] and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
