@@ -38,6 +38,11 @@ def read_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
 
 def prepare_audio(samples: np.ndarray, sr: int, sample_rate: int, source: str = "audio") -> np.ndarray:
     """Validate (non-empty, finite) and resample mono samples to ``sample_rate``."""
+    return resample(check_samples(samples, source), sr, sample_rate, source)
+
+
+def check_samples(samples: np.ndarray, source: str = "audio") -> np.ndarray:
+    """Mono, non-empty, finite float32 samples, or an AudioInputError saying what is wrong."""
     samples = np.asarray(samples, dtype=np.float32)
     if samples.ndim != 1:
         raise AudioInputError(f"{source}: expected mono samples, got shape {samples.shape}")
@@ -45,26 +50,55 @@ def prepare_audio(samples: np.ndarray, sr: int, sample_rate: int, source: str = 
         raise AudioInputError(f"{source} is empty (0 samples); record or pass a non-empty clip.")
     if not np.isfinite(samples).all():
         raise AudioInputError(f"{source} contains NaN or infinite samples; the file is corrupt.")
-    return resample(samples, sr, sample_rate, source)
+    return samples
 
 
-def resample(samples: np.ndarray, sr: int, target: int, source: str = "audio") -> np.ndarray:
-    if sr == target:
-        return samples
+RESAMPLE_QUALITY = "HQ"  # soxr's high quality: offline and streaming use the same filter
+
+
+def _check_rate(sr: int, target: int, source: str) -> None:
     if sr <= 0:
         raise AudioInputError(f"{source}: invalid sample rate {sr}")
-    ratio = Fraction(target, sr).limit_denominator(1000)
+    ratio = Fraction(target, sr)
     if max(ratio, 1 / ratio) > _MAX_RESAMPLE_RATIO:
         raise AudioInputError(
             f"{source}: sample rate {sr} Hz cannot be resampled to {target} Hz (ratio beyond "
             f"1:{_MAX_RESAMPLE_RATIO}); the file's rate is probably wrong. Re-encode it at {target} Hz."
         )
-    from scipy.signal import resample_poly
 
-    out = resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
+
+def resample(samples: np.ndarray, sr: int, target: int, source: str = "audio") -> np.ndarray:
+    """A whole clip at ``target`` Hz (soxr, the filter ``StreamResampler`` runs chunk by chunk)."""
+    if sr == target:
+        return samples
+    _check_rate(sr, target, source)
+    import soxr
+
+    out = soxr.resample(np.ascontiguousarray(samples, dtype=np.float32), sr, target, quality=RESAMPLE_QUALITY).astype(np.float32)
     if out.size == 0:
         raise AudioInputError(f"{source} is too short to resample from {sr} Hz to {target} Hz")
     return out
+
+
+class StreamResampler:
+    """Microphone chunks at ``sr`` Hz -> ``target`` Hz with the filter's state kept across chunks
+    (soxr's streaming resampler), so the concatenated output is the offline resample of the whole
+    stream: resampling each chunk on its own would put an edge at every chunk boundary. The
+    filter's delay holds back a few milliseconds until ``flush``."""
+
+    def __init__(self, sr: int, target: int, source: str = "audio stream") -> None:
+        import soxr
+
+        _check_rate(sr, target, source)
+        self.sr, self.target = sr, target
+        self._stream = soxr.ResampleStream(sr, target, 1, dtype="float32", quality=RESAMPLE_QUALITY)
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        return self._stream.resample_chunk(np.ascontiguousarray(samples, dtype=np.float32))
+
+    def flush(self) -> np.ndarray:
+        """The held-back tail; the stream ends here."""
+        return self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
 
 
 def pad_to_multiple(x: torch.Tensor, axis: int, multiple: int) -> torch.Tensor:
@@ -81,12 +115,11 @@ def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int) ->
     """Write 16-bit PCM atomically (temp file + rename)."""
     import soundfile as sf
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    sf.write(str(tmp), np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
-    return path
+    from omni_export.files import staged_file
+
+    with staged_file(Path(path)) as tmp:
+        sf.write(str(tmp), np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+    return Path(path)
 
 
 def _hz_to_mel_slaney(f: np.ndarray) -> np.ndarray:

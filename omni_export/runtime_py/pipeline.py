@@ -31,7 +31,7 @@ from omni_export.errors import (
     InputError,
 )
 from omni_export.bundle.manifest import ComponentEntry
-from omni_export.runtime_py.audio import pad_to_multiple, prepare_audio, read_audio
+from omni_export.runtime_py.audio import StreamResampler, check_samples, pad_to_multiple, read_audio
 from omni_export.runtime_py.backends.base import Session
 from omni_export.runtime_py.events import AudioChunk, Event, Stats, TextDelta
 from omni_export.runtime_py.image import preprocess_image
@@ -76,6 +76,7 @@ class _Turn:
     text: str = ""
     end_t: float | None = None
     start_t: float = field(default_factory=time.perf_counter)
+    resampler: StreamResampler | None = None  # microphone audio at another rate, resampled as a stream
 
 
 class Pipeline:
@@ -151,13 +152,25 @@ class Pipeline:
         Encodes every encoder window that is complete. Returns True once the VAD hears the end of
         the turn (the caller may keep pushing; ``end_turn`` or ``respond_stream`` ends it)."""
         sr = self.config["audio_sample_rate"]
-        wav = prepare_audio(samples, sample_rate or sr, sr, source="audio chunk")
+        wav = check_samples(samples, "audio chunk")
         turn = self._turn
+        if (sample_rate or sr) != sr:
+            # one resampler per turn and rate, its filter state carried from chunk to chunk
+            if turn.resampler is None or turn.resampler.sr != sample_rate:
+                self._flush_resampler()
+                turn.resampler = StreamResampler(sample_rate, sr, "audio chunk")  # type: ignore[arg-type]
+            wav = turn.resampler.push(wav)
         turn.unencoded.append(wav)
         window = self.window * sr // FRAMES_PER_S
         while turn.pending >= window:
             self._encode_pending(window)
-        return self._vad.push(wav)
+        return self._vad.push(wav) if wav.size else False
+
+    def _flush_resampler(self) -> None:
+        turn = self._turn
+        if turn.resampler is not None:
+            turn.unencoded.append(turn.resampler.flush())
+            turn.resampler = None
 
     def _encode_pending(self, n: int) -> None:
         turn = self._turn
@@ -181,6 +194,7 @@ class Pipeline:
         turn = self._turn
         if turn.end_t is None:
             turn.end_t = self.recorder.mark("audio_end", t)
+            self._flush_resampler()
             sr = self.config["audio_sample_rate"]
             if turn.pending and (turn.pending >= MIN_TAIL_S * sr or not turn.audio_tokens):
                 self._encode_pending(turn.pending)

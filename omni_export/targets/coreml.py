@@ -35,7 +35,16 @@ from torch import nn
 from omni_export.bundle.manifest import RuntimeSettings
 from omni_export.quantize.engine import plan
 from omni_export.quantize.recipe import Activation
-from omni_export.targets.base import TARGETS, Artifact, LoweringError, QuantEncodingError, Target, apply_floats, swap_linears
+from omni_export.targets.base import (
+    TARGETS,
+    Artifact,
+    LoweringError,
+    QuantEncodingError,
+    Target,
+    apply_floats,
+    library_chatter,
+    swap_linears,
+)
 from omni_export.targets.precision import matmul_spectra, measure_fp16
 
 ARTIFACTS = "artifacts"
@@ -133,6 +142,8 @@ class CoreMLTarget(Target):
         return matmul_spectra(module)
 
     def encode(self, module, tensors, floats) -> None:  # type: ignore[no-untyped-def]
+        with library_chatter("torch", "torchao"):
+            import torchao.quantization.quant_primitives  # noqa: F401  (registers torchao::dequantize_affine)
         apply_floats(module, floats)
         swap_linears(module, tensors, lambda lin, path, qt: DequantizedLinear(lin, qt))
 
@@ -144,6 +155,7 @@ class CoreMLTarget(Target):
         plan = getattr(traced.module, "_omni_precision_plan", None)
         target = profile.coreml.minimum_deployment_target
         sizes = {method: enumerations(spec) for method, spec in traced.program_specs.items()}
+        root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".coreml-", dir=root) as scratch:
             functions = {method: pkg.convert(program, traced.program_specs[method], target, sizes[method],
                                              Path(scratch) / f"{method}.mlpackage", plan)

@@ -234,3 +234,24 @@ def test_eager_reference_on_cuda_matches_cpu(tiny_dirs):
     a = cpu.respond(text="Name three colours.", max_new_tokens=8)
     b = gpu.respond(text="Name three colours.", max_new_tokens=8)
     assert a.token_ids == b.token_ids and b.audio.size > 0
+
+
+def test_a_48khz_microphone_stream_is_resampled_as_one_stream(tiny, speech_wav):
+    """160 ms chunks at 48 kHz through push_audio give exactly the offline resample of the whole
+    stream (tolerance 1e-6: the same soxr filter, its state carried across chunks); resampling
+    each chunk on its own, as before, put an edge at every chunk boundary."""
+    from omni_export.runtime_py.audio import StreamResampler, resample
+
+    mic = read_audio(speech_wav, 48000)
+    step = int(0.16 * 48000)
+    offline = resample(mic, 48000, 16000)
+    stream = StreamResampler(48000, 16000)
+    chunked = np.concatenate([*(stream.push(mic[k : k + step]) for k in range(0, len(mic), step)), stream.flush()])
+    assert len(chunked) == len(offline) and np.abs(chunked - offline).max() <= 1e-6
+    per_chunk = np.concatenate([resample(mic[k : k + step], 48000, 16000) for k in range(0, len(mic), step)])
+    assert np.abs(per_chunk[: len(offline)] - offline).max() > 100 * max(np.abs(chunked - offline).max(), 1e-7)
+    p = eager_pipeline(tiny["interactiveomni"], max_context=512)
+    for k in range(0, len(mic), step):
+        p.push_audio(mic[k : k + step], sample_rate=48000)
+    p._flush_resampler()
+    assert np.abs(np.concatenate(p._turn.unencoded) - offline).max() <= 1e-6
