@@ -142,18 +142,69 @@ def convert(program, spec, target: str, enumerated: dict[str, Sequence[int]], ou
     return out
 
 
-def merge(functions: dict[str, Path], default: str, out: Path) -> Path:
-    """Packages of one function each -> one multifunction package (weights the functions share
-    are stored once)."""
-    with quiet():
-        import coremltools as ct
+# Blob storage reader/writer calls by the MIL dtype of the value a blob holds.
+_BLOB_CALLS = {"INT4": "int4", "INT8": "int8", "UINT8": "uint8", "UINT4": "uint4", "INT16": "int16", "UINT16": "uint16",
+               "INT32": "int32", "UINT32": "uint32", "FLOAT16": "fp16", "FLOAT32": "float"}  # fmt: skip
+WEIGHTS = Path("Data") / "com.apple.CoreML" / "weights" / "weight.bin"
+MODEL = Path("Data") / "com.apple.CoreML" / "model.mlmodel"
 
-        desc = ct.utils.MultiFunctionDescriptor()
-        for method, path in functions.items():
-            desc.add_function(str(path), src_function_name="main", target_function_name=method)
-        desc.default_function_name = default
-        out.parent.mkdir(parents=True, exist_ok=True)
-        ct.utils.save_multifunction(desc, str(out))
+
+def _blob_values(fn) -> Iterator[Any]:  # type: ignore[no-untyped-def]
+    """Every Value of a function's ops that lives in the weight file (attributes and bound inputs)."""
+    for block in fn.block_specializations.values():
+        for op in _ops(block):
+            for value in op.attributes.values():
+                if value.WhichOneof("value") == "blobFileValue":
+                    yield value
+            for arg in op.inputs.values():
+                for binding in arg.arguments:
+                    if binding.WhichOneof("binding") == "value" and binding.value.WhichOneof("value") == "blobFileValue":
+                        yield binding.value
+
+
+def merge(functions: dict[str, Path], default: str, out: Path) -> Path:
+    """Packages of one function each -> one multifunction package, weights the functions share
+    stored once. Written here from the packages' own files one weight at a time (coremltools'
+    save_multifunction loads every function's weights at once: for a 4B LLM it ran out of 24 GB)."""
+    import hashlib
+    import shutil
+
+    with quiet():
+        from coremltools.converters.mil.mil.types import builtin_to_string  # noqa: F401  (loads the blob library)
+        from coremltools.libmilstoragepython import _BlobStorageReader, _BlobStorageWriter
+        from coremltools.proto import MIL_pb2, Model_pb2
+
+    first = next(iter(functions.values()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(first, out, ignore=shutil.ignore_patterns("*.bin", "*.mlmodel"))
+    writer = _BlobStorageWriter(str(out / WEIGHTS))
+    merged = Model_pb2.Model()
+    stored: dict[tuple, int] = {}
+    for method, package in functions.items():
+        spec = load_spec(package)
+        if not merged.HasField("mlProgram"):
+            merged.specificationVersion = spec.specificationVersion
+            merged.description.metadata.CopyFrom(spec.description.metadata)
+            merged.mlProgram.version = spec.mlProgram.version
+        reader = _BlobStorageReader(str(Path(package) / WEIGHTS))
+        fn = merged.mlProgram.functions[method]
+        fn.CopyFrom(spec.mlProgram.functions["main"])
+        for value in _blob_values(fn):
+            call = _BLOB_CALLS[MIL_pb2.DataType.Name(value.type.tensorType.dataType)]
+            data = getattr(reader, f"read_{call}_data")(value.blobFileValue.offset)
+            key = (call, tuple(d.constant.size for d in value.type.tensorType.dimensions), hashlib.sha1(data.tobytes()).digest())
+            if key not in stored:
+                stored[key] = getattr(writer, f"write_{call}_data")(data)
+            value.blobFileValue.offset = stored[key]
+            del data
+        d = merged.description.functions.add()
+        d.name = method
+        d.input.extend(spec.description.input)
+        d.output.extend(spec.description.output)
+        d.state.extend(spec.description.state)
+    merged.description.defaultFunctionName = default
+    del writer  # flushes the weight file
+    (out / MODEL).write_bytes(merged.SerializeToString())
     return out
 
 
