@@ -63,13 +63,40 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
 
 
 _USER = "\x00user text\x00"  # where the user's own text goes in a template
+_REPLY = "\x00assistant reply\x00"  # where the previous reply ended (later turns)
+
+
+def render_template(template: str, system: str, user: str, fresh: bool) -> str:
+    """A turn's text from the checkpoint's own chat template (Jinja, as in its
+    tokenizer_config.json; rendered sandboxed, as transformers does): the first turn is the
+    system and user messages with the generation prompt; a later one is what the template puts
+    after the previous reply, through the next generation prompt."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    messages = [{"role": "system", "content": system}]
+    if not fresh:
+        messages += [{"role": "user", "content": "\x00earlier\x00"}, {"role": "assistant", "content": _REPLY}]
+    messages.append({"role": "user", "content": user})
+    text = env.from_string(template).render(messages=messages, add_generation_prompt=True)
+    if fresh:
+        return text
+    if _REPLY not in text:
+        raise ValueError("the chat template drops the assistant's reply from the conversation; cannot continue a conversation with it")
+    return text.split(_REPLY, 1)[1]
 
 
 def turn_ids(tokenizer: Any, prompt_cfg: dict, fresh: bool, n_image: int, n_audio: int, text: str | None) -> list[int]:
     """A user turn's token ids: the chat template and the placeholders with their special tokens,
     the user's text encoded as text (``encode_text``). ``fresh``: the first turn (with the
-    system prompt); otherwise the turn closes the previous reply first (``next_turn``)."""
+    system prompt); otherwise the turn closes the previous reply first (``next_turn``). The
+    checkpoint's own chat template (``prompt_cfg["chat_template"]``) when it ships one, else
+    ChatML (Qwen's)."""
     user = user_turn(prompt_cfg, n_image, n_audio, _USER, prompt_cfg["image_token"], prompt_cfg["audio_token"])
-    template = chat_prompt(user, prompt_cfg["system"]) if fresh else next_turn(user)
+    own = prompt_cfg.get("chat_template")
+    if own:
+        template = render_template(own, prompt_cfg["system"], user, fresh)
+    else:
+        template = chat_prompt(user, prompt_cfg["system"]) if fresh else next_turn(user)
     head, tail = template.split(_USER)
     return encode(tokenizer, head) + (encode_text(tokenizer, text) if text else []) + encode(tokenizer, tail)

@@ -3,6 +3,7 @@ onto component parameters. A new family adds a module here, not branches elsewhe
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,18 @@ from torch import nn
 
 from omni_export.registry import Registry
 from omni_export.runtime_py.prompt import SYSTEM_PROMPT
+
+
+def chat_template(root: Path) -> str | None:
+    """The checkpoint's own chat template (tokenizer_config.json's ``chat_template``, a Jinja
+    string), which the runtime renders each turn with; None: ChatML, Qwen's."""
+    path = Path(root) / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    template = json.loads(path.read_text()).get("chat_template")
+    if isinstance(template, list):  # the newer list form: [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template.strip() else None
 
 if TYPE_CHECKING:
     from omni_export.export.checkpoint import Checkpoint
@@ -90,7 +103,7 @@ class Family(ABC):
             "image_token_id": ids[self.image_token],
             "audio_token_id": ids[self.audio_token],
             "prompt": {"system": SYSTEM_PROMPT, "image_token": self.image_token, "audio_token": self.audio_token,
-                       "image": list(self.image_wrap), "audio": list(self.audio_wrap)},
+                       "image": list(self.image_wrap), "audio": list(self.audio_wrap), "chat_template": chat_template(ckpt.root)},
             "audio_sample_rate": self.audio_sample_rate,
             "output_sample_rate": self.output_sample_rate,
             "image": {"tile_size": vision.cfg.image_size, "tokens_per_tile": vision.tokens_per_tile(),
