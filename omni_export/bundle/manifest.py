@@ -268,11 +268,45 @@ def consistency_problems(m: Manifest) -> list[str]:
             problems += [f"component {name!r}: KV cache method {meth!r} is not one of its methods" for meth in kv.methods if meth not in c.methods]
             if kv.held_as in EXPLICIT_KV and not (len(kv.inputs) == len(kv.outputs) == 2 * kv.layers):
                 problems.append(f"component {name!r}: an io KV cache needs {2 * kv.layers} input and output names")
+    problems += _model_problems(m)
     for rel, d in m.device_files.items():
         if d.component not in m.components:
             problems.append(f"device file {rel!r}: component {d.component!r} is not in the bundle")
         if rel in m.files:
             problems.append(f"device file {rel!r} is also listed under 'files'")
+    return problems
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _model_problems(m: Manifest) -> list[str]:
+    """The model settings the runtime obeys, against what the artifacts were built for: token ids
+    inside the LLM's vocabulary (its logits' width), the context within every KV cache's traced
+    length, the prefill chunk within the context."""
+    problems = []
+    cfg = m.model
+    llm = m.components.get("llm")
+    logits = next((t for e in (llm.methods.values() if llm else ()) for t in e.outputs if t.name == "logits"), None)
+    vocab = logits.shape[-1] if logits is not None and logits.shape and _is_int(logits.shape[-1]) else None
+    ids = {"eos_ids": cfg.get("eos_ids"), "image_token_id": cfg.get("image_token_id"), "audio_token_id": cfg.get("audio_token_id")}
+    for key, value in ids.items():
+        values = value if isinstance(value, list) else [value]
+        if value is None or (key == "eos_ids" and not (isinstance(value, list) and value)) or not all(_is_int(v) for v in values):
+            problems.append(f"model.{key} must be {'a non-empty list of token ids' if key == 'eos_ids' else 'a token id'}, got {value!r}")
+        elif vocab is not None and any(not 0 <= v < vocab for v in values):
+            problems.append(f"model.{key} {value!r} is outside the LLM's vocabulary (0..{vocab - 1})")
+    context, chunk = cfg.get("max_context"), cfg.get("prefill_chunk")
+    if not _is_int(context) or context < 1:
+        problems.append(f"model.max_context must be a positive integer, got {context!r}")
+    else:
+        if context != m.profile.max_context:
+            problems.append(f"model.max_context {context} differs from profile.max_context {m.profile.max_context}")
+        problems += [f"model.max_context {context} is beyond component {n!r}'s KV cache ({c.kv_cache.max_len} positions, as traced)"
+                     for n, c in m.components.items() if c.kv_cache is not None and c.kv_cache.max_len < context]  # fmt: skip
+        if not _is_int(chunk) or not 1 <= chunk <= context:
+            problems.append(f"model.prefill_chunk must be an integer in 1..max_context ({context}), got {chunk!r}")
     return problems
 
 

@@ -1,6 +1,8 @@
-"""``omni-export verify``: the manifest parses (schema 2, typed, references consistent), every
-listed file is present with its size and sha256, nothing is unlisted, and files built on the
-device (TensorRT engines) match their own section when they are there."""
+"""``omni-export verify``: the manifest parses (schema 2, typed, references consistent, model
+settings within what the artifacts were built for), every listed file is present with its size
+and sha256, nothing is unlisted, every artifact has the methods, inputs and outputs the manifest
+says (read by its backend's library), and files built on the device (TensorRT engines) match their
+own section when they are there."""
 
 from __future__ import annotations
 
@@ -70,12 +72,29 @@ def check_bundle_files(bundle: Path) -> Verification:
     if m.device_files:
         out.notes.append(f"files built on the device: {len(present)} ({', '.join(present)})")
     out.notes += _planned_device_files(bundle, m)
+    out.problems += _interface_problems(bundle, m, {p.split(":")[0] for p in out.problems})
     listed = set(m.files) | set(m.device_files) | {MANIFEST}
     for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
         rel = path.relative_to(bundle).as_posix()
         if rel not in listed:
             out.problems.append(f"{rel}: not listed in the manifest")
     return out
+
+
+def _interface_problems(bundle: Path, m: Manifest, damaged: set[str]) -> list[str]:
+    """Each component's artifacts against its manifest entry (methods, inputs, outputs), read by
+    its backend's own library; components with a missing or altered file are already reported."""
+    from omni_export.runtime_py.backends import SESSIONS
+
+    problems = []
+    for name, c in m.components.items():
+        if damaged & set(c.files) or c.backend not in SESSIONS:
+            continue
+        try:
+            problems += [f"component {name!r}: {p}" for p in SESSIONS.get(c.backend).interface_problems(c, bundle)]
+        except ImportError as exc:  # the backend's library is not on this host: the check cannot be made here
+            problems.append(f"component {name!r}: cannot read its {c.backend} artifacts on this host ({exc}); install it to verify")
+    return problems
 
 
 DEVICE_PLANS = {"tensorrt/build_plan.json": ("TensorRT engines", "python tensorrt/build_engines.py (or omni-export build-engines BUNDLE) on the device")}

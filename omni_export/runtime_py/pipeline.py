@@ -117,8 +117,15 @@ class Pipeline:
         m = read_manifest(path)
         pick = (lambda c: c.parity_backend or None) if backend == "parity" else (lambda c: backend)  # noqa: E731
         sessions = {name: open_session(c, path, m.profile.runtime, backend=pick(c)) for name, c in m.components.items()}
-        assets = {k: np.load(path / rel) for k, rel in m.model.get("assets", {}).items()}
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer" / "tokenizer.json"))
+
+        def read(rel: str, load):  # type: ignore[no-untyped-def]
+            try:
+                return load(str(path / rel))
+            except Exception as exc:  # numpy and tokenizers raise their own types for a damaged file
+                raise BundleError(f"cannot read {rel} from {path}: {str(exc)[:160]}. The file is damaged; rebuild the bundle.") from None
+
+        assets = {k: read(rel, lambda f: np.load(f, allow_pickle=False)) for k, rel in m.model.get("assets", {}).items()}
+        tokenizer = read("tokenizer/tokenizer.json", Tokenizer.from_file)
         return cls(sessions, m.components, m.model, tokenizer, assets, **kwargs)
 
     def stack(self, component: str) -> KVStack:

@@ -43,6 +43,13 @@ class Session(ABC):
     def open(cls, entry: ComponentEntry, root: Path, settings: RuntimeSettings) -> Session:
         raise NotImplementedError(f"{cls.backend} sessions are not opened from bundle files")
 
+    @classmethod
+    def interface_problems(cls, entry: ComponentEntry, root: Path) -> list[str]:
+        """How the artifact's own methods, inputs and outputs differ from what the manifest says,
+        read from the files without running them (empty: they agree). ``verify`` and
+        ``open_session`` both ask, so an edited or swapped artifact is refused before it runs."""
+        return []
+
     @abstractmethod
     def run(self, method: str, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run ``method`` on ``inputs``; outputs in the manifest's order."""
@@ -78,9 +85,19 @@ def open_session(entry: ComponentEntry, root: Path, settings: RuntimeSettings, b
     """The component's session on ``backend`` (default: the one its manifest entry names)."""
     from omni_export.files import native_chatter
 
+    from omni_export.bundle.manifest import BundleError
+
     cls = SESSIONS.get(backend or entry.backend)
     with native_chatter(f"{cls.backend} session"):  # runtimes print CPU probes and load failures as they start
         reason = cls.unavailable()
         if reason:
             raise BackendUnavailableError(f"the {cls.backend} runtime cannot run here: {reason}")
-        return cls.open(entry, Path(root), settings)
+        problems = cls.interface_problems(entry, Path(root))
+        if problems:
+            raise BundleError("the bundle's artifacts do not match its manifest:\n  - " + "\n  - ".join(problems)
+                              + "\nThe bundle was altered after it was built; rebuild it (omni-export --target ...).")  # fmt: skip
+        try:
+            return cls.open(entry, Path(root), settings)
+        except (OSError, RuntimeError, ValueError) as exc:  # runtimes raise their own load errors as these
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BundleError(f"{cls.backend} cannot load {entry.files[0]}: {first}. The file is damaged; rebuild the bundle.") from None

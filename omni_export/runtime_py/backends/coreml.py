@@ -71,6 +71,31 @@ class CoreMLSession(Session):
     def open(cls, entry, root: Path, settings) -> CoreMLSession:  # type: ignore[no-untyped-def]
         return cls(entry, root, settings)
 
+    @classmethod
+    def interface_problems(cls, entry, root: Path) -> list[str]:  # type: ignore[no-untyped-def]
+        """Each method is a function of its package with the manifest's input and output names
+        (read with coremltools on any host)."""
+        from omni_export.targets.coreml import function_of
+        from omni_export.targets.coreml_package import load_spec
+
+        problems, specs = [], {}
+        for method, m in entry.methods.items():
+            package, function = function_of(m.entry)
+            try:
+                spec = specs.get(package) or specs.setdefault(package, load_spec(Path(root) / package))
+            except Exception as exc:  # protobuf and coremltools raise their own types for a damaged package
+                problems.append(f"{package}: not a Core ML package ({type(exc).__name__}: {str(exc)[:120]})")
+                continue
+            fn = next((f for f in spec.description.functions if f.name == function), None)
+            if fn is None:
+                problems.append(f"{package}: has no function {function!r} (the manifest's {method})")
+                continue
+            have = ([i.name for i in fn.input], [o.name for o in fn.output])
+            want = ([t.name for t in m.inputs], [t.name for t in m.outputs])
+            if have != want:
+                problems.append(f"{package}#{function}: takes {have[0]} -> {have[1]}, the manifest says {want[0]} -> {want[1]}")
+        return problems
+
     @property
     def methods(self) -> set[str]:
         return set(self._models)

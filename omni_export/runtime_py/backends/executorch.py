@@ -49,6 +49,31 @@ class ExecuTorchSession(Session):
         # small host would only oversubscribe it).
         return cls(Path(root) / entry.files[0], min(settings.threads, host_cores()) if settings.threads else 0)
 
+    @classmethod
+    def interface_problems(cls, entry, root: Path) -> list[str]:  # type: ignore[no-untyped-def]
+        """The program has every method the manifest lists, each with its number of inputs and
+        outputs, and the cache reset where the cache lives in the program."""
+        from executorch.runtime import Runtime
+
+        rel = entry.files[0]
+        try:
+            program = Runtime.get().load_program(Path(root) / rel)
+        except Exception as exc:  # the runtime raises RuntimeError (and others) for a damaged program
+            return [f"{rel}: not an ExecuTorch program ({type(exc).__name__}: {str(exc)[:120]})"]
+        names = set(program.method_names)
+        problems = []
+        for method, m in entry.methods.items():
+            if m.entry not in names:
+                problems.append(f"{rel}: has no method {m.entry!r} (the manifest's {method}); it has {sorted(names)}")
+                continue
+            meta = program.metadata(m.entry)
+            if (meta.num_inputs(), meta.num_outputs()) != (len(m.inputs), len(m.outputs)):
+                problems.append(f"{rel}: {m.entry} takes {meta.num_inputs()} inputs and gives {meta.num_outputs()} outputs, "
+                                f"the manifest says {len(m.inputs)} and {len(m.outputs)}")  # fmt: skip
+        if entry.kv_cache is not None and entry.kv_cache.held_as == "buffers" and RESET not in names:
+            problems.append(f"{rel}: holds a KV cache but has no {RESET} method")
+        return problems
+
     def reset(self) -> None:
         if not hasattr(self, "_program"):
             self._program = self._runtime.load_program(self.path)

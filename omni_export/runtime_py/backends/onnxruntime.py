@@ -18,6 +18,30 @@ from omni_export.runtime_py.backends.base import SESSIONS, Session, host_cores
 _NP = {"float32": np.float32, "float16": np.float16}
 
 
+def graph_interface_problems(entry: Any, root: Path) -> list[str]:
+    """Each method's ONNX graph has the manifest's inputs and outputs, in order (the KV cache's
+    past and present tensors after them where the cache is explicit)."""
+    import onnx
+
+    problems, kv = [], entry.kv_cache
+    for method, m in entry.methods.items():
+        path = Path(root) / m.entry
+        try:
+            graph = onnx.load(str(path), load_external_data=False).graph
+        except Exception as exc:  # protobuf's DecodeError and friends: a damaged file
+            problems.append(f"{m.entry}: not an ONNX graph ({type(exc).__name__}: {str(exc)[:120]})")
+            continue
+        cached = kv is not None and kv.held_as in ("io", "static-io") and method in kv.methods
+        want_in = [t.name for t in m.inputs] + (list(kv.inputs) if cached else [])
+        want_out = [t.name for t in m.outputs] + (list(kv.outputs) if cached else [])
+        inits = {i.name for i in graph.initializer}
+        have_in = [i.name for i in graph.input if i.name not in inits]
+        have_out = [o.name for o in graph.output]
+        if have_in != want_in or have_out != want_out:
+            problems.append(f"{m.entry} ({method}): graph takes {have_in} -> {have_out}, the manifest says {want_in} -> {want_out}")
+    return problems
+
+
 class OnnxRuntimeSession(Session):
     backend = "onnxruntime"
     stateful = False
@@ -58,6 +82,10 @@ class OnnxRuntimeSession(Session):
     @classmethod
     def open(cls, entry, root: Path, settings) -> OnnxRuntimeSession:  # type: ignore[no-untyped-def]
         return cls(entry, root, settings)
+
+    @classmethod
+    def interface_problems(cls, entry, root: Path) -> list[str]:  # type: ignore[no-untyped-def]
+        return graph_interface_problems(entry, root)
 
     @property
     def methods(self) -> set[str]:

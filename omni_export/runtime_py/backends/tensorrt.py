@@ -101,6 +101,13 @@ class TensorRTSession(Session):
         return None
 
     @classmethod
+    def interface_problems(cls, entry, root: Path) -> list[str]:  # type: ignore[no-untyped-def]
+        # The engines are built from these graphs and checked against them when built.
+        from omni_export.runtime_py.backends.onnxruntime import graph_interface_problems
+
+        return graph_interface_problems(entry, root)
+
+    @classmethod
     def open(cls, entry, root: Path, settings) -> TensorRTSession:  # type: ignore[no-untyped-def]
         return cls(entry, root, settings)
 
