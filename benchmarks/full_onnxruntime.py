@@ -133,7 +133,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{a.target} graphs on ONNX Runtime, full-size LLM ({a.checkpoint.name})")
+    t = Table(title=f"{a.target}: full-size LLM ({a.checkpoint.name})")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in r.items():

@@ -39,9 +39,14 @@ def write_golden(path: Path, calls: list[GoldenCall]) -> Path:
 
 def read_golden(path: Path) -> list[GoldenCall]:
     try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise OmniExportError(f"cannot read golden file {path}: {exc}") from None
+        return _read_golden(path)
+    except Exception as exc:  # numpy, zipfile and the layout checks below raise many types for a damaged file
+        raise OmniExportError(f"cannot read golden file {path}: {type(exc).__name__}: {str(exc)[:160]}. "
+                              "The file is damaged; rebuild the bundle.") from None  # fmt: skip
+
+
+def _read_golden(path: Path) -> list[GoldenCall]:
+    data = np.load(path, allow_pickle=False)
     calls = [GoldenCall(str(m), {}, {p: {} for p in PRECISIONS}) for m in data["calls"]]
     for key in data.files:
         if key == "calls":

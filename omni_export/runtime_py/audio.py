@@ -173,16 +173,27 @@ def frames_of(x: torch.Tensor, size: int, hop: int, form: str = "fft") -> torch.
 
 
 @functools.lru_cache(maxsize=8)
+def _dft_basis_np(length: int, n_fft: int) -> tuple[np.ndarray, np.ndarray]:
+    angle = 2 * np.pi * np.arange(length)[:, None] * np.arange(n_fft // 2 + 1)[None] / n_fft
+    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
 def _dft_basis(length: int, n_fft: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the real DFT [length, n_fft // 2 + 1], computed in float64 by NumPy: a
-    traced graph holds them as constants (Core ML has no float64 to compute them in)."""
-    angle = 2 * np.pi * np.arange(length)[:, None] * np.arange(n_fft // 2 + 1)[None] / n_fft
-    return torch.from_numpy(np.cos(angle).astype(np.float32)), torch.from_numpy(np.sin(angle).astype(np.float32))
+    traced graph holds them as constants (Core ML has no float64 to compute them in). Cached as
+    NumPy, never as tensors: a tensor made while tracing is a fake one."""
+    cos, sin = _dft_basis_np(length, n_fft)
+    return torch.from_numpy(cos), torch.from_numpy(sin)
+
+
+@functools.lru_cache(maxsize=8)
+def _hann_np(n: int) -> np.ndarray:
+    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)).astype(np.float32)
 
 
 def periodic_hann(n: int, device: torch.device | None = None) -> torch.Tensor:
     """torch.hann_window(n, periodic=True), as a constant (Core ML has no hann_window)."""
-    return torch.from_numpy((0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)).astype(np.float32)).to(device)
+    return torch.from_numpy(_hann_np(n)).to(device)
 
 
 class WhisperLogMel(nn.Module):

@@ -129,10 +129,15 @@ def test_lowering_refuses_to_cut_a_declared_range(tiny):
         ExecuTorchTarget._lower(traced, [], {})
 
 
-def test_unavailable_target_fails_before_work(tiny_dirs, tmp_path):
+def test_a_profile_whose_target_is_not_registered_fails_before_work(tiny_dirs, tmp_path, monkeypatch):
+    """A profile may name a target this install does not have (a plugin not installed): refused
+    naming the targets it has, before anything is written."""
+    from omni_export.targets import TARGETS
+
+    monkeypatch.delitem(TARGETS._items, "coreml")
     r = runner.invoke(app, ["--target", "iphone", "--model", str(tiny_dirs["vita15"]), "--out", str(tmp_path / "b")])
     assert r.exit_code == 2 and "unknown target 'coreml'" in r.output and "executorch, onnxruntime, tensorrt" in r.output
-    assert not (tmp_path / "b").exists()
+    assert not (tmp_path / "b").exists() and not list(tmp_path.iterdir())
 
 
 def test_verify_names_a_changed_byte(bundle_copy):

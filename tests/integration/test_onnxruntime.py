@@ -212,7 +212,7 @@ def test_a_component_no_host_runtime_can_replay_is_not_run_and_never_passes(ort_
     rows = {row["component"]: row for row in json.loads(r.output[r.output.index("[") : r.output.rindex("]") + 1])}
     assert r.exit_code == 5, r.output
     assert rows["codec_decoder"]["status"] == "not run on this host" and not rows["codec_decoder"]["passed"]
-    assert "coreml" in rows["codec_decoder"]["not_run"] and not rows["tts_nar"]["passed"]
+    assert "Core ML" in rows["codec_decoder"]["not_run"] and not rows["tts_nar"]["passed"]
     assert rows["llm"]["passed"] and "codec_decoder: not run on this host" in r.output
 
 

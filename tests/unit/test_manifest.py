@@ -22,6 +22,9 @@ from omni_export.bundle.manifest import (
 )
 
 
+MODEL = {"eos_ids": [3], "image_token_id": 5, "audio_token_id": 8, "max_context": 320, "prefill_chunk": 256}
+
+
 def _manifest() -> Manifest:
     step = "artifacts/llm/step.onnx"
     kv = KVLayout("io", 2, 2, 16, 320, "float32", ("batch", "kv_heads", "positions", "head_dim"), ("prefill", "decode"),
@@ -34,7 +37,7 @@ def _manifest() -> Manifest:
     files = {f: FileEntry("0" * 64, 1) for f in (*llm.files, "golden/llm.npz")}
     return Manifest(2, {"omni_export": "0.2.0"}, "interactiveomni", Source("/ckpt", "f" * 64),
                     ProfileEntry("desktop-cpu", "onnxruntime", "desktop", 320, 51.2, RuntimeSettings(threads=0, providers=("CPUExecutionProvider",))),
-                    QuantEntry("int4", "fp32", ()), {"eos_ids": [3]}, {"llm": llm}, files)  # fmt: skip
+                    QuantEntry("int4", "fp32", ()), MODEL, {"llm": llm}, files)  # fmt: skip
 
 
 def test_round_trip():

@@ -66,3 +66,25 @@ def test_an_op_core_ml_cannot_convert_fails_naming_the_method(tmp_path):
     with pytest.raises(LoweringError, match=r"Core ML cannot convert forward: .*hann_window"):
         convert(torch.export.export(Windowed(), (x,)), spec, "iOS18", {}, tmp_path / "w.mlpackage")
     assert not (tmp_path / "w.mlpackage").exists()
+
+
+def test_asymmetric_int4_keeps_its_zero_points_as_offsets(tmp_path):
+    """Codes, scales and zero points go into the package as they are (constexpr_blockwise_shift_scale
+    data, scale and offset), and the module computes (q - zero) * scale, as the QuantResult says."""
+    from omni_export.quantize.recipe import QuantConfig
+    from omni_export.quantize.result import QTensor
+    from omni_export.targets.coreml import CoreMLTarget, DequantizedLinear
+    from omni_export.targets.coreml_package import convert, read_quantized_weights
+
+    CoreMLTarget().encode(nn.Module(), {}, {})  # registers torchao's op
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 16)
+    q = torch.randint(-8, 8, (16, 64), dtype=torch.int8, generator=g)
+    zero = torch.randint(-3, 3, (16, 2), dtype=torch.int8, generator=g)
+    qt = QTensor(q, torch.rand(16, 2, generator=g) * 0.1 + 0.01, zero, QuantConfig(bits=4, group_size=32, symmetric=False))
+    m, x = DequantizedLinear(lin, qt), torch.randn(3, 64, generator=g)
+    assert torch.allclose(m(x), torch.nn.functional.linear(x, qt.dequantize(), lin.bias), atol=1e-5)
+    spec = MethodSpec("forward", m, (x,), None, (Tensor("x", "float32", (3, 64)),), (Tensor("y", "float32", (3, 16)),))
+    (w,) = read_quantized_weights(convert(torch.export.export(m, (x,)), spec, "iOS18", {}, tmp_path / "a.mlpackage"))
+    assert w.dtype == "int4" and torch.equal(w.q, q) and torch.equal(w.offset.reshape(zero.shape), zero)
+    assert torch.equal(w.scale.reshape(qt.scale.shape), qt.scale.half().float())
