@@ -145,6 +145,7 @@ def test_int4_integers_in_the_tensorrt_graphs_equal_the_quant_result_and_the_pte
     holds_exactly(tensors, read_pte(tmp_path / art.files[0]), "llm (pte)")
 
 
+@pytest.mark.slow  # an int8 variant of the int4 integers test above (45 s); run with -m slow
 def test_int8_weights_are_per_channel_with_fp16_scales(quant_bundles):
     r = quant_bundles("jetson", "vita15", "int8")
     assert all(b.parity.passed for b in r.components), [(b.name, b.parity.failures) for b in r.components]
@@ -210,6 +211,7 @@ def test_recipes_tensorrt_cannot_encode_are_refused_saying_what_to_change(tiny_d
     assert not list((tmp_path).glob("b*"))
 
 
+@pytest.mark.slow  # builds a w8a8 bundle of its own (50 s); run with -m slow
 def test_w8a8_quantizes_activations_with_calibrated_static_scales(quant_bundles):
     r = quant_bundles("jetson", "interactiveomni", "w8a8")
     assert all(b.parity.passed for b in r.components), [(b.name, b.parity.failures) for b in r.components]
