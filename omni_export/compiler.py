@@ -42,7 +42,7 @@ from omni_export.export.components.base import role_of
 from omni_export.export.golden import Context, flops_per_position, make_golden, replay
 from omni_export.export.trace import trace_component
 from omni_export.export.trace_specs import Limits
-from omni_export.files import atomic_write_text, check_bundle_out, new_staged_dir, replace_dir
+from omni_export.files import atomic_write_text, check_bundle_out, replace_dir, staged_dir
 from omni_export.profiles import Profile
 from omni_export.profiles.fit import check_context
 from omni_export.quantize.cache import quantize_checkpoint
@@ -160,7 +160,6 @@ def build_bundle(
     max_context = min(context or profile.max_context, llm_cfg.max_position_embeddings)
     limits = Limits(max_context=max_context, prefill_chunk=min(Limits.prefill_chunk, max_context),
                     max_tiles=ckpt.config.max_dynamic_patch + 1)  # fmt: skip
-    tmp = new_staged_dir(out)
     gctx = Context(ckpt.tokenizer, limits)
     rc = ckpt.family.runtime_config(ckpt)
     settings = target.runtime_settings(profile)
@@ -173,7 +172,7 @@ def build_bundle(
     components: dict[str, ComponentEntry] = {}
     builds: list[ComponentBuild] = []
     unrun: dict[tuple[str, str], list[str]] = {}  # (why, where it runs) -> components whose parity was not run
-    try:
+    with staged_dir(out) as tmp:  # removed if anything below fails or is interrupted
         for name, module in ckpt.components.items():
             t: dict[str, float] = {}
             # The float module is the reference: golden I/O comes before any weight is encoded.
@@ -230,21 +229,18 @@ def build_bundle(
             atomic_write_text(tmp / "reports" / "quant.json", json.dumps(
                 {"recipe": recipe.name, "cache": str(quant_where), "seconds": round(quant.seconds, 2), "layers": quant.layers}, indent=1))
         _finish(tmp, ckpt, profile, target, settings, recipe, limits, components, builds, notes)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    result = BuildResult(out, profile.name, recipe.name, builds, time.perf_counter() - start, notes)
-    failed = [b for b in builds if b.parity.failures]
-    if failed:
-        rejected = out.with_name(f"{out.name}.rejected")
-        replace_dir(tmp, rejected)
-        result.bundle = rejected
-        raise ParityGateError(
-            f"parity failed for {', '.join(b.name for b in failed)}; the bundle was not published (kept for inspection at {rejected}). "
-            f"See which layers cause it: omni-export quant-report --model {model} --quant {recipe.name} --target {profile.name}",
-            result,
-        )
-    replace_dir(tmp, out)
+        result = BuildResult(out, profile.name, recipe.name, builds, time.perf_counter() - start, notes)
+        failed = [b for b in builds if b.parity.failures]
+        if failed:
+            rejected = out.with_name(f"{out.name}.rejected")
+            replace_dir(tmp, rejected)
+            result.bundle = rejected
+            raise ParityGateError(
+                f"parity failed for {', '.join(b.name for b in failed)}; the bundle was not published (kept for inspection at {rejected}). "
+                f"See which layers cause it: omni-export quant-report --model {model} --quant {recipe.name} --target {profile.name}",
+                result,
+            )
+        replace_dir(tmp, out)
     return result
 
 

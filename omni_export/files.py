@@ -123,24 +123,17 @@ def sweep_stale(final: Path) -> list[Path]:
     return removed
 
 
-def new_staged_dir(final: Path) -> Path:
-    """A fresh, uniquely named hidden folder beside ``final`` (what killed runs left swept first);
-    the caller removes it on failure and publishes it with ``replace_dir``."""
-    final = Path(final)
-    sweep_stale(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(_stage_name(final, STAGED_DIR))
-    tmp.mkdir()
-    return tmp
-
-
 @contextlib.contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
     """Build a folder for ``final`` in a fresh hidden folder beside it (a unique name), removed if
     the block fails or is interrupted (Ctrl-C included); publishing it is the caller's
     (``replace_dir``), so a caller can also keep it elsewhere (a rejected bundle). What a killed
     run left is swept first."""
-    tmp = new_staged_dir(final)
+    final = Path(final)
+    sweep_stale(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(_stage_name(final, STAGED_DIR))
+    tmp.mkdir()
     try:
         yield tmp
     finally:

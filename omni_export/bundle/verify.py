@@ -56,10 +56,12 @@ def check_bundle_files(bundle: Path) -> Verification:
         out.problems.append(str(exc))
         return out
     out.manifest = m
+    damaged = set()
     for rel, entry in sorted(m.files.items()):
         problem = _check_file(bundle, rel, entry)
         if problem:
             out.problems.append(problem)
+            damaged.add(rel)
     present = []
     for rel, d in sorted(m.device_files.items()):
         if not (bundle / rel).exists():
@@ -72,7 +74,7 @@ def check_bundle_files(bundle: Path) -> Verification:
     if m.device_files:
         out.notes.append(f"files built on the device: {len(present)} ({', '.join(present)})")
     out.notes += _planned_device_files(bundle, m)
-    out.problems += _interface_problems(bundle, m, {p.split(":")[0] for p in out.problems})
+    out.problems += _interface_problems(bundle, m, damaged)
     listed = set(m.files) | set(m.device_files) | {MANIFEST}
     for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
         rel = path.relative_to(bundle).as_posix()

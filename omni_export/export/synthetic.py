@@ -6,7 +6,6 @@ first, so a full 8B-shaped checkpoint is written with about one tensor of RAM.""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from omni_export.errors import OmniExportError
-from omni_export.files import new_staged_dir, replace_dir
+from omni_export.files import replace_dir, staged_dir
 from omni_export.export import tokenizer as tokenizer_mod
 from omni_export.export.checkpoint import INDEX, SINGLE
 from omni_export.export.components.layers import RMSNorm, sinusoids
@@ -130,8 +129,7 @@ def write_synthetic(
     if out.exists() and not overwrite:
         raise OmniExportError(f"{out} already exists; remove it or pass another --out.")
     cfg = family.preset(size)
-    tmp = new_staged_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         tok_size = "full" if size.startswith("full") else size
         if progress:
             progress("tokenizer")
@@ -162,7 +160,4 @@ def write_synthetic(
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, str(tmp / rel))
         replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

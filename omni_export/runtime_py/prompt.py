@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -66,19 +67,24 @@ _USER = "\x00user text\x00"  # where the user's own text goes in a template
 _REPLY = "\x00assistant reply\x00"  # where the previous reply ended (later turns)
 
 
+@functools.lru_cache(maxsize=4)
+def _compiled(template: str) -> Any:
+    """A chat template compiled once per session, not per turn."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+
+
 def render_template(template: str, system: str, user: str, fresh: bool) -> str:
     """A turn's text from the checkpoint's own chat template (Jinja, as in its
     tokenizer_config.json; rendered sandboxed, as transformers does): the first turn is the
     system and user messages with the generation prompt; a later one is what the template puts
     after the previous reply, through the next generation prompt."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     messages = [{"role": "system", "content": system}]
     if not fresh:
         messages += [{"role": "user", "content": "\x00earlier\x00"}, {"role": "assistant", "content": _REPLY}]
     messages.append({"role": "user", "content": user})
-    text = env.from_string(template).render(messages=messages, add_generation_prompt=True)
+    text = _compiled(template).render(messages=messages, add_generation_prompt=True)
     if fresh:
         return text
     if _REPLY not in text:

@@ -13,6 +13,7 @@ only, every op in the deployment target's opset, and every quantized weight pres
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 from collections.abc import Iterator, Sequence
@@ -48,16 +49,11 @@ def quiet() -> Iterator[None]:
         log.debug("%s", err.getvalue().strip()[-4000:])
 
 
-_FIXED: list[bool] = []
-
-
+@functools.cache  # registered once, before the first conversion
 def _integer_floor_division() -> None:
     """coremltools casts every floor division to fp32 (true of tensors in TorchScript), but in a
     torch.export graph ``//`` also divides symbolic sizes, whose result must stay an integer: a
-    frame count cast to fp32 breaks the slice or arange that uses it. Registered once, before the
-    first conversion."""
-    if _FIXED:
-        return
+    frame count cast to fp32 breaks the slice or arange that uses it."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.frontend.torch.ops import _get_inputs, promote_input_dtypes
     from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
@@ -71,7 +67,6 @@ def _integer_floor_division() -> None:
             context.add(mb.cast(x=mb.floor_div(x=x, y=y), dtype="fp32", name=node.name))
 
     register_torch_op(floor_divide, torch_alias=["floordiv"], override=True)
-    _FIXED.append(True)
 
 
 def deployment(name: str) -> Any:
@@ -170,7 +165,6 @@ def merge(functions: dict[str, Path], default: str, out: Path) -> Path:
     import shutil
 
     with quiet():
-        from coremltools.converters.mil.mil.types import builtin_to_string  # noqa: F401  (loads the blob library)
         from coremltools.libmilstoragepython import _BlobStorageReader, _BlobStorageWriter
         from coremltools.proto import MIL_pb2, Model_pb2
 
@@ -375,7 +369,7 @@ def read_quantized_weights(path: Path) -> list[StoredWeight]:
         from coremltools.converters.mil.frontend.milproto.load import load as load_program
         from coremltools.converters.mil.mil.types import builtin_to_string
 
-        program = load_program(spec, spec.specificationVersion, str(Path(path) / "Data" / "com.apple.CoreML" / "weights"))
+        program = load_program(spec, spec.specificationVersion, str(Path(path) / WEIGHTS.parent))
     seen: dict[bytes, StoredWeight] = {}
     for fn in program.functions.values():
         for op in fn.find_ops(op_type=WEIGHT_OP):
