@@ -61,25 +61,19 @@ def soak(bundle: Path, turns: int, max_new_tokens: int) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from omni_export.plots import png
 
     turns = [r["turn"] for r in rows]
-    fig, (a, b) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    a.plot(turns, [r["rss_mb"] for r in rows])
-    a.set_ylabel("RSS (MB)")
-    resets = [r["turn"] for r in rows if r["context_reset"]]
-    for t in resets:
-        a.axvline(t, color="grey", lw=0.5, ls=":")
-    b.plot(turns, [r["ttft_ms"] for r in rows], label="TTFT")
-    b.plot(turns, [r["ttfa_ms"] for r in rows], label="TTFA")
-    b.set_ylabel("ms")
-    b.set_xlabel("turn (dotted: history dropped to fit)")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with png(path, 2, figsize=(9, 6), sharex=True) as (a, b):
+        a.plot(turns, [r["rss_mb"] for r in rows])
+        a.set_ylabel("RSS (MB)")
+        for t in (r["turn"] for r in rows if r["context_reset"]):
+            a.axvline(t, color="grey", lw=0.5, ls=":")
+        b.plot(turns, [r["ttft_ms"] for r in rows], label="TTFT")
+        b.plot(turns, [r["ttfa_ms"] for r in rows], label="TTFA")
+        b.set_ylabel("ms")
+        b.set_xlabel("turn (dotted: history dropped to fit)")
+        b.legend()
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import json
 import logging
 import sys
@@ -58,6 +60,8 @@ def _fit_table(fit) -> Table:  # type: ignore[no-untyped-def]
     for c in plan.components:
         t.add_row(c.name, c.precision, f"{c.params / 1e6:,.1f} M", _gb(c.weight_bytes))
     t.add_row("KV cache", plan.float_dtype, "", _gb(plan.kv_bytes))
+    if plan.stream_bytes:
+        t.add_row("streaming state (flow windows)", "fp32", "", _gb(plan.stream_bytes))
     t.add_row("activations (peak, est.)", "", "", _gb(plan.activation_bytes))
     t.add_row("runtime overhead", "", "", _gb(plan.overhead_bytes))
     t.add_row("[bold]total[/]", "", "", f"[bold]{_gb(plan.total_bytes)}[/]")
@@ -85,7 +89,7 @@ def _logging(verbose: bool) -> None:
         term.addFilter(lambda r: r.name.startswith("omni_export") or r.levelno >= logging.ERROR)
     root.addHandler(term)
     logging.captureWarnings(True)
-    _route_torch_logs()
+    _route_torch_logs_on_import()
     try:
         (cache_dir() / "logs").mkdir(parents=True, exist_ok=True)
         file = logging.FileHandler(cache_dir() / "logs" / LOG_FILE)
@@ -96,12 +100,37 @@ def _logging(verbose: bool) -> None:
         pass
 
 
-def _route_torch_logs() -> None:
-    """torch gives its loggers their own stderr handlers and stops them propagating: routed
-    through ours instead, so its warnings (a deprecation raised while torchao loads) reach the
-    log file, not the terminal."""
-    import torch  # noqa: F401  (sets the handlers up)
+class _AfterTorchImport(importlib.abc.MetaPathFinder):
+    """Finds torch as usual, then routes its loggers once its module has run."""
 
+    def find_spec(self, name, path, target=None):  # type: ignore[no-untyped-def]
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def exec_module(module):  # type: ignore[no-untyped-def]
+                run(module)
+                _route_torch_logs()
+
+            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def _route_torch_logs_on_import() -> None:
+    """torch gives its loggers their own stderr handlers and stops them propagating: they are
+    routed through ours instead, so its warnings (a deprecation raised while torchao loads) reach
+    the log file, not the terminal. Done when torch is first imported, not here: importing it
+    costs 1.4 s that commands which never need it (``profiles``) should not pay."""
+    if "torch" in sys.modules:
+        _route_torch_logs()
+    elif not any(isinstance(f, _AfterTorchImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterTorchImport())
+
+
+def _route_torch_logs() -> None:
     for name, logger in list(logging.root.manager.loggerDict.items()):
         if isinstance(logger, logging.Logger) and name.split(".")[0] == "torch":
             for h in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
@@ -334,7 +363,7 @@ def fit(
         plan = result.plan
         print(json.dumps({"profile": profile.name, "fits": result.fits, "margin_bytes": result.margin_bytes,
                           "available_bytes": result.available_bytes, "total_bytes": plan.total_bytes,
-                          "weight_bytes": plan.weight_bytes, "kv_bytes": plan.kv_bytes,
+                          "weight_bytes": plan.weight_bytes, "kv_bytes": plan.kv_bytes, "stream_bytes": plan.stream_bytes,
                           "activation_bytes": plan.activation_bytes, "overhead_bytes": plan.overhead_bytes,
                           "recipe": plan.recipe, "context": plan.context,
                           "components": [to_dict(c) for c in plan.components]}, indent=2))  # fmt: skip

@@ -17,6 +17,7 @@ from omni_export.errors import ConfigError
 from omni_export.export.checkpoint import meta_build
 from omni_export.export.components.internvit import InternViTConfig
 from omni_export.export.components.base import role_of
+from omni_export.export.components.base import component
 from omni_export.export.components.kv import kv_stacks
 from omni_export.export.families import ComponentSpec, Family
 from omni_export.export.trace_specs import Limits
@@ -46,6 +47,9 @@ class MemoryPlan:
     activation_bytes: int
     overhead_bytes: int
     float_dtype: str = "fp16"  # what the target stores float tensors and the KV cache as
+    # State a streaming component keeps between calls (the flow's attention windows): it crosses
+    # the method boundary, so it is fp32 whatever the target computes in.
+    stream_bytes: int = 0
 
     @property
     def weight_bytes(self) -> int:
@@ -53,7 +57,7 @@ class MemoryPlan:
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.activation_bytes + self.overhead_bytes
+        return self.weight_bytes + self.kv_bytes + self.stream_bytes + self.activation_bytes + self.overhead_bytes
 
 
 @dataclass(frozen=True)
@@ -160,8 +164,9 @@ def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, spe
     elem = _float_bytes(recipe)
     comps = tuple(component_memory(s, modules[s.name], recipe) for s in specs)
     kv = sum(_kv_bytes(modules[s.name], context, elem) for s in specs)
+    stream = 4 * sum(component(modules[s.name]).stream_state_elements() for s in specs)
     act = activation_estimate(family, cfg, modules, context, elem)
-    return MemoryPlan(recipe.name, context, comps, kv, act, RUNTIME_OVERHEAD, recipe.float_dtype)
+    return MemoryPlan(recipe.name, context, comps, kv, act, RUNTIME_OVERHEAD, recipe.float_dtype, stream)
 
 
 def fit_check(profile: Profile, family: Family, cfg: Any, recipe: QuantRecipe, context: int | None = None) -> FitResult:

@@ -4,9 +4,14 @@ non-streaming path is the same object pushed everything at once, so both produce
 
 - ``cosyvoice2`` (InteractiveOmni): the speech-token LM reads text states in chunks of
   ``text_chunk`` and answers each with ``speech_chunk`` speech tokens (bistream); the flow is
-  chunk-causal, so every complete chunk of ``flow_chunk_tokens`` speech tokens gives final mel;
+  chunk-causal, so every complete chunk of ``flow_chunk_tokens`` speech tokens gives final mel,
+  made by one call per chunk over windows of the past chunks (same cost for every chunk);
   the vocoder runs over new mel with left context and a held-back lookahead, and consecutive
-  pieces are cross-faded over their overlap so the seams carry no clicks.
+  pieces are cross-faded over their overlap so the seams carry no clicks. A reply longer than the
+  speech LM's context is spoken in segments, as CosyVoice's front end splits long text: a segment
+  ends (its remaining speech made, then a fresh speech-LM context) after a sentence once it is
+  half its budget, or when one more text chunk could overflow the cache; the flow and vocoder run
+  on across segments.
 - ``vita_codec`` (VITA-1.5): text is cut into segments (first one short, for a quick first
   sound; later at punctuation or a length); each segment runs NAR -> AR codec tokens -> codec
   decoder, with short raised-cosine edges so segments join without clicks."""
@@ -20,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 
+from omni_export.errors import ContextOverflowError
 from omni_export.registry import Registry
 from omni_export.runtime_py.sampler import cosine_timesteps, sample
 
@@ -27,6 +33,12 @@ if TYPE_CHECKING:
     from omni_export.runtime_py.pipeline import Pipeline
 
 SPEECH_TOP_K = 25  # CosyVoice samples speech tokens from the top 25
+PUNCTUATION = frozenset(".,!?;:\n。，！？；：")
+SENTENCE_END = frozenset(".!?\n。！？")
+
+
+def ends_with(p: Pipeline, token_id: int, marks: frozenset[str]) -> bool:
+    return p.tokenizer.decode([token_id]).strip()[-1:] in marks
 
 
 class SpeechStream(ABC):
@@ -66,11 +78,27 @@ class CosyVoice2Stream(SpeechStream):
         self.hop = self.c["vocoder_hop"]
         self.xfade = self.hop
         self.states: list[torch.Tensor] = []
-        self.n_text = 0
+        self.n_text = 0  # text tokens of the current segment
         self.tokens: list[int] = []
+        self.segment_start = 0  # index in ``tokens`` of the current segment's first speech token
+        self.sentence_ended = False  # since the last text chunk
+        c = self.c
+        # Text tokens a segment may hold so that its worst case (every text token followed by the
+        # most speech tokens the model may give it, plus the sos and task rows) fits the cache.
+        self.segment_text = (self.slm.max_len - 2) // (1 + c["max_speech_per_text"]) // c["text_chunk"] * c["text_chunk"]
+        if self.segment_text < c["text_chunk"]:
+            raise ContextOverflowError(
+                f"speech_lm: its KV cache ({self.slm.max_len} positions) cannot hold one text chunk ({c['text_chunk']} tokens) "
+                f"and the up to {c['max_speech_per_text']} speech tokens per text token it may answer with; "
+                "rebuild the bundle with a larger --context.")  # fmt: skip
         self.mel = torch.zeros(1, self.c["mel_bins"], 0)
         self.noise = torch.zeros(1, self.c["mel_bins"], 0)
         self.spks: torch.Tensor | None = None
+        shapes = self.c["flow_caches"]
+        self.flow_done = 0  # speech tokens whose mel is made
+        self.enc_caches = [torch.zeros(shapes[n]) for n in ("enc_cache", "post_cache", "conv_cache")]
+        self.timesteps = cosine_timesteps(self.c["n_timesteps"])
+        self.step_caches = [torch.zeros(shapes["step_cache"]) for _ in self.timesteps[1:]]  # one per ODE step
         self.voc_frames = 0  # mel frames whose audio is out (or held in the tail)
         self.tail = np.zeros(0, dtype=np.float32)
         self.logits = self._feed(self._special(self.c["sos_row"]))
@@ -94,52 +122,74 @@ class CosyVoice2Stream(SpeechStream):
         self.logits = self._feed(self.slm.session.run("embed_text", [chunk.contiguous()])[0])
 
     def push(self, token_id: int, state: torch.Tensor) -> Iterator[np.ndarray]:
+        c = self.c
         self.states.append(state)
         self.n_text += 1
-        if len(self.states) < self.c["text_chunk"]:
+        self.sentence_ended |= ends_with(self.p, token_id, SENTENCE_END)
+        if len(self.states) < c["text_chunk"]:
             return
         self._text()
-        for _ in range(self.c["speech_chunk"]):
-            self._speech(self.c["speech_vocab"])
+        for _ in range(c["speech_chunk"]):
+            self._speech(c["speech_vocab"])
         yield from self._flush(final=False)
+        full = self.n_text + c["text_chunk"] > self.segment_text
+        if full or (self.sentence_ended and 2 * self.n_text >= self.segment_text):
+            yield from self._rest_of_segment()
+            self.slm.reset()
+            self.logits = self._feed(self._special(c["sos_row"]))
+            self.n_text, self.segment_start = 0, len(self.tokens)
+        self.sentence_ended = False
 
     def finish(self) -> Iterator[np.ndarray]:
+        yield from self._rest_of_segment()
+        yield from self._flush(final=True)
+
+    def _rest_of_segment(self) -> Iterator[np.ndarray]:
+        """The text so far has ended: the speech LM says the rest of it, to end-of-speech."""
         if self.states:
             self._text()
+        if not self.n_text:
+            return
         self.logits = self._feed(self._special(self.c["task_row"]))
-        limit = self.c["max_speech_per_text"] * max(self.n_text, 1)
+        limit = self.segment_start + self.c["max_speech_per_text"] * self.n_text
         while len(self.tokens) < limit and self.slm.free > 0:
             if self._speech(self.c["speech_vocab"] + 1) == self.c["eos"]:
                 break
             if len(self.tokens) % self.c["flow_chunk_tokens"] == 0:  # a flow chunk is complete: play it
                 yield from self._flush(final=False)
-        yield from self._flush(final=True)
 
     # -- tokens -> mel -> PCM ---------------------------------------------------------------------
     def _flush(self, final: bool) -> Iterator[np.ndarray]:
         chunk = self.c["flow_chunk_tokens"]
-        ready = len(self.tokens) if final else len(self.tokens) // chunk * chunk
-        if final and ready < 2:  # the flow needs two tokens (one mel chunk pair) to produce sound
-            ready = self.mel.shape[-1] // self.c["token_mel_ratio"]
-        if ready * self.c["token_mel_ratio"] > self.mel.shape[-1]:
-            self._mel(ready)
+        self._mel(len(self.tokens) if final else len(self.tokens) // chunk * chunk)
         yield from self._vocode(final)
 
     def _mel(self, ready: int) -> None:
-        """Mel for the first ``ready`` tokens; the flow is chunk-causal, so frames already made stay
-        as they were and only the new ones are kept."""
-        mu = self.flow.run("encode", [torch.tensor([self.tokens[:ready]])])[0]
-        frames = mu.shape[-1]
+        """Mel for the first ``ready`` tokens, a flow chunk at a time: each chunk's call sees the
+        windows the earlier chunks left, so frames already made never change."""
+        chunk, r = self.c["flow_chunk_tokens"], self.c["token_mel_ratio"]
+        while self.flow_done < ready:
+            if self.flow_done % chunk:
+                raise RuntimeError("the flow's last chunk was short; no speech token may follow it")
+            tokens = self.tokens[self.flow_done : min(ready, self.flow_done + chunk)]
+            self.mel = torch.cat([self.mel, self._flow_chunk(tokens)], dim=-1)
+            self.flow_done += len(tokens)
+
+    def _flow_chunk(self, tokens: list[int]) -> torch.Tensor:
+        chunk, r, n = self.c["flow_chunk_tokens"], self.c["token_mel_ratio"], len(tokens)
+        offset, length = torch.tensor([self.flow_done]), torch.tensor([n])
+        padded = torch.tensor([tokens + [0] * (chunk - n)])  # a short last chunk: its padding is masked out
+        mu, *self.enc_caches = self.flow.run("encode_chunk", [padded, offset, length, *self.enc_caches])
         if self.spks is None:
             self.spks = self.flow.run("speaker", [torch.from_numpy(self.p.assets["default_speaker_embedding"]).float()[None]])[0]
-        extra = frames - self.noise.shape[-1]
-        if extra > 0:  # noise is drawn once per frame, in order, so a frame's noise never changes
-            self.noise = torch.cat([self.noise, torch.randn(1, mu.shape[1], extra, generator=self.gen)], dim=-1)
-        x, cond = self.noise[..., :frames].clone(), torch.zeros_like(mu)
-        ts = cosine_timesteps(self.c["n_timesteps"])
-        for t0, t1 in zip(ts[:-1], ts[1:], strict=True):
-            x = self.flow.run("step", [x, mu, torch.tensor([t0]), torch.tensor(t1 - t0), self.spks, cond])[0]
-        self.mel = torch.cat([self.mel, x[..., self.mel.shape[-1] :]], dim=-1)
+        # noise is drawn once per frame, in order, so a frame's noise never depends on chunking
+        noise = torch.randn(1, mu.shape[1], r * n, generator=self.gen)
+        self.noise = torch.cat([self.noise, noise], dim=-1)
+        x, cond = torch.nn.functional.pad(noise, (0, r * (chunk - n))), torch.zeros_like(mu)
+        for i, (t0, t1) in enumerate(zip(self.timesteps[:-1], self.timesteps[1:], strict=True)):
+            x, self.step_caches[i] = self.flow.run(
+                "step_chunk", [x, mu, torch.tensor([t0]), torch.tensor(t1 - t0), self.spks, cond, self.step_caches[i], offset, length])
+        return x[..., : r * n]
 
     def _vocode(self, final: bool) -> list[np.ndarray]:
         total = self.mel.shape[-1]
@@ -171,7 +221,6 @@ class VitaCodecStream(SpeechStream):
     components = ("tts_nar", "tts_ar", "codec_decoder")
     FIRST_SEGMENT = 6  # tokens: a short first segment starts the speech early
     SEGMENT = 24
-    PUNCTUATION = frozenset(".,!?;:\n。，！？；：")
     EDGE_MS = 5.0
 
     def __init__(self, p: Pipeline, seed: int) -> None:
@@ -183,7 +232,7 @@ class VitaCodecStream(SpeechStream):
     def push(self, token_id: int, state: torch.Tensor) -> Iterator[np.ndarray]:
         self.ids.append(token_id)
         n = len(self.ids)
-        at_break = self.p.tokenizer.decode([token_id]).strip()[-1:] in self.PUNCTUATION
+        at_break = ends_with(self.p, token_id, PUNCTUATION)
         if n >= (self.FIRST_SEGMENT if self.segments == 0 else self.SEGMENT) or (at_break and n >= 4):
             yield from self._segment()
 

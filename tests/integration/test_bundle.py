@@ -215,6 +215,26 @@ def test_run_a_bundle_end_to_end(bundles, tiny_dirs, speech_wav, photo, tmp_path
     assert json.loads(eager.output.strip().splitlines()[-1])["tokens"] == from_bundle["tokens"]
 
 
+@pytest.mark.parametrize("family", ["interactiveomni", "vita15"])
+def test_the_longest_reply_the_context_allows_is_spoken_whole(bundles, tmp_path, family):
+    """A reply filling the LLM's context (here 320 positions, the speech LM's too) is spoken to
+    its end: the flow streams chunk by chunk past any traced length and the speech LM speaks in
+    segments, so at least the 3 speech tokens per text token the bistream always gives are heard."""
+    import soundfile as sf
+
+    out = tmp_path / "long.wav"
+    r = runner.invoke(app, ["run", str(bundles[family].bundle), "--text", "Tell me a long story.", "--max-new-tokens", "250",
+                            "--out", str(out), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    reply = json.loads(r.output.strip().splitlines()[-1])
+    assert len(reply["tokens"]) == 250
+    seconds = sf.info(out).duration
+    if family == "interactiveomni":
+        assert seconds >= 250 * 3 / 25  # 15 speech tokens per 5 text tokens, 25 tokens a second
+    else:
+        assert seconds >= 250 / 24 * 0.5  # every segment of text gives speech
+
+
 def test_run_refuses_a_bundle_that_fails_verify(bundle_copy, tmp_path):
     root = bundle_copy("vita15")
     (root / "golden" / "llm.npz").unlink()

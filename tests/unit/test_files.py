@@ -62,3 +62,24 @@ def test_what_a_killed_run_left_is_swept_and_a_live_run_s_is_not(tmp_path):
         p.mkdir()
     assert sweep_stale(final) == [stale]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_torch_logs_are_routed_when_torch_is_imported_not_at_cli_start(tmp_path):
+    """The CLI's logging set-up does not import torch (1.4 s that `profiles` does not need); when
+    torch is imported later, its loggers lose their own stderr handlers and propagate to ours."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, logging\n"
+        "from omni_export import cli\n"
+        "cli._logging(False)\n"
+        "assert 'torch' not in sys.modules\n"
+        "import torch\n"
+        "own = [n for n, l in logging.root.manager.loggerDict.items() if isinstance(l, logging.Logger)\n"
+        "       and n.split('.')[0] == 'torch' and (not l.propagate or any(type(h) is logging.StreamHandler for h in l.handlers))]\n"
+        "assert not own, own\n"
+        "assert logging.getLogger('torch').propagate\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "OMNI_EXPORT_CACHE": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -105,8 +105,8 @@ def test_streamed_speech_equals_one_shot_synthesis(pipes):
     pieces += list(st.finish())
     assert streamed_before_finish >= 2  # audio came out while text was still arriving
     pcm = np.concatenate(pieces)
-    mu = p.sessions["flow"].run("encode", [torch.tensor([st.tokens])])[0]
-    assert mu.shape[-1] == st.mel.shape[-1] == len(pcm) // p.config["speech"]["vocoder_hop"]
+    ratio = p.config["speech"]["token_mel_ratio"]
+    assert ratio * len(st.tokens) == st.mel.shape[-1] == len(pcm) // p.config["speech"]["vocoder_hop"]
     one_shot = p.sessions["vocoder"].run("forward", [st.mel])[0][0].numpy()
     assert np.abs(pcm - one_shot).max() < 1e-4 * max(1.0, np.abs(one_shot).max())
     assert np.sqrt(np.mean(one_shot**2)) > 1e-3  # there is sound to compare
@@ -116,14 +116,64 @@ def test_streamed_mel_equals_one_flow_solve(tiny, pipes):
     p = pipes["interactiveomni"]
     g = torch.Generator().manual_seed(2)
     st = CosyVoice2Stream(p, 3)
-    for i in range(25):
+    for i in range(24):
         list(st.push(i, torch.randn(1, 1, p.config["llm"]["hidden_size"], generator=g)))
     list(st.finish())
     flow = tiny["interactiveomni"].components["flow"]
+    assert len(st.tokens) % flow.cfg.token_chunk  # the last chunk was short (padded and masked)
     with torch.no_grad():
         mu = flow.encode(torch.tensor([st.tokens]))
         mel = flow.solve(mu, st.spks, st.noise[..., : mu.shape[-1]])
     assert torch.allclose(mel, st.mel, atol=1e-4), (mel - st.mel).abs().max()
+
+
+def long_reply(p, n_text, seed):
+    """A stream pushed ``n_text`` text tokens (a sentence end every 20) and finished."""
+    g = torch.Generator().manual_seed(seed)
+    st = CosyVoice2Stream(p, seed)
+    dot, word = ids_of(p, "."), ids_of(p, " so")
+    pcm = []
+    for i in range(n_text):
+        pcm += st.push((dot if i % 20 == 19 else word)[0], torch.randn(1, 1, p.config["llm"]["hidden_size"], generator=g))
+    pcm += st.finish()
+    return st, np.concatenate(pcm)
+
+
+def test_long_speech_costs_the_same_per_chunk_and_matches_the_offline_flow(tiny, pipes):
+    """Past the flow's window each chunk still makes one call per method with the same shapes,
+    the mel within the window equals the whole-sequence flow exactly, and beyond it stays within
+    the stated tolerance (attention reaches back ``left_chunks`` chunks instead of to the start)."""
+    p = pipes["interactiveomni"]
+    flow = tiny["interactiveomni"].components["flow"]
+    start = len(p.recorder.spans)
+    st, pcm = long_reply(p, 90, 5)
+    chunk, window = flow.cfg.token_chunk, flow.cfg.window
+    assert len(st.tokens) > window + 2 * chunk  # well past the window
+    chunks = -(-len(st.tokens) // chunk)
+    calls = [s.stage for s in p.recorder.spans[start:]]
+    assert calls.count("flow.encode_chunk") == chunks
+    assert calls.count("flow.step_chunk") == chunks * (len(st.timesteps) - 1)
+    assert len(pcm) == st.mel.shape[-1] * p.config["speech"]["vocoder_hop"]
+    with torch.no_grad():
+        mu = flow.encode(torch.tensor([st.tokens]))
+        mel = flow.solve(mu, st.spks, st.noise[..., : mu.shape[-1]])
+    exact = flow.cfg.token_mel_ratio * (window + chunk)
+    assert torch.allclose(mel[..., :exact], st.mel[..., :exact], atol=1e-4)
+    beyond = (mel[..., exact:] - st.mel[..., exact:]).abs().max() / mel.abs().max()
+    assert 0 < beyond < 0.05, beyond
+
+
+def test_a_reply_longer_than_the_speech_lm_context_is_spoken_in_segments(tiny):
+    """A speech LM with room for 1 + 8 positions per text token for 25 text tokens: a 120-token
+    reply ends its segments at sentence ends (or full budgets) and every segment is spoken;
+    no segment overflows the cache."""
+    p = eager_pipeline(tiny["interactiveomni"], max_context=256)
+    st, pcm = long_reply(p, 120, 1)
+    assert st.segment_text == 25
+    resets = [s for s in p.recorder.spans if s.stage == "speech_lm.embed_special"]
+    assert len(resets) >= 2 * (120 // 25)  # a sos and a task row per segment
+    assert st.slm.position <= st.slm.max_len and len(st.tokens) > st.slm.max_len
+    assert len(pcm) == st.mel.shape[-1] * p.config["speech"]["vocoder_hop"] > 0
 
 
 def test_vita_segments_join_without_steps(pipes):
@@ -255,3 +305,9 @@ def test_a_48khz_microphone_stream_is_resampled_as_one_stream(tiny, speech_wav):
         p.push_audio(mic[k : k + step], sample_rate=48000)
     p._flush_resampler()
     assert np.abs(np.concatenate(p._turn.unencoded) - offline).max() <= 1e-6
+
+
+def test_a_speech_lm_too_small_for_one_text_chunk_is_a_clear_error(tiny):
+    p = eager_pipeline(tiny["interactiveomni"], max_context=40)
+    with pytest.raises(ContextOverflowError, match="cannot hold one text chunk"):
+        CosyVoice2Stream(p, 0)

@@ -46,6 +46,11 @@ class Component:
         """Realistic calls (method, inputs) replayed on the reference and on every artifact."""
         raise NotImplementedError
 
+    def stream_state_elements(self) -> int:
+        """Elements of state the runtime holds between this component's calls besides a KV cache
+        (the flow's attention windows): counted by the fit check."""
+        return 0
+
     def calibration(self, sources: Sources) -> Calibration:
         """Inputs quantization calibrates on. By default the golden script: components fed by
         another model (speech decoders, vocoders) have no real-world input of their own."""
