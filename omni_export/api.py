@@ -25,6 +25,8 @@ DEMO_FAMILY, DEMO_SIZE, DEMO_SEED = "interactiveomni", "small", 0
 # The demo's LLM is trained this long on pydoc's text: with random weights no quantizer's damage
 # is measurable (near-uniform logits), so the int4 parity gate would judge noise.
 DEMO_TRAIN_S = 300
+# Bump when the synthetic writer changes what a demo checkpoint holds (2: Qwen2's pre-tokenizer).
+DEMO_VERSION = 2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -34,7 +36,7 @@ def demo_checkpoint(progress: Callable[[str], None] | None = None) -> Path:
     from omni_export.files import replace_dir, staged_dir
     from omni_export.quantize.fixture import train_in_place
 
-    path = cache_dir() / f"demo-{DEMO_FAMILY}-{DEMO_SIZE}-seed{DEMO_SEED}-trained{DEMO_TRAIN_S}s"
+    path = cache_dir() / f"demo-{DEMO_FAMILY}-{DEMO_SIZE}-seed{DEMO_SEED}-trained{DEMO_TRAIN_S}s-v{DEMO_VERSION}"
     if not (path / "config.json").is_file():
         log.info("writing the demo checkpoint to %s (once)", path)
         with staged_dir(path) as stage:

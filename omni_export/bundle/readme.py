@@ -35,6 +35,7 @@ def _executorch(m: Manifest, root: Path | None = None) -> list[str]:
         "# Load every method before running any: prefill and decode share the KV cache (mutable buffers).",
         "methods = {n: program.load_method(n) for n in program.method_names}",
         "methods['reset_cache'].execute([])  # planned memory starts undefined: zero the cache first",
+        "# logits: the last position's only [1, 1, vocab]; hidden: every position's [1, T, hidden]",
         "logits, hidden = methods['prefill'].execute([embeds, input_pos])",
         "```",
         "",

@@ -1,5 +1,8 @@
 """A real byte-level BPE tokenizer, trained on the spot on text that ships with Python itself
-(pydoc's topic help, several hundred KB of English), in the Qwen file layout."""
+(pydoc's topic help, several hundred KB of English), in the Qwen file layout and with Qwen2's
+text handling (both families' LLMs are Qwen): NFC normalization, then Qwen2's split pattern (a
+digit is always its own piece, unlike GPT-2's split), then the byte-level alphabet. Real
+checkpoints bring their own tokenizer.json, which is used as it is."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 SIZES = {"tiny": 512, "small": 8000, "full": 16000}
+# Qwen2's pre-tokenization pattern, as its tokenizer.json and transformers' Qwen2Tokenizer give it.
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 def corpus() -> list[str]:
@@ -21,10 +26,14 @@ def corpus() -> list[str]:
 
 
 def train(vocab_size: int, special_tokens: Sequence[str]):  # -> tokenizers.Tokenizer
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -78,12 +78,23 @@ class ResetCache(Call):
         return torch.full((1,), len(kv_stacks(self.module)), dtype=torch.int64)
 
 
-class LLMStep(Call):
-    """Prefill and decode of a Qwen LM: embeddings at positions -> (logits, hidden)."""
+class DecoderStep(Call):
+    """Prefill and decode of a decoder stack (``hidden`` then ``logits`` of the component):
+    embeddings at positions -> logits of the last position only, which is all a sampler reads (a
+    256-token prefill chunk would otherwise compute, plan and return 256 rows of logits: 155 MB
+    fp32 at Qwen3's vocabulary), and with ``with_hidden`` the hidden states of every position (the
+    speech decoder reads them)."""
+
+    def __init__(self, module: nn.Module, with_hidden: bool = False) -> None:
+        super().__init__(module)
+        self.with_hidden = with_hidden
 
     def forward(self, embeds: torch.Tensor, input_pos: torch.Tensor):  # type: ignore[no-untyped-def]
-        hidden = self.module.model(embeds, input_pos)
-        return self.module.logits(hidden), hidden
+        hidden = self.module.hidden(embeds, input_pos)
+        # A traced decode has one position: slicing it would export an ``alias`` Core ML refuses.
+        one = isinstance(hidden.shape[1], int) and hidden.shape[1] == 1
+        logits = self.module.logits(hidden if one else hidden[:, hidden.shape[1] - 1 :])
+        return (logits, hidden) if self.with_hidden else logits
 
 
 def method_specs(module: nn.Module, limits: Limits) -> list[MethodSpec]:

@@ -101,7 +101,7 @@ def test_demo_checkpoint_is_written_once(tmp_path, monkeypatch):
     monkeypatch.setenv("OMNI_EXPORT_CACHE", str(tmp_path))
     monkeypatch.setattr(api, "DEMO_TRAIN_S", 2)  # the real demo trains its LLM for minutes
     first = api.demo_checkpoint()
-    assert first == tmp_path / "demo-interactiveomni-small-seed0-trained2s" and (first / "config.json").is_file()
+    assert first == tmp_path / f"demo-interactiveomni-small-seed0-trained2s-v{api.DEMO_VERSION}" and (first / "config.json").is_file()
     shard = next(first.glob("*.safetensors"))
     assert b"omni_export_trained" in shard.read_bytes()[:200_000]  # the LLM shard was rewritten by training
     assert not list(tmp_path.glob(".demo*"))

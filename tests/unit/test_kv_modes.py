@@ -21,7 +21,8 @@ LIMITS = Limits(max_context=64)
 
 
 def _steps(run, embeds):
-    """prefill 7 tokens, then 3 decodes at the following positions."""
+    """prefill 7 tokens, then 3 decodes at the following positions: the logits of each call's
+    last position (all a prefill returns)."""
     outs = [run("prefill", [embeds[:, :7], torch.arange(7)])[0]]
     for i in range(7, 10):
         outs.append(run("decode", [embeds[:, i : i + 1], torch.tensor([i])])[0])
@@ -41,7 +42,8 @@ def test_every_mode_gives_the_reference_logits(llm):
     # State mode (Core ML): slice updates into the same buffers.
     with torch.no_grad(), use_kv(llm, "state"):
         assert all(isinstance(a.kv, SliceCache) for a in kv_layers(llm))
-        state_out = _steps(lambda method, x: [llm.logits(llm.model(*x))], embeds)
+        state_out = _steps(lambda method, x: [llm.logits(llm.model(*x))[:, -1:]], embeds)
+    assert expected.shape[1] == 4
     torch.testing.assert_close(state_out, expected, atol=1e-5, rtol=1e-5)
     # io mode (TensorRT) and its fused form (ONNX Runtime's GroupQueryAttention op, here its
     # eager body): the cache goes in and out as tensors.
@@ -80,3 +82,19 @@ def test_kv_stacks_finds_the_cached_stacks_only(tiny):
     assert kv_stacks(vita["tts_nar"], allocated=False) == []
     assert len(kv_stacks(vita["tts_ar"], allocated=False)) == 1
     assert kv_stacks(tiny["interactiveomni"].components["vision_encoder"], allocated=False) == []
+
+
+def test_prefill_returns_the_last_position_s_logits_and_every_position_s_hidden_state(llm):
+    """What a sampler reads and what the speech decoder reads, nothing more: the exported step's
+    logits are the full forward's last row."""
+    from omni_export.export.trace_specs import method_specs
+
+    spec = next(s for s in method_specs(llm, LIMITS) if s.name == "prefill")
+    assert [t.shape for t in spec.outputs] == [(1, 1, llm.cfg.vocab_size), (1, "tokens", llm.cfg.hidden_size)]
+    embeds = torch.randn(1, 7, llm.cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    ref, _ = eager_methods(llm, LIMITS)
+    ref.reset()
+    logits, hidden = ref.run("prefill", [embeds, torch.arange(7)])
+    assert logits.shape == (1, 1, llm.cfg.vocab_size) and hidden.shape == (1, 7, llm.cfg.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, llm.logits(hidden)[:, -1:], atol=1e-5, rtol=1e-5)

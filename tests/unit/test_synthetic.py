@@ -72,3 +72,26 @@ def test_tokenizer_is_real_bpe_and_loads_in_transformers(tiny_dirs, tiny):
     prompt = "<img><IMG_CONTEXT><IMG_CONTEXT></img>"
     assert tok.encode(prompt, add_special_tokens=False).ids == [tiny["interactiveomni"].special_ids[t] for t in
                                                                 ("<img>", "<IMG_CONTEXT>", "<IMG_CONTEXT>", "</img>")]
+
+
+def test_the_synthetic_tokenizer_splits_text_as_qwen2_does(tiny_dirs):
+    """The tokenizer.json the writer ships gives the ids transformers' Qwen2Tokenizer gives from
+    the same vocab.json and merges.txt (its own NFC normalizer and split pattern): digits one by
+    one, contractions, decomposed accents, newlines and runs of spaces."""
+    import json
+
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    from omni_export.export.checkpoint import load_tokenizer
+
+    for root in tiny_dirs.values():
+        ours = load_tokenizer(root)
+        vocab = json.loads((root / "vocab.json").read_text())
+        merges = [tuple(line.split(" ")) for line in (root / "merges.txt").read_text().splitlines()[1:] if line.strip()]
+        qwen = Qwen2Tokenizer(vocab=vocab, merges=merges)
+        texts = ["In 2024 it cost $1,299.50 (about 12345 yen).", "We'll see; they've GONE!\n\n  def f(x):\n\treturn x**2",
+                 "Cafe\u0301 na\u00efve r\u00e9sum\u00e9", "3.14159 and 10:45pm, room 101B", "   leading spaces    and trailing   "]  # fmt: skip
+        for text in texts:
+            assert ours.encode(text, add_special_tokens=False).ids == qwen.encode(text, add_special_tokens=False), text
+        gpt2_style = [ours.id_to_token(i) for i in ours.encode("12345", add_special_tokens=False).ids]
+        assert gpt2_style == list("12345")  # a digit is always its own piece

@@ -273,15 +273,15 @@ class QwenForCausalLM(Component, nn.Module):
 
     # -- as a component ---------------------------------------------------------------------
     def export_methods(self, limits):  # type: ignore[no-untyped-def]
-        from omni_export.export.trace_specs import F32, I64, Call, LLMStep, MethodSpec, Tensor, dim, dtype_of, lm_steps
+        from omni_export.export.trace_specs import F32, I64, Call, DecoderStep, MethodSpec, Tensor, dim, dtype_of, lm_steps
 
         c = self.cfg
         ids = dim("ids", 1, limits.max_context)
-        outs = lambda n: (Tensor("logits", F32, (1, n, c.vocab_size)), Tensor("hidden", F32, (1, n, c.hidden_size)))  # noqa: E731
+        outs = lambda n: (Tensor("logits", F32, (1, 1, c.vocab_size)), Tensor("hidden", F32, (1, n, c.hidden_size)))  # noqa: E731
         return [
             MethodSpec("embed", Call(self, "embed"), (torch.tensor([[1, 2, 3]]),), ({1: ids},),
                        (Tensor("ids", I64, (1, "ids")),), (Tensor("embeds", F32, (1, "ids", c.hidden_size)),)),
-            *lm_steps(LLMStep(self), c.hidden_size, outs, limits, dtype_of(self)),
+            *lm_steps(DecoderStep(self, with_hidden=True), c.hidden_size, outs, limits, dtype_of(self)),
         ]  # fmt: skip
 
     def golden_script(self, ctx, ref):  # type: ignore[no-untyped-def]

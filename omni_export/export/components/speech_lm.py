@@ -15,7 +15,7 @@ from torch import nn
 
 from omni_export.export.components.base import Component, Role
 from omni_export.export.components.qwen import QwenConfig, QwenModel
-from omni_export.export.trace_specs import F32, I64, Call, MethodSpec, Tensor, dim, dtype_of, lm_steps
+from omni_export.export.trace_specs import F32, I64, Call, DecoderStep, MethodSpec, Tensor, dim, dtype_of, lm_steps
 
 SOS, TASK = 0, 1  # rows of llm_embedding
 
@@ -65,9 +65,15 @@ class SpeechLM(Component, nn.Module):
     def embed_special(self, which: int) -> torch.Tensor:
         return self.llm_embedding.weight[which][None, None]
 
+    def hidden(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.llm(inputs_embeds, input_pos)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.llm_decoder(hidden)
+
     def forward(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """[1, T, H] at positions [T] -> speech logits [1, T, out_vocab] (KV cache updated)."""
-        return self.llm_decoder(self.llm(inputs_embeds, input_pos))
+        return self.logits(self.hidden(inputs_embeds, input_pos))
 
     # -- as a component ---------------------------------------------------------------------
     def export_methods(self, limits):  # type: ignore[no-untyped-def]
@@ -75,7 +81,7 @@ class SpeechLM(Component, nn.Module):
         h = c.llm.hidden_size
         ids = dim("ids", 1, limits.max_context)
         text = dim("text", 1, limits.max_text_chunk)
-        outs = lambda n: (Tensor("logits", F32, (1, n, c.out_vocab)),)  # noqa: E731
+        outs = lambda n: (Tensor("logits", F32, (1, 1, c.out_vocab)),)  # noqa: E731
         return [
             MethodSpec("embed_text", Call(self, "embed_text"), (torch.randn(1, 5, c.text_dim, dtype=dtype_of(self)),), ({1: text},),
                        (Tensor("text_states", F32, (1, "text", c.text_dim)),), (Tensor("embeds", F32, (1, "text", h)),)),
@@ -83,7 +89,7 @@ class SpeechLM(Component, nn.Module):
                        (Tensor("ids", I64, (1, "ids")),), (Tensor("embeds", F32, (1, "ids", h)),)),
             MethodSpec("embed_special", Call(self, "llm_embedding"), (torch.tensor([[0]]),), None,
                        (Tensor("which", I64, (1, 1)),), (Tensor("embeds", F32, (1, 1, h)),)),
-            *lm_steps(Call(self), h, outs, limits, dtype_of(self)),
+            *lm_steps(DecoderStep(self), h, outs, limits, dtype_of(self)),
         ]  # fmt: skip
 
     def golden_script(self, ctx, ref):  # type: ignore[no-untyped-def]

@@ -11,7 +11,7 @@ from torch import nn
 
 from omni_export.export.components.base import Component, Role
 from omni_export.export.components.qwen import QwenConfig, QwenModel
-from omni_export.export.trace_specs import F32, I64, Call, MethodSpec, Tensor, dim, dtype_of, lm_steps
+from omni_export.export.trace_specs import F32, I64, Call, DecoderStep, MethodSpec, Tensor, dim, dtype_of, lm_steps
 
 
 @dataclass(frozen=True)
@@ -92,18 +92,24 @@ class VitaTTSAr(Component, nn.Module):
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         return self.codec_embedding(codes)
 
+    def hidden(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.ar(inputs_embeds, input_pos)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.codec_head(hidden)
+
     def forward(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """AR step(s) through the cache -> codec logits [1, T, codebook + 3]."""
-        return self.codec_head(self.ar(inputs_embeds, input_pos))
+        return self.logits(self.hidden(inputs_embeds, input_pos))
 
     def export_methods(self, limits):  # type: ignore[no-untyped-def]
         c = self.cfg
         ids = dim("ids", 1, limits.max_context)
-        outs = lambda n: (Tensor("logits", F32, (1, n, c.codebook_size + 3)),)  # noqa: E731
+        outs = lambda n: (Tensor("logits", F32, (1, 1, c.codebook_size + 3)),)  # noqa: E731
         return [
             MethodSpec("embed_codes", Call(self, "embed_codes"), (torch.tensor([[1, 2]]),), ({1: ids},),
                        (Tensor("ids", I64, (1, "ids")),), (Tensor("embeds", F32, (1, "ids", c.hidden_size)),)),
-            *lm_steps(Call(self), c.hidden_size, outs, limits, dtype_of(self)),
+            *lm_steps(DecoderStep(self), c.hidden_size, outs, limits, dtype_of(self)),
         ]  # fmt: skip
 
     def golden_script(self, ctx, ref):  # type: ignore[no-untyped-def]
