@@ -27,8 +27,9 @@ def run(
     path: Path = typer.Argument(..., metavar="BUNDLE_OR_CHECKPOINT", help="a bundle (runs its artifacts) or a checkpoint (eager reference)"),
     audio: Optional[Path] = typer.Option(None, "--audio", "-a", help="question as a sound file (resampled as needed), fed in real-time-sized chunks"),
     image: Optional[Path] = typer.Option(None, "--image", "-i"),
+    video: Optional[Path] = typer.Option(None, "--video", help="a clip (MP4, MKV, WebM, MOV); frames picked as the family's release does"),
     text: Optional[str] = typer.Option(None, "--text"),
-    turns: Optional[Path] = typer.Option(None, "--turns", help="a multi-turn script (TOML, see runtime_py/script.py) instead of --audio/--image/--text"),
+    turns: Optional[Path] = typer.Option(None, "--turns", help="a multi-turn script (TOML, see runtime_py/script.py) instead of --audio/--image/--video/--text"),
     out: Path = typer.Option(Path("reply.wav"), "--out", "-o", help="the spoken reply (24 kHz wav; turns joined by short silences)"),
     dtype: str = typer.Option("fp32", "--dtype", help="checkpoints: fp32 or fp16"),
     torch_device: str = typer.Option("cpu", "--torch-device", help="checkpoints: cpu or cuda (the eager reference on a GPU)"),
@@ -58,8 +59,8 @@ def run(
 
     if dtype not in ("fp32", "fp16"):
         _fail(ValueError(f"--dtype must be fp32 or fp16, got {dtype!r}"))
-    if turns is not None and (audio or image or text):
-        _fail(ValueError("give either --turns or --audio/--image/--text, not both"))
+    if turns is not None and (audio or image or video or text):
+        _fail(ValueError("give either --turns or --audio/--image/--video/--text, not both"))
     pcm: list[np.ndarray] = []
     tokens: list[list[int]] = []
     results: list[dict] = []
@@ -86,7 +87,8 @@ def run(
         if turns is not None:
             script = load_script(turns)
         else:
-            script = Script(turn=(TurnSpec(audio=str(audio) if audio else None, image=str(image) if image else None, text=text,
+            script = Script(turn=(TurnSpec(audio=str(audio) if audio else None, image=str(image) if image else None,
+                                           video=str(video) if video else None, text=text,
                                            max_new_tokens=max_new_tokens),), chunk_ms=chunk_ms, seed=seed).resolve(Path.cwd())  # fmt: skip
         script = replace(script, speech=script.speech and not no_speech)
         pipeline = _with_progress("loading", lambda cb: api.open_runtime(path, dtype, max_context, progress=cb, device=torch_device,

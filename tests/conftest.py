@@ -53,3 +53,26 @@ def photo(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("img") / "photo.png"
     Image.fromarray(arr).save(path)
     return path
+
+
+def write_clip(path: Path, frames: int = 30, fps: int = 10, size: tuple[int, int] = (160, 120)) -> Path:
+    """An MP4 (MPEG-4 part 2, FFmpeg's own encoder) whose frame k is flat grey at level 8k, so a
+    decoded frame says which one it is."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for k in range(frames):
+            img = np.full((size[1], size[0], 3), 8 * k, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clip(tmp_path_factory) -> Path:
+    """3 s at 10 fps, 4:3."""
+    return write_clip(tmp_path_factory.mktemp("video") / "clip.mp4")

@@ -35,6 +35,7 @@ from omni_export.runtime_py.audio import StreamResampler, check_samples, pad_to_
 from omni_export.runtime_py.backends.base import Session
 from omni_export.runtime_py.events import AudioChunk, Event, Stats, TextDelta
 from omni_export.runtime_py.image import preprocess_image
+from omni_export.runtime_py.video import VideoInputError, read_frames, video_config
 from omni_export.runtime_py.kv_cache import KVStack
 from omni_export.runtime_py.prompt import (
     merge_placeholders,
@@ -72,7 +73,7 @@ class _Turn:
         return sum(len(x) for x in self.unencoded)
 
     audio_tokens: list[torch.Tensor] = field(default_factory=list)
-    image_tokens: list[torch.Tensor] = field(default_factory=list)
+    visual: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (label, tokens) per image or frame
     text: str = ""
     end_t: float | None = None
     start_t: float = field(default_factory=time.perf_counter)
@@ -186,11 +187,26 @@ class Pipeline:
         turn.audio_tokens.append(self.encode_audio(pending[:n]))
 
     def add_image(self, image: str | Path | Any, max_tiles: int | None = None) -> int:
-        """Encode an image (a path or a PIL image) for this turn; a video is its frames, each with
-        ``max_tiles=1``. Returns the tokens it adds."""
+        """Encode an image (a path or a PIL image) for this turn. Returns the tokens it adds."""
         tokens = self.encode_image(image, max_tiles)
-        self._turn.image_tokens.append(tokens)
+        self._turn.visual.append(("", tokens))
         return tokens.shape[0]
+
+    def add_video(self, video: str | Path) -> int:
+        """Encode a clip for this turn: the frames the family's rule picks (``video`` runtime
+        config), one tile each, labelled or joined as its release prompts them. Returns the
+        tokens it adds."""
+        raw = self.config.get("video")
+        if raw is None:
+            raise VideoInputError("this model takes no video: its runtime config has no video section (a bundle built "
+                                  "before video input needs rebuilding with omni-export --target ...)")  # fmt: skip
+        cfg = video_config(raw)
+        frames = [self.encode_image(f, max_tiles=1) for f in read_frames(video, cfg)]
+        if cfg.joined:
+            self._turn.visual.append(("", torch.cat(frames)))
+        else:
+            self._turn.visual.extend((cfg.frame_label.format(i=i), t) for i, t in enumerate(frames, 1))
+        return sum(t.shape[0] for t in frames)
 
     def add_text(self, text: str) -> None:
         self._turn.text += text
@@ -229,17 +245,18 @@ class Pipeline:
     # -- the answer -----------------------------------------------------------------------------
     def _prompt_ids(self, fresh: bool) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
         turn, p = self._turn, self.config["prompt"]
-        image = torch.cat(turn.image_tokens) if turn.image_tokens else None
+        image = torch.cat([t for _, t in turn.visual]) if turn.visual else None
         audio = torch.cat(turn.audio_tokens) if turn.audio_tokens else None
-        ids = turn_ids(self.tokenizer, p, fresh, 0 if image is None else image.shape[0], 0 if audio is None else audio.shape[0], turn.text)
+        runs = [(label, t.shape[0]) for label, t in turn.visual]
+        ids = turn_ids(self.tokenizer, p, fresh, runs, 0 if audio is None else audio.shape[0], turn.text)
         return ids, image, audio
 
     @torch.inference_mode()
     def respond_stream(self, max_new_tokens: int = 64, top_k: int = 1, seed: int = 0, speech: bool = True) -> Iterator[Event]:
         """End the turn (if not yet), answer it, and yield events as they happen."""
         turn = self._turn
-        if not (turn.audio_tokens or turn.image_tokens or turn.text or turn.pending):
-            raise InputError("nothing to answer: push audio, add an image or text first")
+        if not (turn.audio_tokens or turn.visual or turn.text or turn.pending):
+            raise InputError("nothing to answer: push audio, add an image, a video or text first")
         self.end_turn()
         cfg, llm = self.config, self.llm
         ids, image, audio = self._prompt_ids(fresh=self.position == 0)
@@ -328,16 +345,19 @@ class Pipeline:
 
     # -- one-shot convenience -------------------------------------------------------------------
     def respond(self, audio: str | Path | np.ndarray | None = None, image: str | Path | None = None, text: str | None = None,
-                max_new_tokens: int = 32, top_k: int = 1, seed: int = 0, speech: bool = True) -> Reply:  # fmt: skip
+                max_new_tokens: int = 32, top_k: int = 1, seed: int = 0, speech: bool = True,
+                video: str | Path | None = None) -> Reply:  # fmt: skip
         """A new conversation of one turn, collected: the streaming path, all at once."""
-        if audio is None and image is None and not text:
-            raise InputError("nothing to answer: give audio, an image or text")
+        if audio is None and image is None and video is None and not text:
+            raise InputError("nothing to answer: give audio, an image, a video or text")
         self.reset()
         if audio is not None:
             sr = self.config["audio_sample_rate"]
             self.push_audio(read_audio(audio, sr) if isinstance(audio, (str, Path)) else audio, sr)
         if image is not None:
             self.add_image(image)
+        if video is not None:
+            self.add_video(video)
         if text:
             self.add_text(text)
         return collect(self.respond_stream(max_new_tokens, top_k, seed, speech), self.config["output_sample_rate"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,13 +15,19 @@ def chat_prompt(user: str, system: str = SYSTEM_PROMPT) -> str:
     return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def user_turn(prompt_cfg: dict, n_image: int, n_audio: int, text: str | None, image_token: str, audio_token: str) -> str:
+Visual = int | Sequence[tuple[str, int]]
+
+
+def user_turn(prompt_cfg: dict, visual: Visual, n_audio: int, text: str | None, image_token: str, audio_token: str) -> str:
     """The user message: each modality's placeholder repeated once per encoder token, wrapped in
-    the family's markers (``prompt_cfg``: {"image": [prefix, suffix], "audio": [prefix, suffix]})."""
+    the family's markers (``prompt_cfg``: {"image": [prefix, suffix], "audio": [prefix, suffix]}).
+    ``visual``: the image token runs as (label, tokens), one per image or video frame (the label,
+    e.g. "Frame3: ", goes before its markers); a bare count is one unlabelled run."""
     out = ""
-    if n_image:
-        pre, post = prompt_cfg["image"]
-        out += pre + image_token * n_image + post
+    pre, post = prompt_cfg["image"]
+    for label, n in ([("", visual)] if isinstance(visual, int) else visual):
+        if n:
+            out += label + pre + image_token * n + post
     if n_audio:
         pre, post = prompt_cfg["audio"]
         out += pre + audio_token * n_audio + post
@@ -92,13 +99,13 @@ def render_template(template: str, system: str, user: str, fresh: bool) -> str:
     return text.split(_REPLY, 1)[1]
 
 
-def turn_ids(tokenizer: Any, prompt_cfg: dict, fresh: bool, n_image: int, n_audio: int, text: str | None) -> list[int]:
+def turn_ids(tokenizer: Any, prompt_cfg: dict, fresh: bool, visual: Visual, n_audio: int, text: str | None) -> list[int]:
     """A user turn's token ids: the chat template and the placeholders with their special tokens,
     the user's text encoded as text (``encode_text``). ``fresh``: the first turn (with the
     system prompt); otherwise the turn closes the previous reply first (``next_turn``). The
     checkpoint's own chat template (``prompt_cfg["chat_template"]``) when it ships one, else
     ChatML (Qwen's)."""
-    user = user_turn(prompt_cfg, n_image, n_audio, _USER, prompt_cfg["image_token"], prompt_cfg["audio_token"])
+    user = user_turn(prompt_cfg, visual, n_audio, _USER, prompt_cfg["image_token"], prompt_cfg["audio_token"])
     own = prompt_cfg.get("chat_template")
     if own:
         template = render_template(own, prompt_cfg["system"], user, fresh)

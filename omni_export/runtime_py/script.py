@@ -28,6 +28,7 @@ class TurnSpec:
     audio: str | None = None
     image: str | None = None
     image_max_tiles: int | None = None
+    video: str | None = None
     text: str | None = None
     max_new_tokens: int = 32
     barge_in_after_chunks: int | None = None
@@ -46,11 +47,11 @@ class Script:
         """Paths made absolute against ``base`` and checked, before any work."""
         turns = []
         for i, t in enumerate(self.turn, 1):
-            if not (t.audio or t.image or t.text):
-                raise ConfigError(f"turn {i} has no audio, image or text")
+            if not (t.audio or t.image or t.video or t.text):
+                raise ConfigError(f"turn {i} has no audio, image, video or text")
             if t.end_of_turn not in ("vad", "eof"):
                 raise ConfigError(f"turn {i}: end_of_turn must be 'vad' or 'eof', got {t.end_of_turn!r}")
-            paths = {k: str((base / v).resolve()) for k in ("audio", "image") if (v := getattr(t, k))}
+            paths = {k: str((base / v).resolve()) for k in ("audio", "image", "video") if (v := getattr(t, k))}
             for k, v in paths.items():
                 if not Path(v).is_file():
                     raise InputError(f"turn {i}: {k} file {v} does not exist")
@@ -78,7 +79,7 @@ def script_toml(script: Script, base: Path) -> str:
     def rel(v: str | None) -> str | None:
         return None if v is None else Path(v).resolve().relative_to(base.resolve()).as_posix()
 
-    turns = [{k: v for k, v in {**t.__dict__, "audio": rel(t.audio), "image": rel(t.image)}.items() if v is not None} for t in script.turn]
+    turns = [{k: v for k, v in {**t.__dict__, "audio": rel(t.audio), "image": rel(t.image), "video": rel(t.video)}.items() if v is not None} for t in script.turn]
     return tomli_w.dumps({"chunk_ms": script.chunk_ms, "seed": script.seed, "top_k": script.top_k, "speech": script.speech, "turn": turns})
 
 
@@ -89,6 +90,8 @@ def play(pipeline, script: Script, on_event: Callable[[int, Event], None] | None
     for i, t in enumerate(script.turn):
         if t.image:
             pipeline.add_image(t.image, t.image_max_tiles)
+        if t.video:
+            pipeline.add_video(t.video)
         if t.audio:
             wav = read_audio(t.audio, sr)
             step = max(1, int(sr * script.chunk_ms / 1000))

@@ -235,6 +235,18 @@ def test_the_longest_reply_the_context_allows_is_spoken_whole(bundles, tmp_path,
         assert seconds >= 250 / 24 * 0.5  # every segment of text gives speech
 
 
+@pytest.mark.parametrize("family", ["interactiveomni", "vita15"])
+def test_run_a_bundle_on_a_clip_gives_the_checkpoint_s_answer(bundles, tiny_dirs, clip, tmp_path, family):
+    """The frames go through the bundle's vision encoder and give the same greedy text as the
+    eager checkpoint."""
+    args = ["--video", str(clip), "--text", "What happens?", "--max-new-tokens", "5", "--json", "--no-speech", "--max-context", str(CONTEXT)]
+    got = [runner.invoke(app, ["run", str(root), "--out", str(tmp_path / f"{i}.wav"), *args]) for i, root in
+           enumerate((bundles[family].bundle, tiny_dirs[family]))]  # fmt: skip
+    assert all(r.exit_code == 0 for r in got), [r.output for r in got]
+    bundle, eager = (json.loads(r.output.strip().splitlines()[-1])["tokens"] for r in got)
+    assert len(bundle) == 5 and bundle == eager
+
+
 def test_run_refuses_a_bundle_that_fails_verify(bundle_copy, tmp_path):
     root = bundle_copy("vita15")
     (root / "golden" / "llm.npz").unlink()

@@ -279,3 +279,20 @@ def test_an_interrupted_export_leaves_the_old_bundle_intact_and_nothing_that_loo
         assert proc.returncode == -signal.SIGKILL and left == sorted(["bundle", staged[0].name])
         assert not (staged[0] / "manifest.json").exists()  # hidden, named .partial, and no manifest: not a bundle
         assert sweep_stale(out) == [staged[0]] and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+@pytest.mark.parametrize("family", ["interactiveomni", "vita15"])
+def test_run_answers_a_clip_and_a_script_takes_one(tiny_dirs, clip, speech_wav, tmp_path, family):
+    """`run --video` on a checkpoint, with a spoken question; a --turns script mixes video,
+    audio and text in a turn (paths relative to the script)."""
+    r = invoke("run", tiny_dirs[family], "--video", clip, "--audio", speech_wav, "--text", "What happens?",
+               "--out", tmp_path / "v.wav", "--max-new-tokens", "4", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.output.strip().splitlines()[-1])["tokens"]) == 4
+    script = tmp_path / "s.toml"
+    (tmp_path / "c.mp4").write_bytes(clip.read_bytes())
+    script.write_text('[[turn]]\nvideo = "c.mp4"\ntext = "Describe it."\nmax_new_tokens = 3\n')
+    r = invoke("run", tiny_dirs[family], "--turns", script, "--out", tmp_path / "s.wav", "--no-speech")
+    assert r.exit_code == 0, r.output
+    bad = invoke("run", tiny_dirs[family], "--video", speech_wav, "--out", tmp_path / "b.wav")
+    assert bad.exit_code == 2 and "no video stream" in bad.output

@@ -91,6 +91,8 @@ class Family(ABC):
     # How the placeholders are wrapped in the user turn: (prefix, suffix).
     image_wrap: ClassVar[tuple[str, str]] = ("", "\n")
     audio_wrap: ClassVar[tuple[str, str]] = ("", "\n")
+    # How a clip is taken: runtime_py/video.py's VideoConfig (None: the family takes no video).
+    video: ClassVar[dict[str, Any] | None] = None
 
     # -- what a bundle carries for the runtime --------------------------------------------------
     def runtime_config(self, ckpt: Checkpoint) -> dict[str, Any]:
@@ -110,6 +112,7 @@ class Family(ABC):
                       "max_tiles": ckpt.config.max_dynamic_patch, "thumbnail": True,
                       "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
             "llm": {"hidden_size": self.llm_config(ckpt.config).hidden_size, "vocab_size": self.llm_config(ckpt.config).vocab_size},
+            **({"video": dict(self.video)} if self.video else {}),
         }  # fmt: skip
 
     def assets(self, ckpt: Checkpoint) -> dict[str, np.ndarray]:

@@ -121,6 +121,9 @@ class InteractiveOmni(Family):
     image_token = "<IMG_CONTEXT>"
     audio_token = "<AUDIO_CONTEXT>"
     image_wrap = ("<img>", "</img>\n")
+    # The README's default of 8 frames; its chat code is not public: frames, one tile each and the
+    # "Frame{i}: " prompt follow InternVL's load_video and video chat example, which it builds on.
+    video = {"sampling": "segments", "frames": 8, "fit": "resize", "frame_label": "Frame{i}: ", "joined": False}
     audio_wrap = ("<audio>", "</audio>\n")
     special_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
                       "<audio>", "</audio>", "<AUDIO_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")

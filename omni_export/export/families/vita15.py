@@ -95,6 +95,9 @@ class Vita15(Family):
     description = "VITA-1.5: InternViT + Whale audio encoder + Qwen2.5-7B + NAR/AR codec TTS"
     sizes = ("tiny", "small", "full")
     image_token = "<image>"
+    # VITA-1.5's video demo: 1 fps, 4 to 16 frames, one 448 frame each through CLIP's processor
+    # (centre square), the frames' placeholders back to back then one newline.
+    video = {"sampling": "fps", "fps": 1.0, "min_frames": 4, "max_frames": 16, "fit": "center_crop", "joined": True}
     audio_token = "<audio>"
     special_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<audio>", "<video>")
 
