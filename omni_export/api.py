@@ -131,28 +131,38 @@ def check_recipe(ckpt: Checkpoint, recipe: QuantRecipe, profile: Profile) -> Qua
     return recipe
 
 
-def quant_report(model: str | Path, quant: str, target: str = "android", progress=None):  # type: ignore[no-untyped-def]
-    """Sensitivity of every quantized layer and a mixed-precision proposal meeting the profile's
-    parity threshold for ``quant`` (see quantize/sensitivity.py). Returns (reports, proposed recipe)."""
+def quant_report(model: str | Path, quant: str | QuantRecipe, target: str | Profile = "android", progress=None,  # type: ignore[no-untyped-def]
+                 components: list[str] | None = None, measured: dict[str, float] | None = None):  # fmt: skip
+    """Sensitivity of every quantized layer (of ``components``, default all) and a mixed-precision
+    proposal meeting the profile's parity threshold for ``quant`` (see quantize/sensitivity.py;
+    ``measured``: the artifacts' worst cosines, which calibrate the estimate). Returns (reports,
+    proposed recipe)."""
     from omni_export.quantize.sensitivity import analyze, proposal_recipe
 
-    profile = get_profile(target)
-    recipe = resolve_recipe(quant)
+    profile = get_profile(target) if isinstance(target, str) else target
+    recipe = resolve_recipe(quant) if isinstance(quant, str) else quant
     ckpt = load_checkpoint(model, components=[])
     recipe = check_recipe(ckpt, recipe, profile)  # as the target builds it
     ckpt = load_checkpoint(model, dtype=torch.float32)
-    reports = analyze(ckpt.components, recipe, ckpt.tokenizer, profile.threshold, progress)
+    reports = analyze(ckpt.components, recipe, ckpt.tokenizer, profile.threshold, progress,
+                      None if components is None else set(components), measured)  # fmt: skip
     return reports, proposal_recipe(recipe, reports)
 
 
 def export(target: str, model: str | Path | None = None, quant: str | None = None, out: str | Path | None = None,
-           context: int | None = None, overwrite: bool = False, progress=None, plan: ExportPlan | None = None):  # type: ignore[no-untyped-def]  # fmt: skip
+           context: int | None = None, overwrite: bool = False, progress=None, plan: ExportPlan | None = None,  # type: ignore[no-untyped-def]
+           promote: bool = True, size_budget: float = 1.5):  # fmt: skip
     """The main job: fit check, then load -> trace -> lower -> golden -> parity -> bundle.
 
     ``plan``: a plan_export result already shown to the user (skips checking again).
+    ``promote``: when a quantized component misses its gate, rank its layers by the damage each
+    does (quantize/sensitivity.py), promote the worst to 8-bit until the estimate meets the gate,
+    and build once more with that recipe, if its quantized weights stay within ``size_budget``
+    times the recipe's (the manifest then records the mixed recipe).
     Returns (ExportPlan, BuildResult); raises DoesNotFitError before any work when the model does
-    not fit the device, ParityGateError (with the result) when a component misses its threshold."""
-    from omni_export.compiler import build_bundle
+    not fit the device, ParityGateError (with the result) when a component misses its threshold,
+    PromotionError when promoting cannot help within the budget."""
+    from omni_export.compiler import ParityGateError, build_bundle
     from omni_export.targets import TARGETS
 
     profile = get_profile(target)
@@ -162,7 +172,76 @@ def export(target: str, model: str | Path | None = None, quant: str | None = Non
     plan = plan or plan_export(target, model, quant, context)
     if not plan.fit.fits:
         raise DoesNotFitError(plan)
-    return plan, build_bundle(plan.profile, plan.model, plan.recipe, out, context, overwrite, progress)
+    recipe, notes, base_bytes, before = plan.recipe, [], {}, {}
+    for round_ in range(PROMOTION_ROUNDS + 1):
+        try:
+            result = build_bundle(plan.profile, plan.model, recipe, out, context, overwrite, progress)
+            break
+        except ParityGateError as exc:
+            if not promote or recipe.is_float or round_ == PROMOTION_ROUNDS:
+                raise
+            measured = {b.name: b.parity.worst(b.parity.gate_reference)["cosine"] for b in exc.result.components if b.parity.failures}
+            stuck = [f"{n} ({before[n]:.6f} -> {c:.6f})" for n, c in measured.items() if n in before and c <= before[n] + 1e-5]
+            if stuck:
+                raise PromotionError(
+                    f"promoting layers to 8-bit did not lower the artifact's error for {', '.join(stuck)}: the rest of it does not "
+                    f"come from quantized weights (the gate's fp16 reference, layers kept float, the target's kernels). The bundle "
+                    f"is at {exc.result.bundle}; build with --quant int8 or fp16.") from exc  # fmt: skip
+            before = measured
+            recipe, why = promoted_recipe(replace(plan, recipe=recipe), measured, size_budget, base_bytes, progress)
+            notes.append(why)
+    result.notes.extend(notes)
+    return replace(plan, recipe=recipe), result
+
+
+# Builds after the first that promotion may ask for: each measures the artifact again, and the
+# next proposal aims by what it measured.
+PROMOTION_ROUNDS = 3
+
+
+class PromotionError(OmniExportError):
+    """A component missed its gate and promoting its layers to 8-bit cannot fix it within the budget."""
+
+
+def promoted_recipe(plan: ExportPlan, measured: dict[str, float], size_budget: float, base_bytes: dict[str, int],  # type: ignore[no-untyped-def]
+                    progress=None) -> tuple[QuantRecipe, str]:  # fmt: skip
+    """The plan's recipe with the most damaging layers of each failed component (``measured``:
+    its artifact's worst cosine) promoted to 8-bit (sensitivity.analyze's proposal, calibrated by
+    what the artifact measured), and a sentence saying what it cost. ``base_bytes``: each
+    component's quantized weight bytes under the user's recipe (filled on the first round), what
+    the size budget is a multiple of."""
+    step = progress or (lambda component, what: None)
+    failed = list(measured)
+    reports, mixed = quant_report(plan.model, plan.recipe, plan.profile, lambda what, i, n: step(what, f"sensitivity {i}/{n}"),
+                                  failed, measured)  # fmt: skip
+    run_next = f"omni-export quant-report --model {plan.model} --quant {plan.recipe.name} --target {plan.profile.name}"
+    parts = []
+    for r in reports:
+        th = r.threshold
+        worst = ", ".join(fqn for fqn, *_ in r.layers[:3])
+        if r.all_quantized.meets(th):
+            raise PromotionError(
+                f"{r.component} missed its gate on the target, but quantizing its weights alone (round-to-nearest, "
+                f"no activation quantization) meets it, so promoting layers cannot be trusted to help: the error comes "
+                f"from how the target runs them. Build with --quant int8 or fp16, or see `{run_next}`.")  # fmt: skip
+        if r.proposal_damage is None or not r.proposal_damage.meets(th):
+            raise PromotionError(f"{r.component} misses its gate even with every quantized layer at 8-bit; build with "
+                                 f"--quant fp16 (worst layers: {worst}).")  # fmt: skip
+        base = base_bytes.setdefault(r.component, r.bytes_recipe)
+        ratio = r.bytes_proposal / max(base, 1)
+        if ratio > size_budget:
+            raise PromotionError(f"{r.component} meets its gate with the worst layers at 8-bit, at {ratio:.2f}x its "
+                                 f"{plan.recipe.name} weight bytes, over the size budget of {size_budget:.2f}x; allow it "
+                                 f"with --size-budget {ratio:.2f} or build with --quant int8 (worst layers: {worst}).")  # fmt: skip
+        promoted = sum(1 for c in r.proposal.values() if c.bits == 8) - sum(1 for _, c, *_ in r.layers if c.bits == 8)
+        if promoted <= 0:
+            raise PromotionError(f"{r.component} still misses its gate and the estimate finds no layer left to promote; "
+                                 f"build with --quant int8 or fp16, or see `{run_next}`.")  # fmt: skip
+        parts.append(f"{r.component}: {promoted} of {len(r.layers)} layers to 8-bit (worst: {worst}; the target's error "
+                     f"{r.error_scale:.1f}x the estimate's, aimed at cosine {th.cosine_min:.4f}), weights "
+                     f"{base / 1e6:.2f} -> {r.bytes_proposal / 1e6:.2f} MB ({ratio:.2f}x the first recipe's)")  # fmt: skip
+    return mixed, (f"{plan.recipe.name} missed the parity gate for {', '.join(failed)}; promoted by sensitivity and built "
+                   f"again as {mixed.name!r}: " + "; ".join(parts))
 
 
 class DoesNotFitError(OmniExportError):

@@ -147,6 +147,10 @@ def main_job(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="bundle directory (default: ./PROFILE-bundle)"),
     context: Optional[int] = typer.Option(None, "--context", help="max context (default: the profile's)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle at --out"),
+    promote: bool = typer.Option(True, "--promote/--no-promote", help="when a quantized component misses its parity gate, "
+                                 "promote its most damaging layers to 8-bit and build again"),
+    size_budget: float = typer.Option(1.5, "--size-budget", help="promotion may grow a component's quantized weights to this "
+                                      "many times the recipe's"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Main job: omni-export --target PROFILE [--model DIR] [--quant PRESET] [--out DIR]."""
@@ -164,7 +168,7 @@ def main_job(
     from omni_export.compiler import ParityGateError
 
     try:
-        result = _run_main_job(api, target, model, quant, out, context, overwrite)
+        result = _run_main_job(api, target, model, quant, out, context, overwrite, promote, size_budget)
     except api.DoesNotFitError as exc:
         console.print(_fit_table(exc.plan.fit))
         err.print(f"[red]{exc}[/]", soft_wrap=True)
@@ -176,6 +180,9 @@ def main_job(
                 err.print(f"[red]{b.name}: {f}[/]", soft_wrap=True)
         err.print(f"[red]{exc}[/]", soft_wrap=True)
         raise typer.Exit(EXIT_PARITY)
+    except api.PromotionError as exc:
+        err.print(f"[red]{exc}[/]", soft_wrap=True)
+        raise typer.Exit(EXIT_PARITY)
     except OmniExportError as exc:
         _fail(exc)
     console.print(_build_table(result))
@@ -184,7 +191,7 @@ def main_job(
     console.print(f"bundle: [bold]{result.bundle}[/] ({result.seconds:.0f} s). Check it with `omni-export verify {result.bundle}`.")
 
 
-def _run_main_job(api, target, model, quant, out, context, overwrite):  # type: ignore[no-untyped-def]
+def _run_main_job(api, target, model, quant, out, context, overwrite, promote=True, size_budget=1.5):  # type: ignore[no-untyped-def]
     from rich.progress import (
         BarColumn,
         Progress,
@@ -209,7 +216,7 @@ def _run_main_job(api, target, model, quant, out, context, overwrite):  # type: 
                   TimeElapsedColumn(), console=err, transient=True) as prog:  # fmt: skip
         n = len(plan.fit.plan.components)
         task = prog.add_task("building", total=5 * n + 2)
-        return api.export(target, plan.model, quant, out, context, overwrite, plan=plan,
+        return api.export(target, plan.model, quant, out, context, overwrite, plan=plan, promote=promote, size_budget=size_budget,
                           progress=lambda comp, step: prog.update(task, advance=1, description=f"{comp}: {step}"))[1]  # fmt: skip
 
 

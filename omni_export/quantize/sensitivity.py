@@ -59,6 +59,8 @@ class ComponentReport:
     bytes_recipe: int = 0
     bytes_proposal: int = 0
     precision_class: str = ""  # what the recipe makes this component; its threshold
+    threshold: ParityThreshold | None = None  # what the proposal was made to meet
+    error_scale: float = 1.0  # the target's measured error / this estimate's (>= 1), when measured
 
 
 def _evaluator(module: nn.Module, sources: Sources) -> Callable[[], list[torch.Tensor]]:
@@ -107,8 +109,14 @@ def _rtn_cfg(cfg: QuantConfig) -> QuantConfig:
 
 
 def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: Any, threshold: Callable[[str], ParityThreshold],
-            progress: Callable[[str, int, int], None] | None = None) -> list[ComponentReport]:  # fmt: skip
-    """``threshold(precision_class)``: what a component must meet, at the class the recipe gives it."""
+            progress: Callable[[str, int, int], None] | None = None, only: set[str] | None = None,
+            measured: dict[str, float] | None = None) -> list[ComponentReport]:  # fmt: skip
+    """``threshold(precision_class)``: what a component must meet, at the class the recipe gives it.
+    ``only``: the components to analyse (default all); the recipe is planned on all of them.
+    ``measured``: a component's worst cosine as its artifact gave it with this recipe. The
+    estimate here (weights alone, round-to-nearest, other inputs) can err less than the target
+    does (activation quantization, kernels); the proposal then aims lower by the same ratio of
+    errors, so what passes here has the margin the target needs."""
     cfgs = plan(components, recipe)
     classes = component_classes(components, cfgs)
     step = progress or (lambda what, i, n: None)
@@ -116,7 +124,7 @@ def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: An
     reports = []
     for cname, module in components.items():
         mine = {f[len(cname) + 1:]: _rtn_cfg(c) for f, c in cfgs.items() if f.startswith(cname + ".")}
-        if not mine:
+        if not mine or (only is not None and cname not in only):
             continue
         logits = isinstance(module, QwenForCausalLM)
         weights = {p: module.get_submodule(p).weight.detach().float() for p in mine}
@@ -137,7 +145,12 @@ def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: An
         rep = ComponentReport(cname, damage_with(mine, ref), layers, bytes_recipe=sum(x[3] for x in layers))
         w4_ok = {p for p, w in weights.items() if w.shape[1] % W4G32.group_size == 0}
         rep.precision_class = classes[cname]
-        rep.proposal, rep.proposal_damage = _propose(mine, w4_ok, layers, cname, threshold(classes[cname]),
+        rep.threshold = threshold(classes[cname])
+        if measured and cname in measured:
+            rep.error_scale = max(1.0, (1.0 - measured[cname]) / max(1.0 - rep.all_quantized.cosine, 1e-9))
+            rep.threshold = replace(rep.threshold, cosine_min=1.0 - (1.0 - rep.threshold.cosine_min) / rep.error_scale,
+                                    kl_max=rep.threshold.kl_max / rep.error_scale)  # fmt: skip
+        rep.proposal, rep.proposal_damage = _propose(mine, w4_ok, layers, cname, rep.threshold,
                                                      lambda ch: damage_with(ch, ref), rep.all_quantized)  # fmt: skip
         rep.bytes_proposal = sum(rtn(weights[p], c).nbytes() for p, c in rep.proposal.items())
         reports.append(rep)
@@ -181,4 +194,5 @@ def proposal_recipe(base: QuantRecipe, reports: list[ComponentReport]) -> QuantR
             fqn = f"{r.component}.{path}"
             if cfg.bits != base_cfg[fqn].bits:
                 rules.append(QuantRule("^" + fqn.replace(".", r"\.") + "$", cfg))
-    return QuantRecipe(f"{base.name}-mixed", tuple(rules) + base.rules, base.float_dtype)
+    name = base.name if base.name.endswith("-mixed") else f"{base.name}-mixed"
+    return QuantRecipe(name, tuple(rules) + base.rules, base.float_dtype)
