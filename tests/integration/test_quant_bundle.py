@@ -81,25 +81,27 @@ def test_int4_llm_artifact_is_smaller(qbundles, bundles):
     assert q["llm"] < 0.6 * f["llm"], (q["llm"], f["llm"])
 
 
+def _strict_plan(tiny_dirs, cosine):  # type: ignore[no-untyped-def]
+    """The desktop-cpu plan of tiny InteractiveOmni at int4, its int4 gate raised to ``cosine``."""
+    from dataclasses import replace
+
+    from omni_export import api
+    from omni_export.profiles import ParityThreshold
+
+    plan = api.plan_export("desktop-cpu", tiny_dirs["interactiveomni"], "int4", 256)
+    return replace(plan, profile=replace(plan.profile, parity={**plan.profile.parity, "int4": ParityThreshold(cosine, 0.8, 0.2)}))
+
+
 def test_a_component_that_misses_its_int4_gate_is_promoted_until_it_passes(tiny_dirs, tmp_path):
     """A gate stricter than the int4 default (cosine 0.995; at int4 the tiny LLM reaches 0.9916
     and the speech LM 0.9949 against the fp16 reference): the first build misses it, the
     sensitivity analysis promotes the worst layers of the failed components to 8-bit, and the next
     build passes the same gate, within the size budget; the manifest records the mixed recipe.
-    With promotion off the miss is an error; a gate the fp16 reference itself cannot meet
-    (0.998 for the speech LM) ends, once promotion stops helping, in a PromotionError saying so."""
-    from dataclasses import replace
-
+    With promotion off the miss is an error."""
     from omni_export import api
     from omni_export.compiler import ParityGateError
-    from omni_export.profiles import ParityThreshold
 
-    plan = api.plan_export("desktop-cpu", tiny_dirs["interactiveomni"], "int4", 256)
-
-    def gate(cosine):  # type: ignore[no-untyped-def]
-        return replace(plan, profile=replace(plan.profile, parity={**plan.profile.parity, "int4": ParityThreshold(cosine, 0.8, 0.2)}))
-
-    plan, too_strict = gate(0.995), gate(0.998)
+    plan = _strict_plan(tiny_dirs, 0.995)
     with pytest.raises(ParityGateError):
         api.export("desktop-cpu", plan.model, "int4", tmp_path / "off", 256, plan=plan, promote=False)
     final, result = api.export("desktop-cpu", plan.model, "int4", tmp_path / "b", 256, plan=plan, size_budget=2.0)
@@ -109,7 +111,18 @@ def test_a_component_that_misses_its_int4_gate_is_promoted_until_it_passes(tiny_
     assert "layers to 8-bit" in note and "MB (" in note
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert "int4-mixed" in json.dumps(manifest)
+
+
+@pytest.mark.slow
+def test_promotion_stops_at_its_budget_and_when_it_stops_helping(tiny_dirs, tmp_path):
+    """Over the size budget: a PromotionError naming the ratio it would need. A gate the speech
+    LM cannot reach by promoting (0.998: it stays at 0.9953 however many layers go to 8-bit):
+    once a build measures no gain, a PromotionError saying the rest is not from quantized weights."""
+    from omni_export import api
+
+    plan = _strict_plan(tiny_dirs, 0.995)
     with pytest.raises(api.PromotionError, match="size budget"):
         api.export("desktop-cpu", plan.model, "int4", tmp_path / "tight", 256, plan=plan, size_budget=1.0)
+    too_strict = _strict_plan(tiny_dirs, 0.998)
     with pytest.raises(api.PromotionError, match="did not lower the artifact's error for speech_lm"):
         api.export("desktop-cpu", plan.model, "int4", tmp_path / "never", 256, plan=too_strict, size_budget=2.0)
