@@ -33,6 +33,10 @@ class ImageInputError(InputError):
     pass
 
 
+class VideoInputError(InputError):
+    pass
+
+
 class ContextOverflowError(OmniExportError):
     """A prompt or conversation does not fit in the KV cache."""
 

@@ -29,13 +29,14 @@ from omni_export.errors import (
     ConfigError,
     ContextOverflowError,
     InputError,
+    VideoInputError,
 )
 from omni_export.bundle.manifest import ComponentEntry
 from omni_export.runtime_py.audio import StreamResampler, check_samples, pad_to_multiple, read_audio
 from omni_export.runtime_py.backends.base import Session
 from omni_export.runtime_py.events import AudioChunk, Event, Stats, TextDelta
 from omni_export.runtime_py.image import preprocess_image
-from omni_export.runtime_py.video import VideoInputError, read_frames, video_config
+from omni_export.runtime_py.video import read_frames, video_config
 from omni_export.runtime_py.kv_cache import KVStack
 from omni_export.runtime_py.prompt import (
     merge_placeholders,

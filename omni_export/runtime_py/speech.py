@@ -167,7 +167,7 @@ class CosyVoice2Stream(SpeechStream):
     def _mel(self, ready: int) -> None:
         """Mel for the first ``ready`` tokens, a flow chunk at a time: each chunk's call sees the
         windows the earlier chunks left, so frames already made never change."""
-        chunk, r = self.c["flow_chunk_tokens"], self.c["token_mel_ratio"]
+        chunk = self.c["flow_chunk_tokens"]
         while self.flow_done < ready:
             if self.flow_done % chunk:
                 raise RuntimeError("the flow's last chunk was short; no speech token may follow it")

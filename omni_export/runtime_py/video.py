@@ -16,12 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from omni_export.configs import from_dict
-from omni_export.errors import InputError
+from omni_export.errors import VideoInputError
 from omni_export.registry import Registry
-
-
-class VideoInputError(InputError):
-    pass
 
 
 @dataclass(frozen=True)

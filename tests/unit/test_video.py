@@ -4,7 +4,8 @@ PyAV, clear errors for what cannot be a clip, and the frames' place in the promp
 import numpy as np
 import pytest
 
-from omni_export.runtime_py.video import VideoConfig, VideoInputError, fps_frames, read_frames, segment_frames
+from omni_export.errors import VideoInputError
+from omni_export.runtime_py.video import VideoConfig, fps_frames, read_frames, segment_frames
 
 SEGMENTS = VideoConfig("segments", frames=8)
 ONE_FPS = VideoConfig("fps", fps=1.0, min_frames=4, max_frames=16, fit="center_crop")

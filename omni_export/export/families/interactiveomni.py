@@ -201,7 +201,6 @@ class InteractiveOmni(Family):
             "max_speech_per_text": v.speech_lm.max_speech_per_text, "token_rate_hz": 25, "token_mel_ratio": v.flow.token_mel_ratio,
             "flow_chunk_tokens": v.flow.token_chunk, "n_timesteps": v.flow.n_timesteps, "cfg_rate": v.flow.cfg_rate,
             "mel_bins": v.flow.mel_bins, "vocoder_hop": v.hift.hop, "speaker_dim": v.flow.spk_dim,
-            "flow_window_tokens": v.flow.window,
             "flow_caches": {name: list(shape) for name, shape in v.flow.cache_shapes().items()},
         }  # fmt: skip
         return out
