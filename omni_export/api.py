@@ -121,13 +121,13 @@ def check_recipe(ckpt: Checkpoint, recipe: QuantRecipe, profile: Profile) -> Qua
     as the target will build it (a preset adapted to what it encodes)."""
     from omni_export.quantize.engine import plan
     from omni_export.targets import TARGETS
-    from omni_export.targets.base import recipe_for_target
+    from omni_export.targets.base import check_plan, recipe_for_target
 
     target = TARGETS.get(profile.target)
     with torch.device("meta"):
         modules = {name: spec.build() for name, spec in ckpt.specs.items()}
     recipe, _ = recipe_for_target(target, recipe, modules)
-    target.check_quant(plan(modules, recipe), profile)
+    check_plan(target, modules, plan(modules, recipe), profile)
     return recipe
 
 

@@ -47,11 +47,12 @@ from omni_export.profiles import Profile
 from omni_export.profiles.fit import check_context
 from omni_export.quantize.cache import quantize_checkpoint
 from omni_export.quantize.engine import component_classes, plan
-from omni_export.quantize.recipe import QuantRecipe
+from omni_export.quantize.recipe import QuantRecipe, embedding_kind
 from omni_export.quantize.result import QTensor, QuantResult
 from omni_export.runtime_py.parity import ComponentParity, judge, not_run, replay_component
 from omni_export.targets import TARGETS
-from omni_export.targets.base import Artifact, recipe_for_target
+from omni_export.targets.base import Artifact, check_plan, recipe_for_target
+from omni_export.targets.tables import split_tables, swap_tables
 from omni_export.targets.precision import CALLS_PER_METHOD
 
 log = logging.getLogger(__name__)
@@ -90,14 +91,16 @@ class BuildResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _quant_summary(tensors: dict[str, QTensor], activation: str) -> QuantSummary | None:
-    if not tensors:
+def _quant_summary(linears: dict[str, QTensor], tables: dict[str, QTensor], activation: str) -> QuantSummary | None:
+    if not linears and not tables:
         return None
     kinds: dict[str, int] = {}
-    for t in tensors.values():
+    for t in linears.values():
         key = f"int{t.config.bits} {f'g{t.config.group_size}' if t.config.group_size else 'per-channel'} {t.config.method}"
         kinds[key] = kinds.get(key, 0) + 1
-    return QuantSummary(len(tensors), kinds, activation, sum(t.nbytes() for t in tensors.values()))
+    return QuantSummary(len(linears), kinds, activation, sum(t.nbytes() for t in linears.values()),
+                        {p: embedding_kind(t.config) for p, t in tables.items()},
+                        sum(t.nbytes() for t in tables.values()))  # fmt: skip
 
 
 def _versions(backend: str) -> dict[str, str]:
@@ -152,7 +155,7 @@ def build_bundle(
     classes = component_classes(ckpt.components, configs, target.float_class)
     quant: QuantResult | None = None
     quant_where = None
-    notes.extend(target.check_quant(configs, profile))  # refuses what it cannot encode, before any work
+    notes.extend(check_plan(target, ckpt.components, configs, profile))  # refuses what it cannot encode, before any work
     if configs:
         step("quantize", f"{recipe.name} (calibrating where the recipe asks)")
         quant, quant_where = quantize_checkpoint(ckpt, recipe, lambda what, i, n: step("quantize", what) if i == n else None)
@@ -183,24 +186,26 @@ def build_bundle(
             write_golden(tmp / golden, calls)
             t["golden_s"] = time.perf_counter() - t0
             qtensors = quant.for_component(name) if quant else {}
+            tables, qlinears = split_tables(module, qtensors)
             plan_ = target.precision_plan(module, lambda m=module: replay(m, limits, script, CALLS_PER_METHOD), set(qtensors))
             t["precision_s"] = time.perf_counter() - t0 - t["golden_s"]
-            if qtensors:
-                target.encode(module, qtensors, quant.floats_for(name))  # type: ignore[union-attr]
+            swap_tables(module, tables)
+            if qlinears:
+                target.encode(module, qlinears, quant.floats_for(name))  # type: ignore[union-attr]
             step(name, "tracing")
             t0 = time.perf_counter()
             with target.trace_context(module, limits, plan_):
                 traced = trace_component(name, module, limits, target.kv_mode)
             t["trace_s"] = time.perf_counter() - t0
             step(name, f"lowering ({target.name})")
-            artifact = target.lower(traced, profile, tmp, meta, qtensors)
+            artifact = target.lower(traced, profile, tmp, meta, qlinears)
             notes.extend(artifact.notes)
             t["lower_s"] = artifact.build_s
             spec = ckpt.specs[name]
             entry = ComponentEntry(
                 backend=artifact.backend, files=artifact.files, methods=_methods(traced, artifact, script, flops),
                 role=role_of(module).value, precision=classes[name], golden=golden, parity_backend=target.parity_backend or "",
-                description=spec.description, kv_cache=traced.kv, quant=_quant_summary(qtensors, target.quant_activation),
+                description=spec.description, kv_cache=traced.kv, quant=_quant_summary(qlinears, tables, target.quant_activation),
                 delegation=artifact.delegation,
             )  # fmt: skip
             components[name] = entry
@@ -273,7 +278,8 @@ def _finish(tmp: Path, ckpt, profile: Profile, target, settings: RuntimeSettings
         source=Source(str(ckpt.root), ckpt.fingerprint()),
         profile=ProfileEntry(profile.name, profile.target, profile.description, limits.max_context, profile.bandwidth_gbs, settings),
         quant=QuantEntry(recipe.name, target.float_class,
-                         tuple(RuleEntry(r.pattern, r.roles, None if r.config is None else asdict(r.config)) for r in recipe.rules)),
+                         tuple(RuleEntry(r.pattern, r.roles, None if r.config is None else asdict(r.config)) for r in recipe.rules),
+                         None if recipe.embeddings is None else asdict(recipe.embeddings)),
         model=model_cfg,
         components=components,
         files={},

@@ -113,6 +113,9 @@ class QuantSummary:
     kinds: dict[str, int]
     activations: str
     weight_bytes: int
+    # Quantized embedding tables: module path -> how each is stored ("int8 per row"), and their bytes.
+    tables: dict[str, str] = field(default_factory=dict)
+    table_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ class QuantEntry:
     recipe: str  # the recipe's name (a preset, or a TOML's name): a label, never looked up again
     float_dtype: str
     rules: tuple[RuleEntry, ...]
+    embeddings: dict[str, Any] | None = None  # the recipe's config for decoders' embedding tables
 
 
 @dataclass(frozen=True)

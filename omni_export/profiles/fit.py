@@ -22,8 +22,8 @@ from omni_export.export.components.kv import kv_stacks
 from omni_export.export.families import ComponentSpec, Family
 from omni_export.export.trace_specs import Limits
 from omni_export.profiles import Profile
-from omni_export.quantize.engine import untie_heads, weight_roles
-from omni_export.quantize.recipe import QuantConfig, QuantRecipe
+from omni_export.quantize.engine import config_of, untie_heads, weight_roles
+from omni_export.quantize.recipe import QuantConfig, QuantRecipe, embedding_kind
 
 GB = 1e9
 RUNTIME_OVERHEAD = 300_000_000  # interpreter/runtime, tokenizer, audio and I/O buffers
@@ -92,24 +92,30 @@ def _describe(cfgs: set[QuantConfig | None], float_name: str) -> str:
 
 
 def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe) -> ComponentMemory:
-    """Bytes as the build stores them: the quantizer encodes nn.Linear weights only (an embedding
-    table stays float)."""
+    """Bytes as the build stores them: linears by the recipe's rules, the decoders' embedding
+    tables by its ``embeddings`` config (float when it has none)."""
     fb = _float_bytes(recipe)
     role = role_of(module).value
-    total, params, used = 0.0, 0, set()
+    total, params, used, tables = 0.0, 0, set(), set()
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        path = name.rpartition(".")[0]
-        linear = isinstance(module.get_submodule(path) if path else module, nn.Linear) and t.ndim == 2
+        path, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(path) if path else module
+        weight = leaf == "weight" and t.ndim == 2 and isinstance(owner, (nn.Linear, nn.Embedding))
         # rules match module paths (what the quantizer checks), not parameter names
-        cfg = recipe.config_for(f"{spec.name}.{path}", role) if linear else None
-        if linear:
+        cfg = config_of(recipe, f"{spec.name}.{path}", role, owner) if weight else None
+        if isinstance(owner, nn.Linear) and weight:
             used.add(cfg)
+        elif cfg is not None:
+            tables.add(cfg)
         if cfg is None:
             total += t.numel() * (fb if t.is_floating_point() else t.element_size())
         else:
             total += t.numel() * cfg.bytes_per_weight(t.shape[1])
         params += t.numel()
-    return ComponentMemory(spec.name, params, int(total), _describe(used or ({None} if params else set()), recipe.float_dtype))
+    what = _describe(used or ({None} if params else set()), recipe.float_dtype)
+    if tables:
+        what += f"; embeddings {embedding_kind(next(iter(tables)))}"
+    return ComponentMemory(spec.name, params, int(total), what)
 
 
 def _kv_bytes(module: nn.Module, context: int, elem: int) -> int:

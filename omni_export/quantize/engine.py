@@ -56,6 +56,21 @@ def untie_heads(components: dict[str, nn.Module]) -> None:
             module.untie_head()
 
 
+def config_of(recipe: QuantRecipe, fqn: str, role: str | None, module: nn.Module) -> QuantConfig | None:
+    """What the recipe does to one weighted module: linears by its rules, decoders' embedding
+    tables by its ``embeddings`` config; anything else stays float."""
+    if isinstance(module, nn.Linear):
+        return recipe.config_for(fqn, role)
+    if isinstance(module, nn.Embedding):
+        return recipe.embedding_config(role)
+    return None
+
+
+def is_embedding(components: dict[str, nn.Module], fqn: str) -> bool:
+    cname, _, path = fqn.partition(".")
+    return isinstance(components[cname].get_submodule(path), nn.Embedding)
+
+
 def plan(components: dict[str, nn.Module], recipe: QuantRecipe) -> dict[str, QuantConfig]:
     """The linears to quantize and how; every recipe error is raised here, before any work."""
     untie_heads(components)
@@ -65,11 +80,12 @@ def plan(components: dict[str, nn.Module], recipe: QuantRecipe) -> dict[str, Qua
     chosen: dict[str, QuantConfig] = {}
     bad = []
     for fqn, m in mods.items():
-        cfg = recipe.config_for(fqn, roles[fqn])
-        if cfg is None or not isinstance(m, nn.Linear):
+        cfg = config_of(recipe, fqn, roles[fqn], m)
+        if cfg is None:
             continue
-        if cfg.group_size and m.in_features % cfg.group_size:
-            bad.append(f"{fqn} ({m.in_features} inputs)")
+        width = m.weight.shape[1]
+        if cfg.group_size and width % cfg.group_size:
+            bad.append(f"{fqn} ({width} inputs)")
         chosen[fqn] = cfg
     if bad:
         raise ConfigError(
@@ -167,7 +183,11 @@ def quantize_components(
         done: set[str] = set()
         if calib.sequences and isinstance(module, QwenForCausalLM):
             done = _quantize_stack(cname, module, mine, calib.sequences, result, report)
-        rest = {p: c for p, c in mine.items() if p not in done}
+        tables = {p: c for p, c in mine.items() if isinstance(module.get_submodule(p), nn.Embedding)}
+        for path, cfg in tables.items():  # round to nearest, one row (or group of a row) at a time
+            qt, info = _quantize_one(module.get_submodule(path).weight.detach().float(), cfg, None)
+            result.tensors[f"{cname}.{path}"], result.layers[f"{cname}.{path}"] = qt, {**info, "embedding": True}
+        rest = {p: c for p, c in mine.items() if p not in done and p not in tables}
         linears = {p: module.get_submodule(p) for p in rest}
         with torch.no_grad(), watching(linears, rest) as stats:
             for call in calib.calls:

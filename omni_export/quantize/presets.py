@@ -27,6 +27,7 @@ W8A8 = QuantConfig(bits=8, activation="int8_dynamic")
 W4G32 = QuantConfig(bits=4, group_size=32)
 W4_AWQ = QuantConfig(bits=4, group_size=32, method="awq")
 W4_GPTQ = QuantConfig(bits=4, group_size=32, method="gptq")
+ROWS8 = QuantConfig(bits=8)  # embedding tables: one scale per row (ExecuTorch's 8w, optimum's default)
 DECODERS, ENCODERS, VOCODERS = ("decoder",), ("encoder", "acoustic"), ("vocoder",)
 
 for recipe in (
@@ -34,11 +35,11 @@ for recipe in (
     QuantRecipe("fp16", (QuantRule(ANY, None),)),
     QuantRecipe("int8", (by_role(*VOCODERS, config=None), QuantRule(ANY, W8))),
     QuantRecipe("w8a8", (by_role(*VOCODERS, config=None), QuantRule(ANY, W8A8))),
-    QuantRecipe("int4", (by_role(*DECODERS, config=W4G32), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None))),
-    QuantRecipe("int4-all", (QuantRule(ANY, W4G32),)),
+    QuantRecipe("int4", (by_role(*DECODERS, config=W4G32), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None)), embeddings=ROWS8),
+    QuantRecipe("int4-all", (QuantRule(ANY, W4G32),), embeddings=ROWS8),
     # int4 with a calibrated method for the decoders (encoders stay 8-bit round-to-nearest).
-    QuantRecipe("int4-awq", (by_role(*DECODERS, config=W4_AWQ), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None))),
-    QuantRecipe("int4-gptq", (by_role(*DECODERS, config=W4_GPTQ), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None))),
+    QuantRecipe("int4-awq", (by_role(*DECODERS, config=W4_AWQ), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None)), embeddings=ROWS8),
+    QuantRecipe("int4-gptq", (by_role(*DECODERS, config=W4_GPTQ), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None)), embeddings=ROWS8),
 ):
     PRESETS.register(recipe.name, recipe)
 

@@ -52,7 +52,13 @@ class QuantConfig:
         return self.bits / 8 + (2 + (0 if self.symmetric else 1)) / group
 
 
+def embedding_kind(cfg: QuantConfig) -> str:
+    """How a quantized table is stored, in the words the manifest and fit report use."""
+    return f"int{cfg.bits} " + (f"g{cfg.group_size}" if cfg.group_size else "per row")
+
+
 ROLES = ("frontend", "encoder", "decoder", "acoustic", "vocoder")
+EMBEDDING_ROLES = ("decoder",)  # the stacks that gather token rows
 
 
 @dataclass(frozen=True)
@@ -82,10 +88,18 @@ class QuantRecipe:
     name: str
     rules: tuple[QuantRule, ...]
     float_dtype: str = "fp16"
+    # Embedding tables of decoder stacks (the LLM's is a sixth of a 4B model and most of a small
+    # one). Rules match linears only: a table is gathered a row at a time, so it takes a config
+    # of its own (8-bit per row, or 4-bit in groups along the row), rounded to nearest.
+    embeddings: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         if self.float_dtype not in ("fp16", "fp32", "bf16"):
             raise ConfigError(f"float_dtype must be fp16, fp32 or bf16, got {self.float_dtype!r}")
+        e = self.embeddings
+        if e is not None and (e.method != Method.RTN.value or e.activation != Activation.NONE.value):
+            raise ConfigError(f"recipe {self.name!r}: embeddings are quantized round-to-nearest, weight-only "
+                              f"(got method {e.method!r}, activation {e.activation!r}); drop those keys from [embeddings]")
 
     def config_for(self, fqn: str, role: str | None = None) -> QuantConfig | None:
         for rule in self.rules:
@@ -102,7 +116,10 @@ class QuantRecipe:
 
     @property
     def is_float(self) -> bool:
-        return all(r.config is None for r in self.rules)
+        return all(r.config is None for r in self.rules) and self.embeddings is None
+
+    def embedding_config(self, role: str | None) -> QuantConfig | None:
+        return self.embeddings if role in EMBEDDING_ROLES else None
 
 
 def recipe_toml(recipe: QuantRecipe) -> str:
@@ -111,12 +128,16 @@ def recipe_toml(recipe: QuantRecipe) -> str:
 
     rules = [{"pattern": r.pattern, **({"roles": list(r.roles)} if r.roles else {}),
               **({"float": True} if r.config is None else asdict(r.config))} for r in recipe.rules]  # fmt: skip
-    return tomli_w.dumps({"name": recipe.name, "float_dtype": recipe.float_dtype, "rules": rules})
+    data: dict = {"name": recipe.name, "float_dtype": recipe.float_dtype, "rules": rules}
+    if recipe.embeddings is not None:
+        data["embeddings"] = asdict(recipe.embeddings)
+    return tomli_w.dumps(data)
 
 
 def load_recipe_toml(path: Path) -> QuantRecipe:
     """TOML: ``name``, ``float_dtype``, ``[[rules]] pattern = ... roles = [...] bits = ... group_size = ...``
-    (or ``float = true``); a rule needs a pattern, roles, or both."""
+    (or ``float = true``); a rule needs a pattern, roles, or both. ``[embeddings] bits = 8`` (per
+    row) or ``bits = 4, group_size = 32`` quantizes the decoders' embedding tables."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -135,10 +156,14 @@ def load_recipe_toml(path: Path) -> QuantRecipe:
         rules.append(QuantRule(pattern if pattern is not None else ".", cfg, tuple(roles)))
     if not rules:
         raise ConfigError(f"{path}: a recipe needs at least one [[rules]] entry")
-    extra = set(data) - {"name", "rules", "float_dtype"}
+    extra = set(data) - {"name", "rules", "float_dtype", "embeddings"}
     if extra:
         raise ConfigError(f"{path}: unknown key(s) {sorted(extra)}")
-    return QuantRecipe(data.get("name", Path(path).stem), tuple(rules), data.get("float_dtype", "fp16"))
+    emb = data.get("embeddings")
+    if emb is not None and not isinstance(emb, dict):
+        raise ConfigError(f"{path}: [embeddings] must be a table such as 'bits = 8' (per row) or 'bits = 4' with 'group_size = 32'")
+    embeddings = from_dict(QuantConfig, emb, where=f"{path}: [embeddings]") if emb is not None else None
+    return QuantRecipe(data.get("name", Path(path).stem), tuple(rules), data.get("float_dtype", "fp16"), embeddings)
 
 
 # -- precision classes -----------------------------------------------------------------------------

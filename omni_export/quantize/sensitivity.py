@@ -137,9 +137,12 @@ def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: An
 
         with torch.no_grad():
             ref = evaluate()
+        # Embedding tables count in the whole recipe's damage but are not candidates: they are
+        # 8-bit already, and the promotion rules this feeds match linears.
+        ranked = {p: c for p, c in mine.items() if not isinstance(module.get_submodule(p), nn.Embedding)}
         layers = []
-        for i, (p, c) in enumerate(mine.items()):
-            step(f"{cname} layers", i + 1, len(mine))
+        for i, (p, c) in enumerate(ranked.items()):
+            step(f"{cname} layers", i + 1, len(ranked))
             layers.append((f"{cname}.{p}", c, damage_with({p: c}, ref), rtn(weights[p], c).nbytes()))
         layers.sort(key=lambda x: -x[2].score())
         rep = ComponentReport(cname, damage_with(mine, ref), layers, bytes_recipe=sum(x[3] for x in layers))
@@ -152,7 +155,7 @@ def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: An
                                     kl_max=rep.threshold.kl_max / rep.error_scale)  # fmt: skip
         rep.proposal, rep.proposal_damage = _propose(mine, w4_ok, layers, cname, rep.threshold,
                                                      lambda ch: damage_with(ch, ref), rep.all_quantized)  # fmt: skip
-        rep.bytes_proposal = sum(rtn(weights[p], c).nbytes() for p, c in rep.proposal.items())
+        rep.bytes_proposal = sum(rtn(weights[p], c).nbytes() for p, c in rep.proposal.items() if p in ranked)
         reports.append(rep)
     return reports
 
@@ -192,7 +195,7 @@ def proposal_recipe(base: QuantRecipe, reports: list[ComponentReport]) -> QuantR
             base_cfg[fqn] = cfg
         for path, cfg in r.proposal.items():
             fqn = f"{r.component}.{path}"
-            if cfg.bits != base_cfg[fqn].bits:
+            if fqn in base_cfg and cfg.bits != base_cfg[fqn].bits:  # tables are not ranked: never changed
                 rules.append(QuantRule("^" + fqn.replace(".", r"\.") + "$", cfg))
     name = base.name if base.name.endswith("-mixed") else f"{base.name}-mixed"
-    return QuantRecipe(name, tuple(rules) + base.rules, base.float_dtype)
+    return replace(base, name=name, rules=tuple(rules) + base.rules)

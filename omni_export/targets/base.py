@@ -21,7 +21,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -110,6 +110,9 @@ class Target(ABC):
     float_class: ClassVar[str] = "fp32"
     # How quantized linears treat their activations on this target (the manifest records it).
     quant_activation: ClassVar[str] = "float"
+    # Why quantized embedding tables (targets/tables.py: integer rows gathered, then scaled) are
+    # not lowered here; empty where they are.
+    no_tables: ClassVar[str] = ""
 
     def supports(self, traced: TracedComponent) -> bool:
         return True
@@ -165,8 +168,32 @@ def recipe_for_target(target: Target, recipe: QuantRecipe, components: dict[str,
     from omni_export.quantize.presets import PRESETS
 
     if recipe.name in PRESETS and PRESETS.get(recipe.name) == recipe:
-        return target.adapt_recipe(recipe, components)
+        notes = []
+        if target.no_tables and recipe.embeddings is not None:
+            recipe = replace(recipe, embeddings=None)
+            notes.append(f"{target.name}: embedding tables stay float ({target.no_tables})")
+        recipe, more = target.adapt_recipe(recipe, components)
+        return recipe, notes + more
     return recipe, []
+
+
+def check_plan(target: Target, components: dict[str, nn.Module], configs: dict[str, QuantConfig], profile: Profile | None = None) -> list[str]:
+    """``Target.check_quant`` on the plan's linears; its embedding tables are checked here, the
+    same on every target (one form lowers them all). Refuses before any work; returns notes."""
+    from omni_export.quantize.engine import is_embedding
+    from omni_export.quantize.recipe import embedding_kind
+
+    tables = {f: c for f, c in configs.items() if is_embedding(components, f)}
+    linears = {f: c for f, c in configs.items() if f not in tables}
+    notes = target.check_quant(linears, profile)
+    if tables and target.no_tables:
+        raise QuantEncodingError(f"{target.name}: quantized embedding tables are not lowered on this target ({target.no_tables}); "
+                                 f"remove [embeddings] from the recipe")  # fmt: skip
+    if tables:
+        kinds = sorted({embedding_kind(c) for c in tables.values()})
+        notes.append(f"{target.name}: {len(tables)} embedding table(s) stored {' / '.join(kinds)}; a call gathers its rows "
+                     f"and scales only those")  # fmt: skip
+    return notes
 
 
 def apply_floats(module: nn.Module, floats: dict[str, Any]) -> None:

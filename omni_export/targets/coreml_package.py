@@ -379,3 +379,35 @@ def read_quantized_weights(path: Path) -> list[StoredWeight]:
             scale = torch.from_numpy(np.asarray(op.scale.val, dtype=np.float32))
             seen.setdefault(key, StoredWeight(torch.from_numpy(q), scale, offset, builtin_to_string(op.data.dtype)))
     return list(seen.values())
+
+
+def read_tables(path: Path) -> list[StoredWeight]:
+    """Quantized embedding tables (targets/tables.py) in a package: a gather over a rank-2 int8
+    (or packed uint8) constant, and the gather with the same indices over an fp16 constant (its
+    scales: the next such gather in the function with as many rows; the converter may cast the
+    indices separately for each), read with coremltools' ML Program loader."""
+    import torch
+
+    from omni_export.targets.tables import unpack_int4
+
+    spec = load_spec(path)
+    with quiet():
+        from coremltools.converters.mil.frontend.milproto.load import load as load_program
+
+        program = load_program(spec, spec.specificationVersion, str(Path(path) / WEIGHTS.parent))
+    seen: dict[bytes, StoredWeight] = {}
+    for fn in program.functions.values():
+        gathers = [g for g in fn.find_ops(op_type="gather") if g.x.val is not None and np.asarray(g.x.val).ndim == 2]
+        for i, g in enumerate(gathers):
+            codes = np.asarray(g.x.val)
+            if codes.dtype not in (np.int8, np.uint8):
+                continue
+            scale = next((np.asarray(s.x.val) for s in gathers[i + 1:]
+                          if np.asarray(s.x.val).dtype == np.float16 and np.asarray(s.x.val).shape[0] == codes.shape[0]), None)  # fmt: skip
+            if scale is None:
+                continue
+            q = torch.from_numpy(codes.copy())
+            bits = 4 if codes.dtype == np.uint8 else 8
+            q = unpack_int4(q).to(torch.int8) if bits == 4 else q
+            seen.setdefault(codes.tobytes(), StoredWeight(q, torch.from_numpy(scale.astype(np.float32)), None, f"int{bits}"))
+    return list(seen.values())

@@ -69,5 +69,33 @@ def _packed_parts(dq, n: int, consumers: dict, inits: dict) -> list[tuple[int, i
 
 
 def read_component(files: list[Path]) -> list[OnnxQuantWeight]:
-    """Every quantized weight in a component's graphs."""
-    return [w for f in files if f.suffix == ".onnx" for w in read_quantized_weights(f)]
+    """Every quantized weight in a component's graphs: linears, then embedding tables (each once,
+    though several graphs may gather from one)."""
+    graphs = [f for f in files if f.suffix == ".onnx"]
+    tables = {(w.q.shape, w.q.numpy().tobytes()): w for f in graphs for w in read_tables(f)}
+    return [w for f in graphs for w in read_quantized_weights(f)] + list(tables.values())
+
+
+def read_tables(path: str | os.PathLike) -> list[OnnxQuantWeight]:
+    """Quantized embedding tables (targets/tables.py): a gather over a rank-2 int8 (or packed
+    uint8) initializer, and the gather with the same indices over an fp16 initializer (its scales)."""
+    import onnx
+
+    from omni_export.targets.tables import unpack_int4
+
+    model = onnx.load(str(path), load_external_data=True)
+    inits = {t.name: t for t in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type in ("Gather", "GatherND") and n.input[0] in inits]
+    out = []
+    for g in gathers:
+        data = inits[g.input[0]]
+        if data.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) or len(data.dims) != 2:
+            continue
+        scale = next((inits[s.input[0]] for s in gathers if s.input[1] == g.input[1] and inits[s.input[0]].data_type == onnx.TensorProto.FLOAT16), None)
+        if scale is None:
+            continue
+        codes = torch.from_numpy(onnx.numpy_helper.to_array(data).copy())
+        packed = data.data_type == onnx.TensorProto.UINT8
+        q = unpack_int4(codes).to(torch.int8) if packed else codes
+        out.append(OnnxQuantWeight(g.name, 4 if packed else 8, q, torch.from_numpy(onnx.numpy_helper.to_array(scale).astype(np.float32)), None))
+    return out

@@ -82,3 +82,44 @@ def read_quantized_weights(path: str | os.PathLike) -> list[PteQuantWeight]:
             scale = torch.frombuffer(bytearray(raw_scale), dtype=dtype).float().reshape(n_out, -1)
             out.append(PteQuantWeight(bits, _unpack(store[key], bits, n_out, k), scale))
     return out
+
+
+@dataclass
+class PteTable:
+    """A quantized embedding table (targets/tables.py) as a .pte holds it: a constant of codes
+    (int8, or uint8 two per byte) and its fp16 scales, read from the program's constants."""
+
+    bits: int
+    q: torch.Tensor  # int8 [rows, width]
+    scale: torch.Tensor  # fp32 [rows, groups]
+
+
+_INT8, _UINT8, _FP16 = 1, 0, 5  # executorch ScalarType codes
+
+
+def read_tables(path: str | os.PathLike) -> list[PteTable]:
+    """Each integer constant of rank 2 paired with the fp16 constant of the same row count that
+    the same method reads next (its scales): the form QuantizedEmbedding traces to."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    from omni_export.targets.tables import unpack_int4
+
+    program = deserialize_pte_binary(Path(path).read_bytes()).program
+    buffers = program.constant_buffer
+    out, seen = [], set()
+    for plan in program.execution_plan:
+        consts = [v.val for v in plan.values if type(v.val).__name__ == "Tensor" and v.val.data_buffer_idx and len(v.val.sizes) == 2]
+        for i, t in enumerate(consts):
+            if t.scalar_type not in (_INT8, _UINT8) or t.data_buffer_idx in seen:
+                continue
+            scale = next((s for s in consts[i + 1:] if s.scalar_type == _FP16 and s.sizes[0] == t.sizes[0]), None)
+            if scale is None:
+                continue
+            seen.add(t.data_buffer_idx)
+            rows, cols = t.sizes
+            raw = bytearray(bytes(buffers[t.data_buffer_idx].storage)[: rows * cols])
+            codes = torch.frombuffer(raw, dtype=torch.int8 if t.scalar_type == _INT8 else torch.uint8).reshape(rows, cols)
+            q = unpack_int4(codes).to(torch.int8) if t.scalar_type == _UINT8 else codes
+            sraw = bytearray(bytes(buffers[scale.data_buffer_idx].storage)[: scale.sizes[0] * scale.sizes[1] * 2])
+            out.append(PteTable(4 if t.scalar_type == _UINT8 else 8, q, torch.frombuffer(sraw, dtype=torch.float16).float().reshape(scale.sizes)))
+    return out

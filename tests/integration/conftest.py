@@ -73,7 +73,10 @@ def same_integers():
     own tooling); returns the (bits, group size) pairs seen."""
     from omni_export.bundle import read_manifest
     from omni_export.targets.onnx_weights import read_component
-    from omni_export.targets.pte_weights import read_quantized_weights as read_pte
+    from omni_export.targets.pte_weights import read_quantized_weights, read_tables
+
+    def read_pte(path):  # type: ignore[no-untyped-def]
+        return read_quantized_weights(path) + read_tables(path)
 
     def check(onnx_build, et_build) -> set[tuple[int, int]]:
         result = _quant_result_of(onnx_build)

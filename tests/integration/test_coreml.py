@@ -16,7 +16,7 @@ from omni_export.quantize.presets import PRESETS
 from omni_export.quantize.result import QuantResult
 from omni_export.targets import TARGETS, QuantEncodingError
 from omni_export.targets.base import recipe_for_target
-from omni_export.targets.coreml_package import SPEC_VERSIONS, function_ops, load_spec, opset_problems, read_quantized_weights
+from omni_export.targets.coreml_package import SPEC_VERSIONS, function_ops, load_spec, opset_problems, read_quantized_weights, read_tables
 
 FAMILIES = ["interactiveomni", "vita15"]
 macos = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML predicts only on macOS (this host is not one)")
@@ -96,7 +96,7 @@ def test_packages_hold_exactly_the_quantresult_integers(coreml_bundles, family):
     bits_seen = set()
     for name, c in m.components.items():
         tensors = result.for_component(name)
-        stored = read_quantized_weights(_package(root, c))
+        stored = read_quantized_weights(_package(root, c)) + read_tables(_package(root, c))
         assert len(stored) == len(tensors), name
         left = dict(tensors)
         for w in stored:

@@ -127,6 +127,7 @@ def test_int4_integers_in_the_tensorrt_graphs_equal_the_quant_result_and_the_pte
 
     trt = quant_bundles("jetson", "interactiveomni", "int4")
     assert any("int4 blocks of 64" in n for n in trt.notes)
+    assert any("embedding tables stay float" in n for n in trt.notes)
     assert all(b.parity.passed for b in trt.components), [(b.name, b.parity.failures) for b in trt.components]
     result = quant_result_of(trt)
     m = read_manifest(trt.bundle)

@@ -73,6 +73,18 @@ def test_recipe_toml(tmp_path):
         load_recipe_toml(path)
 
 
+def test_a_recipe_quantizes_embedding_tables_by_its_own_table(tmp_path):
+    from dataclasses import replace
+
+    recipe = replace(PRESETS.get("int4"), name="mine", embeddings=QuantConfig(bits=4, group_size=32))
+    assert load_recipe_toml(_roundtrip(tmp_path, recipe)) == recipe
+    rule = '[[rules]]\nroles = ["decoder"]\nbits = 4\n'
+    for table, error in (('method = "gptq"', "round-to-nearest"), ("rows = 1", "rows"), ("bits = 3", "bits")):
+        (tmp_path / "t.toml").write_text(f"{rule}[embeddings]\nbits = 8\n{table}\n" if "bits" not in table else f"{rule}[embeddings]\n{table}\n")
+        with pytest.raises(ConfigError, match=error):
+            load_recipe_toml(tmp_path / "t.toml")
+
+
 def _roundtrip(tmp_path, recipe):
     from omni_export.quantize.recipe import recipe_toml
 

@@ -62,9 +62,6 @@ class SpeechLM(Component, nn.Module):
     def embed_speech(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.speech_embedding(tokens)
 
-    def embed_special(self, which: int) -> torch.Tensor:
-        return self.llm_embedding.weight[which][None, None]
-
     def hidden(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         return self.llm(inputs_embeds, input_pos)
 
