@@ -437,6 +437,35 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle directory"), as_json
 
 
 @app.command()
+def memory(bundle: Path = typer.Argument(..., help="bundle directory"), as_json: bool = typer.Option(False, "--json"),
+           backend: str | None = typer.Option(None, help="open every component on this runtime instead of its own")) -> None:  # fmt: skip
+    """Resident memory of a bundle in its runtime: what each component's session adds when it
+    loads and when its golden calls first run (memory plan, activations, KV cache), all kept open."""
+    from omni_export.runtime_py.memory import measure_bundle
+
+    try:
+        report = _with_progress("memory", lambda step: measure_bundle(bundle, backend, lambda name, i, n: step(f"{name} ({i + 1}/{n})")))
+    except OmniExportError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=1))
+        return
+    t = Table(title=f"resident memory of {bundle}")
+    for col in ("component", "backend", "file", "memory plan", "after load", "after first calls", "total", "total / file"):
+        t.add_column(col, justify="left" if col in ("component", "backend") else "right")
+    for c in report.components:
+        t.add_row(c.component, c.backend, _gb(c.file_bytes), "-" if c.planned_bytes is None else _gb(c.planned_bytes),
+                  f"+{_gb(c.load_bytes)}", f"+{_gb(c.run_bytes)}", _gb(c.total_bytes),
+                  f"{c.total_bytes / c.file_bytes:.2f}x" if c.file_bytes else "-")  # fmt: skip
+    files = sum(c.file_bytes for c in report.components)
+    t.add_row("all components", "", _gb(files), "", "", "", _gb(report.final_bytes - report.runtime_bytes),
+              f"{(report.final_bytes - report.runtime_bytes) / files:.2f}x" if files else "-", end_section=True)  # fmt: skip
+    t.add_row("runtime libraries", "", "", "", "", "", _gb(report.runtime_bytes), "")
+    t.add_row("process", "", "", "", "", "", f"{_gb(report.final_bytes)} (peak {_gb(report.peak_bytes)})", "")
+    console.print(t)
+
+
+@app.command()
 def parity(bundle: Path = typer.Argument(..., help="bundle directory"), as_json: bool = typer.Option(False, "--json"),
            backend: Optional[str] = typer.Option(None, "--backend", help="run on this backend (tensorrt: the built engines) "
                                                  "instead of each component's parity backend")) -> None:  # fmt: skip

@@ -157,3 +157,24 @@ def test_profile_over_ssh_unreachable_is_a_clear_error(bundles, tmp_path):
     assert r.exit_code == 2 and "ssh nobody@127.0.0.1 failed" in r.output
     r = runner.invoke(app, ["profile", str(bundles["vita15"].bundle), "--device", "telnet://x"])
     assert r.exit_code == 2 and "neither 'local' nor ssh://" in r.output
+
+
+def test_memory_says_what_each_component_holds_in_its_runtime(bundles):
+    """`omni-export memory` in a fresh process: every component of the manifest, its file bytes
+    as the manifest says, the memory plan read from the program, and resident growth that
+    follows the plan (the audio encoder's 30 s window is the largest plan of the tiny bundle:
+    ExecuTorch allocates it when the method loads)."""
+    from omni_export.bundle import read_manifest
+
+    root = bundles["interactiveomni"].bundle
+    out = subprocess.run([sys.executable, "-m", "omni_export", "memory", str(root), "--json"], capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout)
+    m = read_manifest(root)
+    rows = {c["component"]: c for c in report["components"]}
+    assert list(rows) == list(m.components)
+    for name, c in rows.items():
+        assert c["file_bytes"] == sum(m.files[f].bytes for f in m.components[name].files)
+        assert c["planned_bytes"] > 0 and c["backend"] == "executorch"
+    biggest = max(rows.values(), key=lambda c: c["planned_bytes"])
+    assert biggest["total_bytes"] >= 0.5 * biggest["planned_bytes"], biggest
+    assert report["final_bytes"] > report["runtime_bytes"] > 0

@@ -62,6 +62,11 @@ class Session(ABC):
     @abstractmethod
     def methods(self) -> set[str]: ...
 
+    def planned_bytes(self) -> int | None:
+        """Bytes the artifact's own memory plan asks the runtime for (None: the runtime plans at
+        run time and does not say)."""
+        return None
+
     # -- explicit-cache backends ------------------------------------------------------------------
     def new_cache(self) -> Any:
         """An empty cache (0 positions) in the backend's own memory."""

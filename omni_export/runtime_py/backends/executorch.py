@@ -87,6 +87,22 @@ class ExecuTorchSession(Session):
     def methods(self) -> set[str]:
         return set(self._program.method_names)
 
+    def planned_bytes(self) -> int:
+        """The memory plans of the program's methods (activations, and the KV cache where the
+        program holds it), which the runtime allocates per loaded method."""
+        try:  # the runtime's bindings do not expose the plan; the program's own header does
+            from executorch.exir._serialize._program import _flatbuffer_to_program, _get_extended_header
+        except ImportError:  # a device install without the exporter
+            return None
+        with open(self.path, "rb") as f:
+            head = f.read(64)
+            eh = _get_extended_header(head)
+            size = eh.program_size if eh is not None and eh.is_valid() else self.path.stat().st_size
+            f.seek(0)
+            program = _flatbuffer_to_program(f.read(size))
+        # Buffer 0 of each plan is reserved (size 0); the rest are its arenas.
+        return sum(sum(plan.non_const_buffer_sizes[1:]) for plan in program.execution_plan)
+
     def run(self, method: str, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return list(self._loaded[method].execute([x.contiguous() for x in inputs]))
 
