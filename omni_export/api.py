@@ -151,7 +151,7 @@ def quant_report(model: str | Path, quant: str | QuantRecipe, target: str | Prof
 
 def export(target: str, model: str | Path | None = None, quant: str | None = None, out: str | Path | None = None,
            context: int | None = None, overwrite: bool = False, progress=None, plan: ExportPlan | None = None,  # type: ignore[no-untyped-def]
-           promote: bool = True, size_budget: float = 1.5):  # fmt: skip
+           promote: bool = True, size_budget: float = 1.5, host_check: bool = True):  # fmt: skip
     """The main job: fit check, then load -> trace -> lower -> golden -> parity -> bundle.
 
     ``plan``: a plan_export result already shown to the user (skips checking again).
@@ -160,7 +160,7 @@ def export(target: str, model: str | Path | None = None, quant: str | None = Non
     and build once more with that recipe, if its quantized weights stay within ``size_budget``
     times the recipe's (the manifest then records the mixed recipe).
     Returns (ExportPlan, BuildResult); raises DoesNotFitError before any work when the model does
-    not fit the device, ParityGateError (with the result) when a component misses its threshold,
+    not fit the device, HostMemoryError when this host cannot hold the job (``host_check``), ParityGateError (with the result) when a component misses its threshold,
     PromotionError when promoting cannot help within the budget."""
     from omni_export.compiler import ParityGateError, build_bundle
     from omni_export.targets import TARGETS
@@ -172,6 +172,7 @@ def export(target: str, model: str | Path | None = None, quant: str | None = Non
     plan = plan or plan_export(target, model, quant, context)
     if not plan.fit.fits:
         raise DoesNotFitError(plan)
+    check_host(plan, host_check)
     recipe, notes, base_bytes, before = plan.recipe, [], {}, {}
     for round_ in range(PROMOTION_ROUNDS + 1):
         try:
@@ -242,6 +243,21 @@ def promoted_recipe(plan: ExportPlan, measured: dict[str, float], size_budget: f
                      f"{base / 1e6:.2f} -> {r.bytes_proposal / 1e6:.2f} MB ({ratio:.2f}x the first recipe's)")  # fmt: skip
     return mixed, (f"{plan.recipe.name} missed the parity gate for {', '.join(failed)}; promoted by sensitivity and built "
                    f"again as {mixed.name!r}: " + "; ".join(parts))
+
+
+class HostMemoryError(OmniExportError):
+    """The export itself cannot fit the build host's memory (the bundle may well fit the device)."""
+
+
+def check_host(plan: ExportPlan, enabled: bool = True) -> None:
+    """Refuse before any weight is read when this host cannot hold what the job must (see
+    profiles/host.py); ``enabled=False`` (CLI ``--no-host-check``) runs it anyway, e.g. with swap."""
+    from omni_export.profiles.host import host_fit
+
+    fit = host_fit(plan.fit.plan)
+    if enabled and not fit.fits:
+        raise HostMemoryError(f"{fit.explain()}. Run the export on a machine with more memory (the bundle itself "
+                              f"fits {plan.profile.name}: {plan.fit.plan.total_bytes / 1e9:.2f} GB), or pass --no-host-check to try anyway.")  # fmt: skip
 
 
 class DoesNotFitError(OmniExportError):

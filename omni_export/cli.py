@@ -151,6 +151,8 @@ def main_job(
                                  "promote its most damaging layers to 8-bit and build again"),
     size_budget: float = typer.Option(1.5, "--size-budget", help="promotion may grow a component's quantized weights to this "
                                       "many times the recipe's"),
+    host_check: bool = typer.Option(True, "--host-check/--no-host-check", help="refuse before any work when this host's "
+                                    "memory cannot hold the job (the fp32 reference of every component)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Main job: omni-export --target PROFILE [--model DIR] [--quant PRESET] [--out DIR]."""
@@ -168,7 +170,10 @@ def main_job(
     from omni_export.compiler import ParityGateError
 
     try:
-        result = _run_main_job(api, target, model, quant, out, context, overwrite, promote, size_budget)
+        result = _run_main_job(api, target, model, quant, out, context, overwrite, promote, size_budget, host_check)
+    except api.HostMemoryError as exc:
+        err.print(f"[red]{exc}[/]", soft_wrap=True)
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
     except api.DoesNotFitError as exc:
         console.print(_fit_table(exc.plan.fit))
         err.print(f"[red]{exc}[/]", soft_wrap=True)
@@ -191,7 +196,7 @@ def main_job(
     console.print(f"bundle: [bold]{result.bundle}[/] ({result.seconds:.0f} s). Check it with `omni-export verify {result.bundle}`.")
 
 
-def _run_main_job(api, target, model, quant, out, context, overwrite, promote=True, size_budget=1.5):  # type: ignore[no-untyped-def]
+def _run_main_job(api, target, model, quant, out, context, overwrite, promote=True, size_budget=1.5, host_check=True):  # type: ignore[no-untyped-def]
     from rich.progress import (
         BarColumn,
         Progress,
@@ -212,12 +217,13 @@ def _run_main_job(api, target, model, quant, out, context, overwrite, promote=Tr
     console.print(_fit_table(plan.fit))
     if not plan.fit.fits:
         raise api.DoesNotFitError(plan)
+    api.check_host(plan, host_check)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=True) as prog:  # fmt: skip
         n = len(plan.fit.plan.components)
         task = prog.add_task("building", total=5 * n + 2)
         return api.export(target, plan.model, quant, out, context, overwrite, plan=plan, promote=promote, size_budget=size_budget,
-                          progress=lambda comp, step: prog.update(task, advance=1, description=f"{comp}: {step}"))[1]  # fmt: skip
+                          host_check=False, progress=lambda comp, step: prog.update(task, advance=1, description=f"{comp}: {step}"))[1]  # fmt: skip
 
 
 def _build_table(result) -> Table:  # type: ignore[no-untyped-def]
@@ -352,6 +358,7 @@ def fit(
     from omni_export.export.families import FAMILIES
     from omni_export.profiles import get_profile
     from omni_export.profiles.fit import fit_check
+    from omni_export.profiles.host import host_fit
     from omni_export.quantize.presets import resolve_recipe
 
     try:
@@ -366,9 +373,11 @@ def fit(
         result = fit_check(profile, fam, cfg, resolve_recipe(quant or profile.default_quant), context)
     except OmniExportError as exc:
         _fail(exc)
+    host = host_fit(result.plan)
     if as_json:
         plan = result.plan
         print(json.dumps({"profile": profile.name, "fits": result.fits, "margin_bytes": result.margin_bytes,
+                          "host": {"fits": host.fits, "floor_bytes": host.floor_bytes, "available_bytes": host.available_bytes},
                           "available_bytes": result.available_bytes, "total_bytes": plan.total_bytes,
                           "weight_bytes": plan.weight_bytes, "kv_bytes": plan.kv_bytes, "stream_bytes": plan.stream_bytes,
                           "activation_bytes": plan.activation_bytes, "overhead_bytes": plan.overhead_bytes,
@@ -376,6 +385,7 @@ def fit(
                           "components": [to_dict(c) for c in plan.components]}, indent=2))  # fmt: skip
     else:
         console.print(_fit_table(result))
+        console.print(("export on this host: " if host.fits else "[red]export on this host refused:[/] ") + host.explain())
     if not result.fits:
         raise typer.Exit(EXIT_DOES_NOT_FIT)
 

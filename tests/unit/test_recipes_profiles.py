@@ -149,3 +149,21 @@ def test_fit_counts_floats_as_the_target_stores_them():
     assert b.plan.kv_bytes == 2 * a.plan.kv_bytes
     voc_a, voc_b = (next(c for c in f.plan.components if c.name == "vocoder") for f in (a, b))
     assert voc_b.weight_bytes == pytest.approx(2 * voc_a.weight_bytes, rel=1e-3) and voc_b.precision == "fp32"
+
+
+def test_the_host_check_refuses_a_checkpoint_whose_fp32_reference_cannot_fit():
+    """VITA-1.5 (7B-shaped) needs its 8.5 B parameters in fp32 for the whole job: refused on a
+    24 GiB host before any work, saying what it needs; the tiny one fits; no /proc figure: no refusal."""
+    from dataclasses import replace
+
+    from omni_export.profiles.host import RUNTIME_BYTES, host_fit
+
+    fam = FAMILIES.get("vita15")
+    big = memory_plan(fam, fam.preset("full"), PRESETS.get("int4"), 4096)
+    params = sum(c.params for c in big.components)
+    refused = host_fit(big, available=24 * 2**30)
+    assert not refused.fits and refused.floor_bytes == 4 * params + RUNTIME_BYTES and params > 7e9
+    assert f"{refused.floor_bytes / 1e9:.1f} GB" in refused.explain() and "25.8 GB is available" in refused.explain()
+    assert host_fit(memory_plan(fam, fam.preset("tiny"), PRESETS.get("int4"), 256), available=24 * 2**30).fits
+    assert host_fit(big, available=10**12).fits
+    assert replace(refused, available_bytes=None).fits  # a host that does not say is not refused
