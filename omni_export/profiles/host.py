@@ -3,10 +3,11 @@ fits the phone; this asks whether making it fits the machine doing it, before an
 
 The main job holds every component in fp32 for its whole run: the eager reference that golden
 I/O and the parity gate compare against, which each component's build then quantizes, traces
-and lowers from. Four bytes per parameter is therefore a floor the job cannot go under, and a
-checkpoint whose floor exceeds the host's available memory is refused with what it needs. What
-lowering adds on top depends on the target and is measured, not modelled here: it is reported
-by the benchmarks (docs/quantization/)."""
+and lowers from; while a component's golden I/O is made, an fp16 copy of it exists beside it
+(the fp16 reference). Four bytes per parameter, plus two for the largest component, is therefore
+a floor the job cannot go under, and a checkpoint whose floor exceeds the host's available
+memory is refused with what it needs. What lowering adds on top depends on the target and is
+measured, not modelled here: it is reported by the benchmarks (docs/quantization/)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def host_available_bytes() -> int | None:
 @dataclass(frozen=True)
 class HostFit:
     params: int
-    floor_bytes: int  # fp32 copies of every component, plus the imported libraries
+    largest: tuple[str, int]  # the component with the most parameters, and their count
+    floor_bytes: int  # fp32 copies of every component, the largest one's fp16 copy, the libraries
     available_bytes: int | None
 
     @property
@@ -39,11 +41,14 @@ class HostFit:
 
     def explain(self) -> str:
         have = "unknown" if self.available_bytes is None else f"{self.available_bytes / 1e9:.1f} GB"
+        name, n = self.largest
         return (f"exporting this checkpoint needs at least {self.floor_bytes / 1e9:.1f} GB on this host ({self.params / 1e9:.2f} B "
-                f"parameters held in fp32 for the whole job as the parity reference, plus {RUNTIME_BYTES / 1e9:.1f} GB of "
-                f"libraries); {have} is available")  # fmt: skip
+                f"parameters held in fp32 for the whole job as the parity reference, {name}'s {n / 1e9:.2f} B also in fp16 "
+                f"while its reference outputs are made, {RUNTIME_BYTES / 1e9:.1f} GB of libraries); {have} is available")  # fmt: skip
 
 
 def host_fit(plan: MemoryPlan, available: int | None = None) -> HostFit:
     params = sum(c.params for c in plan.components)
-    return HostFit(params, 4 * params + RUNTIME_BYTES, host_available_bytes() if available is None else available)
+    big = max(plan.components, key=lambda c: c.params)
+    return HostFit(params, (big.name, big.params), 4 * params + 2 * big.params + RUNTIME_BYTES,
+                   host_available_bytes() if available is None else available)  # fmt: skip
