@@ -248,7 +248,7 @@ def render(manifest: Manifest, parity: list[dict[str, Any]], root: Path | None =
         tables = [(n, path, kind, q.table_bytes) for n, q in quantized.items() for path, kind in q.tables.items()]
         if tables:
             lines += ["Embedding tables are stored quantized: a call gathers its token rows and scales only those "
-                      "(a tied LM head is a separate, quantized linear).", "",
+                      "(a tied LM head keeps its own copy, as the recipe's linears).", "",
                       "| component | table | stored as |", "| --- | --- | --- |",
                       *(f"| {n} | `{path}` | {kind} |" for n, path, kind, _ in tables), ""]  # fmt: skip
     lines += ["## I/O contract", ""]
