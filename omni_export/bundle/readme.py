@@ -245,12 +245,12 @@ def render(manifest: Manifest, parity: list[dict[str, Any]], root: Path | None =
             kinds = ", ".join(f"{k} x{v}" for k, v in q.kinds.items())
             lines.append(f"| {n} | {m.components[n].precision} | {q.linears} | {kinds} | {q.weight_bytes / 1e6:.2f} MB | {q.activations} |")
         lines.append("")
-        tables = [(n, path, kind, q.table_bytes) for n, q in quantized.items() for path, kind in q.tables.items()]
+        tables = [(n, path, kind) for n, q in quantized.items() for path, kind in q.tables.items()]
         if tables:
             lines += ["Embedding tables are stored quantized: a call gathers its token rows and scales only those "
                       "(a tied LM head keeps its own copy, as the recipe's linears).", "",
                       "| component | table | stored as |", "| --- | --- | --- |",
-                      *(f"| {n} | `{path}` | {kind} |" for n, path, kind, _ in tables), ""]  # fmt: skip
+                      *(f"| {n} | `{path}` | {kind} |" for n, path, kind in tables), ""]  # fmt: skip
     lines += ["## I/O contract", ""]
     for name, c in m.components.items():
         lines += [f"### {name}", ""]

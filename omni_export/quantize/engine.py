@@ -66,9 +66,14 @@ def config_of(recipe: QuantRecipe, fqn: str, role: str | None, module: nn.Module
     return None
 
 
+def is_table(module: nn.Module, path: str) -> bool:
+    """Whether ``path`` in ``module`` is an embedding table (quantized by the recipe's ``embeddings``)."""
+    return isinstance(module.get_submodule(path), nn.Embedding)
+
+
 def is_embedding(components: dict[str, nn.Module], fqn: str) -> bool:
     cname, _, path = fqn.partition(".")
-    return isinstance(components[cname].get_submodule(path), nn.Embedding)
+    return is_table(components[cname], path)
 
 
 def plan(components: dict[str, nn.Module], recipe: QuantRecipe) -> dict[str, QuantConfig]:
@@ -183,7 +188,7 @@ def quantize_components(
         done: set[str] = set()
         if calib.sequences and isinstance(module, QwenForCausalLM):
             done = _quantize_stack(cname, module, mine, calib.sequences, result, report)
-        tables = {p: c for p, c in mine.items() if isinstance(module.get_submodule(p), nn.Embedding)}
+        tables = {p: c for p, c in mine.items() if is_table(module, p)}
         for path, cfg in tables.items():  # round to nearest, one row (or group of a row) at a time
             qt, info = _quantize_one(module.get_submodule(path).weight.detach().float(), cfg, None)
             result.tensors[f"{cname}.{path}"], result.layers[f"{cname}.{path}"] = qt, {**info, "embedding": True}

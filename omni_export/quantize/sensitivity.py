@@ -23,7 +23,7 @@ from torch import nn
 from omni_export.export.components.qwen import QwenForCausalLM
 from omni_export.profiles import ParityThreshold
 from omni_export.quantize.calibrate import Sources, calibration_for
-from omni_export.quantize.engine import component_classes, plan
+from omni_export.quantize.engine import component_classes, is_table, plan
 from omni_export.quantize.presets import W4G32, W8
 from omni_export.quantize.recipe import Method, QuantConfig, QuantRecipe, QuantRule
 from omni_export.quantize.rtn import rtn
@@ -139,7 +139,7 @@ def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: An
             ref = evaluate()
         # Embedding tables count in the whole recipe's damage but are not candidates: they are
         # 8-bit already, and the promotion rules this feeds match linears.
-        ranked = {p: c for p, c in mine.items() if not isinstance(module.get_submodule(p), nn.Embedding)}
+        ranked = {p: c for p, c in mine.items() if not is_table(module, p)}
         layers = []
         for i, (p, c) in enumerate(ranked.items()):
             step(f"{cname} layers", i + 1, len(ranked))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from omni_export.quantize.engine import is_table
 from omni_export.quantize.result import QTensor
 from omni_export.targets.base import LoweringError
 
@@ -57,7 +58,7 @@ class QuantizedEmbedding(nn.Module):
 
 def split_tables(module: nn.Module, tensors: dict[str, QTensor]) -> tuple[dict[str, QTensor], dict[str, QTensor]]:
     """A component's QuantResult as (embedding tables, linears)."""
-    tables = {p: t for p, t in tensors.items() if isinstance(module.get_submodule(p), nn.Embedding)}
+    tables = {p: t for p, t in tensors.items() if is_table(module, p)}
     return tables, {p: t for p, t in tensors.items() if p not in tables}
 
 

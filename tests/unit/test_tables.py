@@ -14,7 +14,7 @@ from omni_export.quantize.presets import PRESETS
 from omni_export.quantize.recipe import QuantConfig
 from omni_export.quantize.rtn import rtn
 from omni_export.targets import TARGETS
-from omni_export.targets.base import QuantEncodingError, check_plan, recipe_for_target
+from omni_export.targets.base import LoweringError, QuantEncodingError, check_plan, recipe_for_target
 from omni_export.targets.tables import QuantizedEmbedding, pack_int4, split_tables, swap_tables, unpack_int4
 
 ROWS8, G32 = QuantConfig(bits=8), QuantConfig(bits=4, group_size=32)
@@ -51,7 +51,7 @@ def test_swap_replaces_only_the_tables_the_result_names():
     assert list(tables) == ["emb"] and list(linears) == ["lin"]
     swap_tables(m, tables)
     assert isinstance(m["emb"], QuantizedEmbedding) and isinstance(m["other"], nn.Embedding)
-    with pytest.raises(Exception, match="does not fit this table"):
+    with pytest.raises(LoweringError, match="does not fit this table"):
         swap_tables(m, {"other": rtn(torch.randn(8, 32), ROWS8)})
 
 

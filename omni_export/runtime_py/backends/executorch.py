@@ -87,7 +87,7 @@ class ExecuTorchSession(Session):
     def methods(self) -> set[str]:
         return set(self._program.method_names)
 
-    def planned_bytes(self) -> int:
+    def planned_bytes(self) -> int | None:
         """The memory plans of the program's methods (activations, and the KV cache where the
         program holds it), which the runtime allocates per loaded method."""
         try:  # the runtime's bindings do not expose the plan; the program's own header does
