@@ -26,7 +26,7 @@ DEMO_FAMILY, DEMO_SIZE, DEMO_SEED = "interactiveomni", "small", 0
 # is measurable (near-uniform logits), so the int4 parity gate would judge noise.
 DEMO_TRAIN_S = 300
 # Bump when the synthetic writer changes what a demo checkpoint holds (2: Qwen2's pre-tokenizer).
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -72,7 +72,8 @@ def eager_pipeline(ckpt: Checkpoint, max_context: int = 4096, device: str = "cpu
         components[name] = eager_entry(module, specs)
     config = ckpt.family.runtime_config(ckpt)
     config.update(max_context=limits.max_context, prefill_chunk=limits.prefill_chunk)
-    return Pipeline(sessions, components, config, ckpt.tokenizer, ckpt.family.assets(ckpt), **pipeline_kwargs)
+    return Pipeline(sessions, components, config, ckpt.tokenizer, ckpt.family.assets(ckpt), asset_files=ckpt.family.asset_files(ckpt),
+                    **pipeline_kwargs)  # fmt: skip
 
 
 def eager_entry(module, specs):  # type: ignore[no-untyped-def]  # -> ComponentEntry

@@ -29,6 +29,8 @@ def run(
     image: Optional[Path] = typer.Option(None, "--image", "-i"),
     video: Optional[Path] = typer.Option(None, "--video", help="a clip (MP4, MKV, WebM, MOV); frames picked as the family's release does"),
     text: Optional[str] = typer.Option(None, "--text"),
+    voice: Optional[Path] = typer.Option(None, "--voice", help="a reference recording: the reply speaks in that voice "
+                                         "(InteractiveOmni, with the release's campplus.onnx speaker encoder)"),
     turns: Optional[Path] = typer.Option(None, "--turns", help="a multi-turn script (TOML, see runtime_py/script.py) instead of --audio/--image/--video/--text"),
     out: Path = typer.Option(Path("reply.wav"), "--out", "-o", help="the spoken reply (24 kHz wav; turns joined by short silences)"),
     dtype: str = typer.Option("fp32", "--dtype", help="checkpoints: fp32 or fp16"),
@@ -90,6 +92,8 @@ def run(
             script = Script(turn=(TurnSpec(audio=str(audio) if audio else None, image=str(image) if image else None,
                                            video=str(video) if video else None, text=text,
                                            max_new_tokens=max_new_tokens),), chunk_ms=chunk_ms, seed=seed).resolve(Path.cwd())  # fmt: skip
+        if voice is not None:
+            script = replace(script, voice=str(voice)).resolve(Path.cwd())
         script = replace(script, speech=script.speech and not no_speech)
         pipeline = _with_progress("loading", lambda cb: api.open_runtime(path, dtype, max_context, progress=cb, device=torch_device,
                                                                           backend=backend, context_policy=context_policy)).pipeline  # fmt: skip

@@ -148,6 +148,7 @@ def build_bundle(
     start = time.perf_counter()
     step("checkpoint", "loading")
     ckpt = load_checkpoint(model, dtype=torch.float32)
+    ckpt.family.asset_files(ckpt)  # a damaged side file (speaker encoder) is refused before any work
     recipe, more = recipe_for_target(target, recipe, ckpt.components)
     notes.extend(more)
     # A float recipe plans nothing (and leaves a tied LM head tied: one table in the artifact).
@@ -261,6 +262,11 @@ def _finish(tmp: Path, ckpt, profile: Profile, target, settings: RuntimeSettings
         (tmp / "assets").mkdir(exist_ok=True)
         np.save(tmp / "assets" / f"{key}.npy", arr)
         assets[key] = f"assets/{key}.npy"
+    asset_files = {}
+    for key, src in ckpt.family.asset_files(ckpt).items():
+        (tmp / "assets").mkdir(exist_ok=True)
+        shutil.copyfile(src, tmp / "assets" / src.name)
+        asset_files[key] = f"assets/{src.name}"
     parity = [b.parity.to_dict() for b in builds]
     atomic_write_text(tmp / "reports" / "parity.json", json.dumps(parity, indent=2))
     build = [{"component": b.name, "files": list(b.files), "bytes": b.bytes, "methods": b.methods, "precision": b.precision,
@@ -269,6 +275,7 @@ def _finish(tmp: Path, ckpt, profile: Profile, target, settings: RuntimeSettings
     atomic_write_text(tmp / "reports" / "build.json", json.dumps({"components": build, "notes": notes}, indent=2))
     model_cfg = ckpt.family.runtime_config(ckpt)
     model_cfg["assets"] = assets
+    model_cfg["asset_files"] = asset_files
     model_cfg["max_context"] = limits.max_context
     model_cfg["prefill_chunk"] = limits.prefill_chunk
     manifest = Manifest(

@@ -27,6 +27,17 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return {f: write_synthetic(f, "tiny", root / f"{f}-tiny", seed=0) for f in FAMILY_NAMES}
 
 
+@pytest.fixture
+def copy(tiny_dirs, tmp_path):
+    """A writable copy of a tiny checkpoint, to break."""
+    def make(family: str):
+        dst = tmp_path / family
+        shutil.copytree(tiny_dirs[family], dst)
+        return dst
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny(tiny_dirs):
     return {f: load_checkpoint(p, dtype=torch.float32) for f, p in tiny_dirs.items()}
@@ -39,6 +50,16 @@ def speech_wav(tmp_path_factory) -> Path:
         pytest.skip("espeak-ng is not installed (the README's test line installs it with apt-get)")
     path = tmp_path_factory.mktemp("audio") / "question.wav"
     subprocess.run(["espeak-ng", "-w", str(path), "What is shown in this picture?"], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def voice_wav(tmp_path_factory) -> Path:
+    """A reference voice for cloning: another espeak-ng voice (female variant), 22.05 kHz."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (the README's test line installs it with apt-get)")
+    path = tmp_path_factory.mktemp("voice") / "reference.wav"
+    subprocess.run(["espeak-ng", "-v", "en+f3", "-w", str(path), "Hello there, this is how I sound when I speak."], check=True)
     return path
 
 

@@ -229,6 +229,8 @@ def render(manifest: Manifest, parity: list[dict[str, Any]], root: Path | None =
         "| `tokenizer/` | byte-level BPE tokenizer (`tokenizer.json`, Hugging Face tokenizers format) |",
         "| `golden/COMPONENT.npz` | golden inputs and eager reference outputs (fp32 and fp16), call by call |",
         "| `assets/*.npy` | arrays the runtime needs beside the weights (default voice) |",
+        *(["| `assets/*.onnx` | files the release ships that the runtime runs as they are (the speaker encoder for `--voice`, ONNX Runtime) |"]
+          if m.model.get("asset_files") else []),
         "| `reports/parity.json`, `reports/build.json` | parity metrics per component and output; build times, sizes, delegation |",
         "| `reports/quant.json` | quantized bundles: every quantized layer's method, bits, group and weight/output error |",
         "",

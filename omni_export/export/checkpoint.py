@@ -22,6 +22,7 @@ from torch import nn
 from omni_export.errors import CheckpointError, UnknownModelTypeError
 from omni_export.export.families import FAMILIES, MODEL_TYPES, ComponentSpec, Family
 from omni_export.export.safetensors_io import SafetensorsFile
+from omni_export.export.weight_norm import fold, magnitude_shape, normed_weights, stored_pair
 from omni_export.files import read_json
 
 log = logging.getLogger(__name__)
@@ -138,10 +139,22 @@ def meta_build(spec: ComponentSpec) -> nn.Module:
         return spec.build()
 
 
-def plan(specs: Iterable[ComponentSpec], sources: dict[str, TensorSource]) -> dict[str, dict[str, str]]:
+def _check_pair(pair: tuple[str, str], src: TensorSource, component: str, shape: tuple[int, ...]) -> list[str]:
+    (g_shape, _), (v_shape, _) = (src.shape_dtype(n) for n in pair)
+    problems = []
+    if v_shape != shape:
+        problems.append(f"tensor {pair[1]!r} has shape {list(v_shape)}, {component} expects {list(shape)}")
+    if g_shape != magnitude_shape(shape):
+        problems.append(f"tensor {pair[0]!r} has shape {list(g_shape)}, {component} expects {list(magnitude_shape(shape))} "
+                        "(a weight norm over dim 0)")  # fmt: skip
+    return problems
+
+
+def plan(specs: Iterable[ComponentSpec], sources: dict[str, TensorSource]) -> dict[str, dict[str, str | tuple[str, str]]]:
     """Match checkpoint tensors to component parameters: spec name -> {module key: checkpoint key}.
 
-    Raises one CheckpointError naming every missing, unexpected, mis-shaped or mis-typed tensor.
+    A weight the module stores weight-normalised maps to its (magnitude, direction) pair when the
+    checkpoint holds that instead of the plain weight. Raises one CheckpointError naming every missing, unexpected, mis-shaped or mis-typed tensor.
     """
     problems: list[str] = []
     claimed: dict[str, set[str]] = {s: set() for s in sources}
@@ -149,10 +162,17 @@ def plan(specs: Iterable[ComponentSpec], sources: dict[str, TensorSource]) -> di
     for spec in specs:
         src = sources[spec.source]
         module = meta_build(spec)
-        mapping: dict[str, str] = {}
+        mapping: dict[str, str | tuple[str, str]] = {}
+        normed = normed_weights(module)
         for key, expected in module.state_dict().items():
             ckpt_key = spec.to_checkpoint_name(key)
             where = spec.source or "safetensors"
+            pair = stored_pair(ckpt_key, src.locations) if key in normed and ckpt_key not in src.locations else None
+            if pair is not None:
+                problems += _check_pair(pair, src, spec.name, tuple(expected.shape))
+                mapping[key] = pair
+                claimed[spec.source].update(pair)
+                continue
             if ckpt_key not in src.locations:
                 problems.append(f"missing tensor {ckpt_key!r} ({spec.name}.{key}, shape {list(expected.shape)}) in {where}")
                 continue
@@ -243,7 +263,7 @@ def load_checkpoint(
         src = sources[spec.source]
         state = {}
         for key, ckpt_key in mapping[spec.name].items():
-            t = src.get(ckpt_key)
+            t = fold(src.get(ckpt_key[0]), src.get(ckpt_key[1])) if isinstance(ckpt_key, tuple) else src.get(ckpt_key)
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             state[key] = t

@@ -20,6 +20,7 @@ from omni_export.export.checkpoint import INDEX, SINGLE
 from omni_export.export.components.layers import RMSNorm, sinusoids
 from omni_export.export.families import FAMILIES, MAIN_WEIGHTS, ComponentSpec
 from omni_export.export.safetensors_io import write_streaming
+from omni_export.export.weight_norm import FORMS, magnitude_shape, normed_weights
 
 SHARD_BYTES = {"tiny": 1 << 20, "small": 100 << 20, "full": 2 << 30}
 STD = 0.02
@@ -47,6 +48,8 @@ def init_tensor(key: str, like: torch.Tensor, owner: type, gen: torch.Generator)
         return torch.full(shape, 10.0)  # log-mel energies of speech sit around here
     if key.endswith("global_cmvn.istd"):
         return torch.full(shape, 0.3)
+    if owner is WeightNormMagnitude or leaf == "alpha":  # Snake activations start at one, as released
+        return torch.ones(shape)
     if issubclass(owner, (nn.LayerNorm, RMSNorm)):
         return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
     if leaf == "bias":
@@ -71,15 +74,27 @@ class _Planned:
     like: torch.Tensor  # meta tensor
 
 
+class WeightNormMagnitude(nn.Module):
+    """Owner type of a weight norm's magnitude: written as ones, so each folded row has unit norm,
+    which is what the fan-in scaled direction has anyway."""
+
+
 def _plan(spec: ComponentSpec, dtype: torch.dtype) -> list[_Planned]:
     with torch.device("meta"):
         module = spec.build()
     owners = _owner_types(module)
-    return [
-        _Planned(spec.to_checkpoint_name(k), tuple(v.shape), dtype if v.is_floating_point() else v.dtype, k,
-                 owners.get(k, nn.Module), v)
-        for k, v in module.state_dict().items()
-    ]  # fmt: skip
+    normed = normed_weights(module)
+    out = []
+    for k, v in module.state_dict().items():
+        name, dt, owner = spec.to_checkpoint_name(k), dtype if v.is_floating_point() else v.dtype, owners.get(k, nn.Module)
+        if k in normed:  # the released form: magnitude and direction (torch's parametrisation names)
+            g_suffix, v_suffix = FORMS[0]
+            base = name.removesuffix(".weight")
+            g_shape = magnitude_shape(tuple(v.shape))
+            out.append(_Planned(base + g_suffix, g_shape, dt, k + "#g", WeightNormMagnitude, torch.empty(g_shape, device="meta")))
+            name = base + v_suffix
+        out.append(_Planned(name, tuple(v.shape), dt, k, owner, v))
+    return out
 
 
 def _make(p: _Planned, gen: torch.Generator) -> torch.Tensor:
@@ -159,5 +174,6 @@ def write_synthetic(
         for rel, state in side.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, str(tmp / rel))
+        family.write_side_files(cfg, tmp, gen)
         replace_dir(tmp, out)
     return out

@@ -84,7 +84,8 @@ class _Turn:
 class Pipeline:
     def __init__(self, sessions: dict[str, Session], components: dict[str, ComponentEntry], config: dict[str, Any],
                  tokenizer: Any, assets: dict[str, np.ndarray], context_policy: str = "error",
-                 vad: VADConfig | None = None, audio_window_frames: int | None = None) -> None:  # fmt: skip
+                 vad: VADConfig | None = None, audio_window_frames: int | None = None,
+                 asset_files: dict[str, Path] | None = None) -> None:  # fmt: skip
         if context_policy not in CONTEXT_POLICIES:
             raise ConfigError(f"context policy {context_policy!r} is not one of {CONTEXT_POLICIES}")
         self.recorder = Recorder()
@@ -92,6 +93,8 @@ class Pipeline:
         self.sessions = {n: TimedSession(s, n, self.recorder, symbolic_axes(components[n].methods) if n in components else {}) for n, s in sessions.items()}
         self.components, self.config = components, config
         self.tokenizer, self.assets = tokenizer, assets
+        self.asset_files = dict(asset_files or {})
+        self.voice: np.ndarray | None = None  # a cloned voice's speaker embedding (set_voice); None: the default voice
         self.context_policy = context_policy
         self.vad_config = vad or VADConfig()
         self.window = audio_window_frames or config.get("max_audio_frames") or 3000
@@ -128,7 +131,8 @@ class Pipeline:
 
         assets = {k: read(rel, lambda f: np.load(f, allow_pickle=False)) for k, rel in m.model.get("assets", {}).items()}
         tokenizer = read("tokenizer/tokenizer.json", Tokenizer.from_file)
-        return cls(sessions, m.components, m.model, tokenizer, assets, **kwargs)
+        files = {k: path / rel for k, rel in m.model.get("asset_files", {}).items()}
+        return cls(sessions, m.components, m.model, tokenizer, assets, asset_files=files, **kwargs)
 
     def stack(self, component: str) -> KVStack:
         if component not in self._stacks:
@@ -142,6 +146,25 @@ class Pipeline:
     def position(self) -> int:
         """Tokens of the conversation in the LLM's KV cache."""
         return self.llm.position
+
+    def set_voice(self, reference: str | Path | np.ndarray | None) -> None:
+        """Speak in the voice of ``reference`` (a recording: a file, or 16 kHz mono samples), as
+        CosyVoice2's zero-shot front end does with its speaker embedding; None: the default voice."""
+        if reference is None:
+            self.voice = None
+            return
+        speech = self.config.get("speech", {})
+        if speech.get("kind") != "cosyvoice2":
+            raise InputError(f"this model's speech decoder ({speech.get('kind', 'none')}) takes no reference voice; "
+                             "voice cloning needs a CosyVoice2-style decoder with a speaker encoder (InteractiveOmni)")  # fmt: skip
+        if "speaker_encoder" not in self.asset_files:
+            raise InputError("this model has no speaker encoder (the checkpoint had no campplus.onnx beside its weights), so it "
+                             "cannot clone a voice; add the release's campplus.onnx to the checkpoint (and rebuild a bundle from it)")  # fmt: skip
+        from omni_export.runtime_py.voice import SAMPLE_RATE, SpeakerEncoder
+
+        enc = SpeakerEncoder(self.asset_files["speaker_encoder"], speech["speaker_dim"])
+        wav = check_samples(reference, "the reference voice") if isinstance(reference, np.ndarray) else read_audio(reference, SAMPLE_RATE)
+        self.voice = enc.embed(wav)
 
     def reset(self) -> None:
         """A new conversation: empty KV cache, nothing pending."""

@@ -22,3 +22,11 @@ def sample(logits: torch.Tensor, top_k: int, generator: torch.Generator | None, 
 def cosine_timesteps(n: int) -> list[float]:
     """t = 1 - cos(pi/2 * s): CosyVoice's schedule, dense near t = 0 where the flow moves most."""
     return [1.0 - math.cos(0.5 * math.pi * i / n) for i in range(n + 1)]
+
+
+def frame_noise(generator: torch.Generator, channels: int, hop: int, frames: int) -> torch.Tensor:
+    """[1, channels, frames, hop] standard normal, drawn one frame at a time so a frame's noise is
+    the same however frames are grouped into calls (a vocoder's source noise, streamed)."""
+    if frames == 0:
+        return torch.zeros(1, channels, 0, hop)
+    return torch.stack([torch.randn(channels, hop, generator=generator) for _ in range(frames)], dim=1)[None]

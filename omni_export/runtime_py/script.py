@@ -42,9 +42,15 @@ class Script:
     seed: int = 0
     top_k: int = 1
     speech: bool = True
+    voice: str | None = None  # a reference recording: the reply speaks in that voice (voice cloning)
 
     def resolve(self, base: Path) -> Script:
         """Paths made absolute against ``base`` and checked, before any work."""
+        voice = None
+        if self.voice:
+            voice = str((base / self.voice).resolve())
+            if not Path(voice).is_file():
+                raise InputError(f"voice file {voice} does not exist")
         turns = []
         for i, t in enumerate(self.turn, 1):
             if not (t.audio or t.image or t.video or t.text):
@@ -58,7 +64,7 @@ class Script:
             turns.append(replace(t, **paths))
         if not turns:
             raise ConfigError("the script has no [[turn]]")
-        return replace(self, turn=tuple(turns))
+        return replace(self, turn=tuple(turns), voice=voice)
 
 
 def load_script(path: str | Path) -> Script:
@@ -80,13 +86,16 @@ def script_toml(script: Script, base: Path) -> str:
         return None if v is None else Path(v).resolve().relative_to(base.resolve()).as_posix()
 
     turns = [{k: v for k, v in {**t.__dict__, "audio": rel(t.audio), "image": rel(t.image), "video": rel(t.video)}.items() if v is not None} for t in script.turn]
-    return tomli_w.dumps({"chunk_ms": script.chunk_ms, "seed": script.seed, "top_k": script.top_k, "speech": script.speech, "turn": turns})
+    head = {"chunk_ms": script.chunk_ms, "seed": script.seed, "top_k": script.top_k, "speech": script.speech}
+    return tomli_w.dumps({**head, **({"voice": rel(script.voice)} if script.voice else {}), "turn": turns})
 
 
 def play(pipeline, script: Script, on_event: Callable[[int, Event], None] | None = None) -> Iterator[Stats]:  # type: ignore[no-untyped-def]
     """Run the script's turns on one conversation: audio pushed in real-time-sized chunks (end of
     turn by VAD or at the audio's end), images added, the answer streamed. Yields each turn's Stats."""
     sr = pipeline.config["audio_sample_rate"]
+    if script.voice:
+        pipeline.set_voice(script.voice)
     for i, t in enumerate(script.turn):
         if t.image:
             pipeline.add_image(t.image, t.image_max_tiles)

@@ -6,8 +6,9 @@ non-streaming path is the same object pushed everything at once, so both produce
   ``text_chunk`` and answers each with ``speech_chunk`` speech tokens (bistream); the flow is
   chunk-causal, so every complete chunk of ``flow_chunk_tokens`` speech tokens gives final mel,
   made by one call per chunk over windows of the past chunks (same cost for every chunk);
-  the vocoder runs over new mel with left context and a held-back lookahead, and consecutive
-  pieces are cross-faded over their overlap so the seams carry no clicks. A reply longer than the
+  the vocoder runs over new mel with left context and a held-back lookahead, its harmonic source
+  carried across windows (phase and the context's source), and consecutive pieces are
+  cross-faded over their overlap so the seams carry no clicks. A reply longer than the
   speech LM's context is spoken in segments, as CosyVoice's front end splits long text: a segment
   ends (its remaining speech made, then a fresh speech-LM context) after a sentence once it is
   half its budget, or when one more text chunk could overflow the cache; the flow and vocoder run
@@ -27,7 +28,7 @@ import torch
 
 from omni_export.errors import ContextOverflowError
 from omni_export.registry import Registry
-from omni_export.runtime_py.sampler import cosine_timesteps, sample
+from omni_export.runtime_py.sampler import cosine_timesteps, frame_noise, sample
 
 if TYPE_CHECKING:
     from omni_export.runtime_py.pipeline import Pipeline
@@ -101,6 +102,12 @@ class CosyVoice2Stream(SpeechStream):
         self.step_caches = [torch.zeros(shapes["step_cache"]) for _ in self.timesteps[1:]]  # one per ODE step
         self.voc_frames = 0  # mel frames whose audio is out (or held in the tail)
         self.tail = np.zeros(0, dtype=np.float32)
+        # The vocoder's harmonic source, carried across windows: its noise (drawn per frame, from
+        # frame ``noise_from`` on), and the last window's start, source and per-frame phase.
+        self.voc_gen = torch.Generator().manual_seed(seed + 1)
+        self.noise_from = 0
+        self.src_noise = torch.zeros(1, c["vocoder_harmonics"], 0, self.hop)
+        self.src_start, self.src, self.src_phase = 0, torch.zeros(1, 0, self.hop), torch.zeros(1, c["vocoder_harmonics"], 0)
         self.logits = self._feed(self._special(self.c["sos_row"]))
 
     def _feed(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -181,7 +188,8 @@ class CosyVoice2Stream(SpeechStream):
         padded = torch.tensor([tokens + [0] * (chunk - n)])  # a short last chunk: its padding is masked out
         mu, *self.enc_caches = self.flow.run("encode_chunk", [padded, offset, length, *self.enc_caches])
         if self.spks is None:
-            self.spks = self.flow.run("speaker", [torch.from_numpy(self.p.assets["default_speaker_embedding"]).float()[None]])[0]
+            voice = self.p.voice if self.p.voice is not None else self.p.assets["default_speaker_embedding"]
+            self.spks = self.flow.run("speaker", [torch.from_numpy(voice).float()[None]])[0]
         # noise is drawn once per frame, in order, so a frame's noise never depends on chunking
         noise = torch.randn(1, mu.shape[1], r * n, generator=self.gen)
         self.noise = torch.cat([self.noise, noise], dim=-1)
@@ -190,6 +198,29 @@ class CosyVoice2Stream(SpeechStream):
             x, self.step_caches[i] = self.flow.run(
                 "step_chunk", [x, mu, torch.tensor([t0]), torch.tensor(t1 - t0), self.spks, cond, self.step_caches[i], offset, length])
         return x[..., : r * n]
+
+    def _vocoder_window(self, start: int) -> np.ndarray:
+        """Audio of mel frames ``start:``. The harmonic source joins the last window's seamlessly:
+        its phase is carried from the last window at the first frame whose audio is new (past
+        the F0 predictor's edge), and the context frames take the last window's source as it was,
+        as CosyVoice2 caches it."""
+        mel = self.mel[..., start:].contiguous()
+        h = self.c["vocoder_harmonics"]
+        drawn = self.noise_from + self.src_noise.shape[2]
+        more = frame_noise(self.voc_gen, h, self.hop, self.mel.shape[-1] - drawn)
+        self.src_noise = torch.cat([self.src_noise[:, :, start - self.noise_from :], more], dim=2)
+        self.noise_from = start
+        new_from = self.voc_frames - start  # first frame of this window whose audio is new
+        if self.src.shape[1] and new_from > 0:
+            phase0, anchor = self.src_phase[..., self.voc_frames - self.src_start], new_from
+        else:
+            phase0, anchor = torch.zeros(1, h), 0
+        source, phase = self.vocoder.run("source", [mel, phase0, torch.tensor([anchor]), self.src_noise])
+        if new_from > 0 and self.src.shape[1]:
+            kept = self.src[:, start - self.src_start : self.voc_frames - self.src_start]
+            source = torch.cat([kept, source[:, new_from:].float()], dim=1)
+        self.src_start, self.src, self.src_phase = start, source.float(), phase.float()
+        return self.vocoder.run("decode", [mel, source])[0][0].float().numpy()
 
     def _vocode(self, final: bool) -> list[np.ndarray]:
         total = self.mel.shape[-1]
@@ -201,7 +232,7 @@ class CosyVoice2Stream(SpeechStream):
             return [tail]
         start = max(0, self.voc_frames - self.CONTEXT_FRAMES)
         # The vocoder sees the held-back frames as right context; only audio up to ``end`` is final.
-        wav = self.vocoder.run("forward", [self.mel[..., start:].contiguous()])[0][0].float().numpy()
+        wav = self._vocoder_window(start)
         head = self.voc_frames * self.hop - len(self.tail) - start * self.hop  # first sample not yet out
         piece = wav[head : (end - start) * self.hop].copy()
         if self.tail.size:

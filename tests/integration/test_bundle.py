@@ -109,7 +109,8 @@ def test_artifacts_accept_their_declared_maximum_sizes(bundles):
         return [str(md.input_tensor_meta(i)).split("sizes=[")[1].split("]")[0] for i in range(md.num_inputs())]
 
     assert max_sizes("interactiveomni", "audio_encoder", "forward") == ["1, 128, 3000"]
-    assert max_sizes("interactiveomni", "vocoder", "forward") == ["1, 80, 2048"]
+    assert max_sizes("interactiveomni", "vocoder", "source") == ["1, 80, 2048", "1, 9", "1", "1, 9, 2048, 480"]
+    assert max_sizes("interactiveomni", "vocoder", "decode") == ["1, 80, 2048", "1, 2048, 480"]
     assert max_sizes("vita15", "audio_encoder", "forward") == ["1, 3000, 80"]
     assert max_sizes("vita15", "codec_decoder", "forward")[0] == "1, 1024"
     assert max_sizes("vita15", "llm", "prefill")[0] == f"1, {min(256, CONTEXT)}, 64"
@@ -270,3 +271,32 @@ def test_main_job_on_tiny_checkpoint_writes_verified_bundle(tiny_dirs, tmp_path)
     assert verify_bundle(out) == [] and not list(tmp_path.glob(".*partial*"))
     again = runner.invoke(app, ["--target", "android", "--model", str(tiny_dirs["vita15"]), "--quant", "fp32", "--out", str(out)])
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_run_speaks_in_a_cloned_voice_on_the_bundle_as_on_the_checkpoint(bundles, tiny_dirs, speech_wav, voice_wav, tmp_path):
+    """--voice: the release's speaker encoder (campplus.onnx, carried in the bundle's assets) turns
+    the reference into a speaker embedding that conditions the flow; the reply's audio changes
+    with the voice, and the bundle speaks as the checkpoint does."""
+    import soundfile as sf
+
+    args = ["--audio", str(speech_wav), "--max-new-tokens", "6", "--max-context", str(CONTEXT)]
+    bundle = bundles["interactiveomni"].bundle
+    assert "speaker_encoder" in read_manifest(bundle).model["asset_files"]
+    runs = {}
+    for name, root, extra in (("cloned", bundle, ["--voice", str(voice_wav)]), ("default", bundle, []),
+                              ("eager", tiny_dirs["interactiveomni"], ["--voice", str(voice_wav)])):  # fmt: skip
+        r = runner.invoke(app, ["run", str(root), "--out", str(tmp_path / f"{name}.wav"), *args, *extra])
+        assert r.exit_code == 0, r.output
+        runs[name] = sf.read(tmp_path / f"{name}.wav")[0]
+    cloned, default, eager = runs["cloned"], runs["default"], runs["eager"]
+    assert len(cloned) == len(default) == len(eager) > 0  # same tokens, other voice
+    assert np.abs(cloned - default).max() > 1e-2
+    assert np.abs(cloned - eager).max() < 1e-2 * max(1.0, np.abs(eager).max())
+
+
+def test_voice_is_refused_clearly_where_it_cannot_work(bundles, tiny_dirs, voice_wav, tmp_path):
+    vita = runner.invoke(app, ["run", str(bundles["vita15"].bundle), "--text", "hi", "--voice", str(voice_wav), "--out", str(tmp_path / "v.wav")])
+    assert vita.exit_code != 0 and "takes no reference voice" in vita.output
+    missing = runner.invoke(app, ["run", str(tiny_dirs["interactiveomni"]), "--text", "hi", "--voice", str(tmp_path / "none.wav"),
+                                  "--out", str(tmp_path / "m.wav")])  # fmt: skip
+    assert missing.exit_code != 0 and "voice file" in missing.output and "does not exist" in missing.output

@@ -76,7 +76,7 @@ def test_profile_reports_stages_turns_and_floors(bundles, ort_bundles, tiny_dirs
     assert decode["calls"] > 0 and 0 < decode["p50_ms"] <= decode["p90_ms"]
     floor = report["roofline"]["stages"]["llm.decode"]
     assert floor["bound"] == "memory" and 0 < floor["floor_ms"] < decode["p50_ms"]
-    vocoder = "vocoder.forward" if family == "interactiveomni" else "codec_decoder.forward"
+    vocoder = "vocoder.decode" if family == "interactiveomni" else "codec_decoder.forward"
     assert report["roofline"]["stages"][vocoder]["ops_source"] == "counted"  # from the manifest, or counted on the checkpoint
     assert report["summary"]["ttfa_ms"]["p50"] > 0 and report["peak_rss_bytes"] > 50e6
     png = tmp_path / "p" / "reports" / "latency.png"

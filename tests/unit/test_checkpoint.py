@@ -3,7 +3,6 @@ names the problem."""
 
 import json
 import pickle
-import shutil
 
 import pytest
 import torch
@@ -11,16 +10,6 @@ from safetensors.torch import load_file, save_file
 
 from omni_export.errors import CheckpointError, ConfigError, UnknownModelTypeError
 from omni_export.export.checkpoint import load_checkpoint
-
-
-@pytest.fixture
-def copy(tiny_dirs, tmp_path):
-    def make(family: str):
-        dst = tmp_path / family
-        shutil.copytree(tiny_dirs[family], dst)
-        return dst
-
-    return make
 
 
 def _shard(root):

@@ -58,7 +58,8 @@ FIXTURES: dict[tuple[str, str], Callable] = {
         ({2: M}, {2: M}, None, None, None, {2: M}),
         (torch.randn(1, 80, 30), torch.randn(1, 80, 30), torch.rand(1), torch.tensor(0.2), torch.randn(1, 80), torch.zeros(1, 80, 30)),
     ),
-    ("interactiveomni", "vocoder"): lambda m, h: (m, (torch.randn(1, 80, 50, generator=g),), ({2: M},), (torch.randn(1, 80, 17, generator=g),)),
+    ("interactiveomni", "vocoder"): lambda m, h: (m, (torch.randn(1, 80, 50, generator=g), torch.randn(1, 9, 50, 480, generator=g)), ({2: M}, {2: M}),
+                                                  (torch.randn(1, 80, 17, generator=g), torch.randn(1, 9, 17, 480, generator=g))),
     ("vita15", "tts_nar"): lambda m, h: (m, (torch.randn(1, 8, 64, generator=g),), ({1: T},), (torch.randn(1, 5, 64, generator=g),)),
     ("vita15", "tts_ar"): lambda m, h: (_cached(m, "ar"), (torch.randn(1, 8, 32, generator=g), torch.arange(8)), ({1: T}, {0: T}),
                                         (torch.randn(1, 1, 32, generator=g), torch.tensor([8]))),
@@ -113,7 +114,7 @@ def test_speech_output_rates(tiny):
     io, vita = tiny["interactiveomni"], tiny["vita15"]
     with torch.no_grad():
         mel = io.components["flow"].encode(torch.randint(0, 6561, (1, 25)))
-        wav = io.components["vocoder"](torch.randn(1, 80, 50))
+        wav = io.components["vocoder"](torch.randn(1, 80, 50), torch.randn(1, 9, 50, 480))
         codec = vita.components["codec_decoder"](torch.randint(0, 1024, (1, 40)), torch.zeros(1, 8, dtype=torch.long))
     assert mel.shape == (1, 80, 50)  # 25 Hz tokens -> 50 Hz mel
     assert wav.shape == (1, 50 * 480)  # 50 Hz mel -> 24 kHz

@@ -16,6 +16,7 @@ from omni_export.runtime_py.audio import read_audio
 from omni_export.runtime_py.events import AudioChunk, Stats, TextDelta
 from omni_export.runtime_py.pipeline import Pipeline
 from omni_export.runtime_py.prompt import chat_prompt, next_turn
+from omni_export.runtime_py.sampler import frame_noise
 from omni_export.runtime_py.speech import CosyVoice2Stream, VitaCodecStream
 from omni_export.runtime_py.vad import EnergyVAD
 
@@ -96,7 +97,8 @@ def test_barge_in_stops_audio_within_one_chunk_and_the_next_turn_goes_on(pipes, 
 
 def test_streamed_speech_equals_one_shot_synthesis(pipes):
     """CosyVoice2: streamed mel equals one flow solve over all tokens (chunk-causal), and the
-    streamed PCM equals one vocoder call over all mel: the seams add nothing (no clicks)."""
+    streamed PCM equals one vocoder call over all mel, its harmonic source included (the same
+    noise per frame, the phase carried across windows): the seams add nothing (no clicks)."""
     p = pipes["interactiveomni"]
     g = torch.Generator().manual_seed(1)
     st = CosyVoice2Stream(p, 0)
@@ -107,7 +109,10 @@ def test_streamed_speech_equals_one_shot_synthesis(pipes):
     pcm = np.concatenate(pieces)
     ratio = p.config["speech"]["token_mel_ratio"]
     assert ratio * len(st.tokens) == st.mel.shape[-1] == len(pcm) // p.config["speech"]["vocoder_hop"]
-    one_shot = p.sessions["vocoder"].run("forward", [st.mel])[0][0].numpy()
+    voc, sp = p.sessions["vocoder"], p.config["speech"]
+    noise = frame_noise(torch.Generator().manual_seed(1), sp["vocoder_harmonics"], sp["vocoder_hop"], st.mel.shape[-1])
+    source = voc.run("source", [st.mel, torch.zeros(1, sp["vocoder_harmonics"]), torch.tensor([0]), noise])[0]
+    one_shot = voc.run("decode", [st.mel, source])[0][0].numpy()
     assert np.abs(pcm - one_shot).max() < 1e-4 * max(1.0, np.abs(one_shot).max())
     assert np.sqrt(np.mean(one_shot**2)) > 1e-3  # there is sound to compare
 

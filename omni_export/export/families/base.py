@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import torch
 from torch import nn
 
 from omni_export.registry import Registry
@@ -118,6 +119,14 @@ class Family(ABC):
     def assets(self, ckpt: Checkpoint) -> dict[str, np.ndarray]:
         """Arrays the runtime needs that are not artifact weights (default voices)."""
         return {}
+
+    def asset_files(self, ckpt: Checkpoint) -> dict[str, Path]:
+        """Files the release ships beside its weights that the runtime runs as they are (a speaker
+        encoder in ONNX), checked: key -> path in the checkpoint. A bundle carries them under assets/."""
+        return {}
+
+    def write_side_files(self, cfg: Any, out: Path, gen: torch.Generator) -> None:
+        """Synthetic checkpoints: write the release's files of that kind."""
 
 
 FAMILIES: Registry[Family] = Registry("model family")

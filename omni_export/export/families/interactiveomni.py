@@ -1,5 +1,5 @@
 """InteractiveOmni-4B/8B: InternViT + mlp1, Whisper-large-v3 + pooling adapter, Qwen3 LLM, and a
-CosyVoice2-style speech decoder (speech-token LM -> flow matching -> HiFiGAN).
+CosyVoice2-style speech decoder (speech-token LM -> flow matching -> HiFT vocoder).
 
 Checkpoint layout (InternVL conventions), all in the root safetensors set:
 
@@ -13,6 +13,9 @@ Checkpoint layout (InternVL conventions), all in the root safetensors set:
 | voicelm.llm.         | speech_lm        |               |
 | voicelm.flow.        | flow             |               |
 | voicelm.hift.        | vocoder          |               |
+
+Beside the weights, ``campplus.onnx`` (optional): CosyVoice2's CAM++ speaker encoder, run as it
+is for voice cloning (runtime_py/voice.py).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from omni_export.configs import from_dict, to_dict
 from omni_export.errors import ConfigError
 from omni_export.export.components.flow import FlowConfig, FlowDecoder
 from omni_export.export.components.frontends import WhisperFrontend
-from omni_export.export.components.hifigan import HiFiGAN, VocoderConfig
+from omni_export.export.components.hift import F0PredictorConfig, HiFT, HiFTConfig
 from omni_export.export.components.internvit import (
     InternViTConfig,
     VisionEncoder,
@@ -41,6 +44,8 @@ from omni_export.export.components.whisper import (
 )
 from omni_export.export.families.base import ComponentSpec, Family, register
 from omni_export.export.families.common import check_keys, require
+from omni_export.export.speaker_encoder import FILE as SPEAKER_ENCODER
+from omni_export.export.speaker_encoder import write_speaker_encoder
 
 TOP_KEYS = {
     "architectures", "model_type", "llm_config", "vision_config", "audio_config", "voicelm_config",
@@ -54,7 +59,7 @@ TOP_KEYS = {
 class VoiceLMConfig:
     speech_lm: SpeechLMConfig
     flow: FlowConfig
-    hift: VocoderConfig
+    hift: HiFTConfig
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,9 @@ def _preset(size: str) -> InteractiveOmniConfig:
         slm = _qwen2(32, 2, 2, 1, 64)
         flow = FlowConfig(dim=32, encoder_layers=1, encoder_post_layers=1, heads=2, ffn=64, estimator_dim=32,
                           estimator_layers=2, estimator_heads=2, estimator_ffn=64, n_timesteps=4)
-        hift = VocoderConfig(upsample_initial_channel=32, resblock_kernel_sizes=(3,))
+        hift = HiFTConfig(base_channels=32, resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3),),
+                          source_resblock_kernel_sizes=(3, 3, 3), source_resblock_dilation_sizes=((1,), (1,), (1,)),
+                          f0_predictor=F0PredictorConfig(cond_channels=32))
         spk_limit = 8
     elif size == "small":
         llm = _qwen3(16384, 768, 12, 12, 4, 2048, 64)
@@ -96,7 +103,7 @@ def _preset(size: str) -> InteractiveOmniConfig:
         slm = _qwen2(256, 4, 4, 2, 704)
         flow = FlowConfig(dim=192, encoder_layers=2, encoder_post_layers=2, heads=4, ffn=768, estimator_dim=128,
                           estimator_layers=4, estimator_heads=4, estimator_ffn=512)
-        hift = VocoderConfig(upsample_initial_channel=128)
+        hift = HiFTConfig(base_channels=128, f0_predictor=F0PredictorConfig(cond_channels=128))
         spk_limit = 12
     elif size in ("full", "full-8b"):
         llm = (_qwen3(151936, 2560, 36, 32, 8, 9728, 128) if size == "full"
@@ -104,7 +111,7 @@ def _preset(size: str) -> InteractiveOmniConfig:
         vision = InternViTConfig()  # InternViT-300M-448px
         audio = WhisperEncoderConfig(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120)
         slm = _qwen2(896, 24, 14, 2, 4864)  # Qwen2.5-0.5B, as CosyVoice2's LM
-        flow, hift, spk_limit = FlowConfig(), VocoderConfig(), 20
+        flow, hift, spk_limit = FlowConfig(), HiFTConfig(), 20  # HiFT as in CosyVoice2-0.5B
     else:
         raise ConfigError(f"unknown size {size!r} for interactiveomni; choose tiny, small, full or full-8b")
     return InteractiveOmniConfig(
@@ -187,7 +194,8 @@ class InteractiveOmni(Family):
                           description="speech-token LM over text-side states"),
             ComponentSpec("flow", lambda: FlowDecoder(v.flow), (("voicelm.flow.", ""),),
                           description="chunk-causal flow matching: speech tokens -> mel"),
-            ComponentSpec("vocoder", lambda: HiFiGAN(v.hift), (("voicelm.hift.", ""),), description="HiFiGAN: mel -> 24 kHz"),
+            ComponentSpec("vocoder", lambda: HiFT(v.hift), (("voicelm.hift.", ""),),
+                          description="HiFT (neural source filter + iSTFT): mel -> 24 kHz"),
         ]  # fmt: skip
 
     def runtime_config(self, ckpt) -> dict[str, Any]:
@@ -200,13 +208,25 @@ class InteractiveOmni(Family):
             "sos_row": SOS, "task_row": TASK, "text_chunk": v.speech_lm.text_chunk, "speech_chunk": v.speech_lm.speech_chunk,
             "max_speech_per_text": v.speech_lm.max_speech_per_text, "token_rate_hz": 25, "token_mel_ratio": v.flow.token_mel_ratio,
             "flow_chunk_tokens": v.flow.token_chunk, "n_timesteps": v.flow.n_timesteps, "cfg_rate": v.flow.cfg_rate,
-            "mel_bins": v.flow.mel_bins, "vocoder_hop": v.hift.hop, "speaker_dim": v.flow.spk_dim,
+            "mel_bins": v.flow.mel_bins, "vocoder_hop": v.hift.hop, "vocoder_harmonics": v.hift.harmonics, "speaker_dim": v.flow.spk_dim,
             "flow_caches": {name: list(shape) for name, shape in v.flow.cache_shapes().items()},
         }  # fmt: skip
         return out
 
     def assets(self, ckpt) -> dict[str, np.ndarray]:
         return {"default_speaker_embedding": ckpt.components["flow"].default_speaker_embedding.detach().float().numpy()}
+
+    def asset_files(self, ckpt) -> dict[str, Path]:
+        from omni_export.runtime_py.voice import SpeakerEncoder
+
+        path = ckpt.root / SPEAKER_ENCODER
+        if not path.is_file():
+            return {}
+        SpeakerEncoder(path, ckpt.config.voicelm.flow.spk_dim)  # refuses a file of another contract, naming it
+        return {"speaker_encoder": path}
+
+    def write_side_files(self, cfg: InteractiveOmniConfig, out: Path, gen) -> None:  # type: ignore[no-untyped-def]
+        write_speaker_encoder(out / SPEAKER_ENCODER, gen, dim=cfg.voicelm.flow.spk_dim)
 
 
 register(InteractiveOmni())
