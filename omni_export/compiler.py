@@ -163,7 +163,7 @@ def build_bundle(
     llm_cfg = ckpt.family.llm_config(ckpt.config)
     max_context = min(context or profile.max_context, llm_cfg.max_position_embeddings)
     limits = Limits(max_context=max_context, prefill_chunk=min(Limits.prefill_chunk, max_context),
-                    max_tiles=ckpt.config.max_dynamic_patch + 1)  # fmt: skip
+                    max_tiles=ckpt.config.max_dynamic_patch + 1, tiles_per_call=profile.tiles_per_call)  # fmt: skip
     gctx = Context(ckpt.tokenizer, limits)
     rc = ckpt.family.runtime_config(ckpt)
     settings = target.runtime_settings(profile)
@@ -275,6 +275,7 @@ def _finish(tmp: Path, ckpt, profile: Profile, target, settings: RuntimeSettings
     atomic_write_text(tmp / "reports" / "build.json", json.dumps({"components": build, "notes": notes}, indent=2))
     model_cfg = ckpt.family.runtime_config(ckpt)
     model_cfg["assets"] = assets
+    model_cfg["image"]["tiles_per_call"] = limits.tiles_per_call
     model_cfg["asset_files"] = asset_files
     model_cfg["max_context"] = limits.max_context
     model_cfg["prefill_chunk"] = limits.prefill_chunk

@@ -25,6 +25,13 @@ class Limits:
     # attention scores and logits for the whole context (3.3 GB for the small demo at 4096).
     prefill_chunk: int = 256
     max_tiles: int = 13
+    # Memory planning sizes every activation for a method's largest call, so a method is traced
+    # for the largest call the runtime makes, not the largest a model could take: image tiles
+    # per call (None: all of an image's tiles at once; a phone profile asks fewer and the runtime
+    # encodes an image in several calls) and mel frames per vocoder window (the stream's left
+    # context + one flow chunk + lookahead fits with room; longer spans go in several windows).
+    tiles_per_call: int | None = None
+    vocoder_window: int = 96
     max_audio_s: int = 30
     max_speech_tokens: int = 1024
     max_text_chunk: int = 64

@@ -113,6 +113,9 @@ class Profile:
     max_context: int
     aliases: tuple[str, ...] = ()
     sources: str = ""
+    # Image tiles the vision encoder takes per call (None: all of an image's tiles at once). Fewer
+    # tiles per call shrink the encoder's planned activations by the same factor at the same work.
+    tiles_per_call: int | None = None
     executorch: ExecuTorchSettings | None = None
     onnxruntime: OnnxRuntimeSettings | None = None
     tensorrt: TensorRTSettings | None = None

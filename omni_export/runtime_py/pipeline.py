@@ -259,8 +259,9 @@ class Pipeline:
 
     def encode_image(self, image: str | Path | Any, max_tiles: int | None = None) -> torch.Tensor:
         cfg = self.config["image"]
-        tiles = preprocess_image(image, cfg["tile_size"], max_tiles or cfg["max_tiles"])
-        return self.sessions["vision_encoder"].run("forward", [torch.from_numpy(tiles)])[0]
+        tiles = torch.from_numpy(preprocess_image(image, cfg["tile_size"], max_tiles or cfg["max_tiles"]))
+        step = cfg.get("tiles_per_call") or len(tiles)  # the encoder is traced (and planned) for this many
+        return torch.cat([self.sessions["vision_encoder"].run("forward", [tiles[i : i + step]])[0] for i in range(0, len(tiles), step)])
 
     def _axis(self, component: str, method: str, name: str, dim: str) -> int:
         shape = next(t.shape for t in self.components[component].methods[method].inputs if t.name == name)

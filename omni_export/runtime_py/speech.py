@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 
-from omni_export.errors import ContextOverflowError
+from omni_export.errors import ConfigError, ContextOverflowError
 from omni_export.registry import Registry
 from omni_export.runtime_py.sampler import cosine_timesteps, frame_noise, sample
 
@@ -78,6 +78,10 @@ class CosyVoice2Stream(SpeechStream):
         self.flow, self.vocoder = p.sessions["flow"], p.sessions["vocoder"]
         self.hop = self.c["vocoder_hop"]
         self.xfade = self.hop
+        self.window = self.c.get("vocoder_window")  # mel frames per vocoder call, as traced
+        if self.window is not None and self.window <= self.CONTEXT_FRAMES + self.LOOKAHEAD_FRAMES:
+            raise ConfigError(f"vocoder_window {self.window} must exceed the stream's {self.CONTEXT_FRAMES} context and "
+                              f"{self.LOOKAHEAD_FRAMES} lookahead frames; rebuild the bundle with a longer window")  # fmt: skip
         self.states: list[torch.Tensor] = []
         self.n_text = 0  # text tokens of the current segment
         self.tokens: list[int] = []
@@ -199,23 +203,24 @@ class CosyVoice2Stream(SpeechStream):
                 "step_chunk", [x, mu, torch.tensor([t0]), torch.tensor(t1 - t0), self.spks, cond, self.step_caches[i], offset, length])
         return x[..., : r * n]
 
-    def _vocoder_window(self, start: int) -> np.ndarray:
-        """Audio of mel frames ``start:``. The harmonic source joins the last window's seamlessly:
+    def _vocoder_window(self, start: int, stop: int) -> np.ndarray:
+        """Audio of mel frames ``start:stop``. The harmonic source joins the last window's seamlessly:
         its phase is carried from the last window at the first frame whose audio is new (past
         the F0 predictor's edge), and the context frames take the last window's source as it was,
         as CosyVoice2 caches it."""
-        mel = self.mel[..., start:].contiguous()
+        mel = self.mel[..., start:stop].contiguous()
         h = self.c["vocoder_harmonics"]
         drawn = self.noise_from + self.src_noise.shape[2]
-        more = frame_noise(self.voc_gen, h, self.hop, self.mel.shape[-1] - drawn)
+        more = frame_noise(self.voc_gen, h, self.hop, max(0, stop - drawn))
         self.src_noise = torch.cat([self.src_noise[:, :, start - self.noise_from :], more], dim=2)
         self.noise_from = start
+        noise = self.src_noise[:, :, : stop - start]
         new_from = self.voc_frames - start  # first frame of this window whose audio is new
         if self.src.shape[1] and new_from > 0:
             phase0, anchor = self.src_phase[..., self.voc_frames - self.src_start], new_from
         else:
             phase0, anchor = torch.zeros(1, h), 0
-        source, phase = self.vocoder.run("source", [mel, phase0, torch.tensor([anchor]), self.src_noise])
+        source, phase = self.vocoder.run("source", [mel, phase0, torch.tensor([anchor]), noise])
         if new_from > 0 and self.src.shape[1]:
             kept = self.src[:, start - self.src_start : self.voc_frames - self.src_start]
             source = torch.cat([kept, source[:, new_from:].float()], dim=1)
@@ -230,17 +235,25 @@ class CosyVoice2Stream(SpeechStream):
                 return []
             tail, self.tail = self.tail, np.zeros(0, dtype=np.float32)
             return [tail]
-        start = max(0, self.voc_frames - self.CONTEXT_FRAMES)
-        # The vocoder sees the held-back frames as right context; only audio up to ``end`` is final.
-        wav = self._vocoder_window(start)
+        pieces = []
+        while self.voc_frames < end:  # windows of at most the traced length
+            start = max(0, self.voc_frames - self.CONTEXT_FRAMES)
+            stop = total if self.window is None else min(total, start + self.window)
+            # The vocoder sees held-back frames as right context; only audio up to ``upto`` is final.
+            upto = end if stop == total else stop - self.LOOKAHEAD_FRAMES
+            pieces += self._render(start, stop, upto, final and upto == end)
+        return pieces
+
+    def _render(self, start: int, stop: int, upto: int, last: bool) -> list[np.ndarray]:
+        wav = self._vocoder_window(start, stop)
         head = self.voc_frames * self.hop - len(self.tail) - start * self.hop  # first sample not yet out
-        piece = wav[head : (end - start) * self.hop].copy()
+        piece = wav[head : (upto - start) * self.hop].copy()
         if self.tail.size:
             n = len(self.tail)
             fade = raised_cosine(n)
             piece[:n] = self.tail * (1 - fade) + piece[:n] * fade
-        self.voc_frames = end
-        if final:
+        self.voc_frames = upto
+        if last:
             self.tail = np.zeros(0, dtype=np.float32)
             return [piece]
         keep = min(self.xfade, len(piece))
@@ -256,6 +269,9 @@ class VitaCodecStream(SpeechStream):
 
     def __init__(self, p: Pipeline, seed: int) -> None:
         super().__init__(p, seed)
+        if self.SEGMENT > self.c.get("max_segment_text", self.SEGMENT):
+            raise ConfigError(f"tts_nar is traced for {self.c['max_segment_text']} text tokens per call, fewer than a "
+                              f"{self.SEGMENT}-token speech segment; rebuild the bundle with this version")  # fmt: skip
         self.ar = p.stack("tts_ar")
         self.ids: list[int] = []
         self.segments = 0

@@ -300,7 +300,7 @@ class HiFT(Component, nn.Module):
     def export_methods(self, limits):  # type: ignore[no-untyped-def]
         c, dt = self.cfg, dtype_of(self)
         h, hop = c.harmonics, c.hop
-        frames = dim("mel_frames", 2, limits.max_speech_tokens * 2)
+        frames = dim("mel_frames", 2, limits.vocoder_window)
         mel = Tensor("mel", F32, (1, c.in_channels, "mel_frames"))
         src = Tensor("source", F32, (1, "mel_frames", hop))
         ex_mel = torch.randn(1, c.in_channels, 50, dtype=dt)

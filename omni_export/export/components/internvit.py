@@ -182,15 +182,20 @@ class VisionEncoder(Component, nn.Module):
     # -- as a component ---------------------------------------------------------------------
     def export_methods(self, limits):  # type: ignore[no-untyped-def]
         s = self.cfg.image_size
-        tiles = dim("tiles", 1, limits.max_tiles)
+        bound = min(limits.tiles_per_call or limits.max_tiles, limits.max_tiles)
         h = self.projector[-1].out_features
-        return [MethodSpec("forward", Call(self), (torch.randn(2, 3, s, s, dtype=dtype_of(self)),), ({0: tiles},),
-                           (Tensor("pixels", F32, ("tiles", 3, s, s)),), (Tensor("tokens", F32, (f"tiles*{self.tokens_per_tile()}", h)),))]  # fmt: skip
+        if bound == 1:  # one tile per call: a static shape (an export Dim needs a range)
+            n, dyn, tiles, tokens = 1, (None,), 1, self.tokens_per_tile()
+        else:
+            n, dyn, tiles, tokens = 2, ({0: dim("tiles", 1, bound)},), "tiles", f"tiles*{self.tokens_per_tile()}"
+        return [MethodSpec("forward", Call(self), (torch.randn(n, 3, s, s, dtype=dtype_of(self)),), dyn,
+                           (Tensor("pixels", F32, (tiles, 3, s, s)),), (Tensor("tokens", F32, (tokens, h)),))]  # fmt: skip
 
     def golden_script(self, ctx, ref):  # type: ignore[no-untyped-def]
         from omni_export.export.golden import image_tiles
 
-        return [("forward", (image_tiles(2, self.cfg.image_size),))]
+        n = 1 if (ctx.limits.tiles_per_call or 2) == 1 else 2
+        return [("forward", (image_tiles(n, self.cfg.image_size),))]
 
     def photo_tiles(self) -> torch.Tensor:
         """A real photo (matplotlib's sample) through the InternVL tiling, up to 4 tiles."""

@@ -68,7 +68,7 @@ class VitaTTSNar(Component, nn.Module):
 
     def export_methods(self, limits):  # type: ignore[no-untyped-def]
         c = self.cfg
-        t = dim("text", 2, limits.max_context)
+        t = dim("text", 2, limits.max_text_chunk)  # a speech segment's text, never the whole context
         return [MethodSpec("forward", Call(self), (torch.randn(1, 8, c.input_dim, dtype=dtype_of(self)),), ({1: t},),
                            (Tensor("text_embeds", F32, (1, "text", c.input_dim)),), (Tensor("context", F32, (1, "text", c.hidden_size)),))]  # fmt: skip
 

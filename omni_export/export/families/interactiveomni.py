@@ -45,6 +45,7 @@ from omni_export.export.components.whisper import (
 from omni_export.export.families.base import ComponentSpec, Family, register
 from omni_export.export.families.common import check_keys, require
 from omni_export.export.speaker_encoder import FILE as SPEAKER_ENCODER
+from omni_export.export.trace_specs import Limits
 from omni_export.export.speaker_encoder import write_speaker_encoder
 
 TOP_KEYS = {
@@ -208,7 +209,8 @@ class InteractiveOmni(Family):
             "sos_row": SOS, "task_row": TASK, "text_chunk": v.speech_lm.text_chunk, "speech_chunk": v.speech_lm.speech_chunk,
             "max_speech_per_text": v.speech_lm.max_speech_per_text, "token_rate_hz": 25, "token_mel_ratio": v.flow.token_mel_ratio,
             "flow_chunk_tokens": v.flow.token_chunk, "n_timesteps": v.flow.n_timesteps, "cfg_rate": v.flow.cfg_rate,
-            "mel_bins": v.flow.mel_bins, "vocoder_hop": v.hift.hop, "vocoder_harmonics": v.hift.harmonics, "speaker_dim": v.flow.spk_dim,
+            "mel_bins": v.flow.mel_bins, "vocoder_hop": v.hift.hop, "vocoder_harmonics": v.hift.harmonics,
+            "vocoder_window": Limits.vocoder_window, "speaker_dim": v.flow.spk_dim,
             "flow_caches": {name: list(shape) for name, shape in v.flow.cache_shapes().items()},
         }  # fmt: skip
         return out

@@ -40,6 +40,7 @@ from omni_export.export.components.vita_tts import VitaTTSAr, VitaTTSConfig, Vit
 from omni_export.export.components.whale import WhaleAudioEncoder, WhaleConfig
 from omni_export.export.families.base import ComponentSpec, Family, register
 from omni_export.export.families.common import require
+from omni_export.export.trace_specs import Limits
 from omni_export.files import read_json
 
 TTS_DIR = "vita_tts_ckpt/decoder"
@@ -171,7 +172,7 @@ class Vita15(Family):
         out["speech"] = {
             "kind": "vita_codec", "codebook_size": t.codebook_size, "pad": t.pad, "bos": t.bos, "eos": t.eos,
             "top_k": t.top_k, "max_codec_per_text": t.max_codec_per_text, "codec_rate_hz": c.sample_rate // c.hop,
-            "codec_hop": c.hop, "n_global": c.n_global,
+            "codec_hop": c.hop, "n_global": c.n_global, "max_segment_text": Limits.max_text_chunk,
         }  # fmt: skip
         return out
 
