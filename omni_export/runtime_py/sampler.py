@@ -7,11 +7,16 @@ import math
 import torch
 
 
-def sample(logits: torch.Tensor, top_k: int, generator: torch.Generator | None, allowed: int | None = None) -> int:
-    """Greedy when top_k <= 1, else top-k sampling; ``allowed`` keeps only the first N ids."""
+def sample(logits: torch.Tensor, top_k: int, generator: torch.Generator | None, allowed: int | None = None,
+           banned: tuple[int, ...] = ()) -> int:  # fmt: skip
+    """Greedy when top_k <= 1, else top-k sampling; ``allowed`` keeps only the first N ids and
+    ``banned`` ids are never chosen."""
     logits = logits.reshape(-1).float()
     if allowed is not None:
         logits = logits[:allowed]
+    if banned:
+        logits = logits.clone()
+        logits[list(banned)] = float("-inf")
     if top_k <= 1:
         return int(torch.argmax(logits))
     vals, idx = torch.topk(logits, min(top_k, logits.numel()))

@@ -120,8 +120,8 @@ class CosyVoice2Stream(SpeechStream):
     def _special(self, row: int) -> torch.Tensor:
         return self.slm.session.run("embed_special", [torch.tensor([[row]])])[0]
 
-    def _speech(self, allowed: int) -> int:
-        tok = sample(self.logits, SPEECH_TOP_K, self.gen, allowed=allowed)
+    def _speech(self, allowed: int, banned: tuple[int, ...] = ()) -> int:
+        tok = sample(self.logits, SPEECH_TOP_K, self.gen, allowed=allowed, banned=banned)
         if tok < self.c["speech_vocab"]:
             self.tokens.append(tok)
             self.logits = self._feed(self.slm.session.run("embed_speech", [torch.tensor([[tok]])])[0])
@@ -140,8 +140,12 @@ class CosyVoice2Stream(SpeechStream):
         if len(self.states) < c["text_chunk"]:
             return
         self._text()
+        # CosyVoice2's bistream: up to speech_chunk tokens per text chunk, then the fill token
+        # ("more text") is forced; the model may also choose fill sooner. End-of-speech and the
+        # unused id between them are never sampled while text is still coming.
         for _ in range(c["speech_chunk"]):
-            self._speech(c["speech_vocab"])
+            if self._speech(c["fill"] + 1, banned=tuple(range(c["eos"], c["fill"]))) == c["fill"]:
+                break
         yield from self._flush(final=False)
         full = self.n_text + c["text_chunk"] > self.segment_text
         if full or (self.sentence_ended and 2 * self.n_text >= self.segment_text):

@@ -220,7 +220,8 @@ def test_run_a_bundle_end_to_end(bundles, tiny_dirs, speech_wav, photo, tmp_path
 def test_the_longest_reply_the_context_allows_is_spoken_whole(bundles, tmp_path, family):
     """A reply filling the LLM's context (here 320 positions, the speech LM's too) is spoken to
     its end: the flow streams chunk by chunk past any traced length and the speech LM speaks in
-    segments, so at least the 3 speech tokens per text token the bistream always gives are heard."""
+    segments, so at least 2 speech tokens per text token are heard (CosyVoice2's
+    min_token_text_ratio; the bistream gives up to 3, less where the model asks for text sooner)."""
     import soundfile as sf
 
     out = tmp_path / "long.wav"
@@ -231,7 +232,7 @@ def test_the_longest_reply_the_context_allows_is_spoken_whole(bundles, tmp_path,
     assert len(reply["tokens"]) == 250
     seconds = sf.info(out).duration
     if family == "interactiveomni":
-        assert seconds >= 250 * 3 / 25  # 15 speech tokens per 5 text tokens, 25 tokens a second
+        assert seconds >= 250 * 2 / 25  # 25 speech tokens a second
     else:
         assert seconds >= 250 / 24 * 0.5  # every segment of text gives speech
 

@@ -320,3 +320,29 @@ def test_a_speech_lm_too_small_for_one_text_chunk_is_a_clear_error(tiny):
     p = eager_pipeline(tiny["interactiveomni"], max_context=40)
     with pytest.raises(ContextOverflowError, match="cannot hold one text chunk"):
         CosyVoice2Stream(p, 0)
+
+
+def test_bistream_stops_a_text_chunk_early_when_the_model_asks_for_more_text(pipes, monkeypatch):
+    """CosyVoice2's fill token: after at most speech_chunk speech tokens the next text chunk comes;
+    a fill the model samples sooner ends the chunk there, is neither spoken nor fed back, and
+    end-of-speech is never sampled while text is still coming."""
+    import omni_export.runtime_py.speech as speech
+
+    p = pipes["interactiveomni"]
+    c = p.config["speech"]
+    seen: list[tuple[int | None, tuple[int, ...]]] = []
+    real = speech.sample
+
+    def pick(logits, top_k, gen, allowed=None, banned=()):  # type: ignore[no-untyped-def]
+        seen.append((allowed, banned))
+        # the 4th draw of every text chunk asks for more text
+        return c["fill"] if allowed == c["fill"] + 1 and len(seen) % 4 == 0 else real(logits, top_k, gen, allowed, banned)
+
+    monkeypatch.setattr(speech, "sample", pick)
+    st = CosyVoice2Stream(p, 0)
+    g = torch.Generator().manual_seed(4)
+    for i in range(4 * c["text_chunk"]):
+        list(st.push(i, torch.randn(1, 1, p.config["llm"]["hidden_size"], generator=g)))
+    assert len(st.tokens) == 4 * 3  # 3 speech tokens, then the sampled fill, per text chunk
+    assert all(t < c["speech_vocab"] for t in st.tokens)
+    assert all(b == (c["eos"], c["eos"] + 1) for a, b in seen)  # eos (and the unused id) banned mid-text

@@ -35,8 +35,9 @@ class SpeechLMConfig:
 
     @property
     def fill(self) -> int:
-        """'Need more text' token of the bistream mode."""
-        return self.speech_vocab + 1
+        """'Need more text' token of the bistream mode: CosyVoice2's fill_token (speech_vocab + 2;
+        speech_vocab + 1 is unused at inference)."""
+        return self.speech_vocab + 2
 
     @property
     def out_vocab(self) -> int:
