@@ -254,7 +254,18 @@ class Pipeline:
         axis = self._axis("audio_encoder", "forward", "features", "frames")
         if feats.shape[axis] < 1:
             raise AudioInputError(f"audio of {len(wav)} samples is too short to give one feature frame; give at least 0.1 s")
-        feats = pad_to_multiple(feats, axis, self.config.get("audio_frames_multiple", 1))  # whole strides only
+        multiple = self.config.get("audio_frames_multiple", 1)
+        pad_to = self.config.get("audio_pad_samples")
+        if pad_to and len(wav) < pad_to:
+            # The release's encoder sees every clip padded with silence to a fixed window; the
+            # tokens past the clip's own frames are dropped, as padding-aware releases do.
+            real = feats.shape[axis]
+            padded = np.zeros(pad_to, dtype=np.float32)
+            padded[: len(wav)] = wav
+            feats = pad_to_multiple(self.sessions["audio_frontend"].run("forward", [torch.from_numpy(padded)])[0], axis, multiple)
+            tokens = self.sessions["audio_encoder"].run("forward", [feats.contiguous()])[0][0]
+            return tokens[: -(-real * tokens.shape[0] // feats.shape[axis])]  # the clip's own share, rounded up
+        feats = pad_to_multiple(feats, axis, multiple)  # whole strides only
         return self.sessions["audio_encoder"].run("forward", [feats.contiguous()])[0][0]
 
     def encode_image(self, image: str | Path | Any, max_tiles: int | None = None) -> torch.Tensor:

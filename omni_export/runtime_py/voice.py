@@ -1,6 +1,6 @@
 """Voice cloning's speaker encoder: CosyVoice2's front end turns a reference recording into a
 speaker embedding with CAM++ (``campplus.onnx``, which InteractiveOmni ships beside its weights)
-over Kaldi-style 80-bin log-mel filterbanks with the utterance mean removed; the flow's
+over Kaldi 80-bin log-mel filterbanks (25/10 ms Povey frames, dither 0) with the utterance mean removed; the flow's
 ``speaker`` method then conditions the speech on it.
 
 The released encoder is an ONNX file and runs as one, through ONNX Runtime, on every target's
@@ -8,54 +8,17 @@ host runtime (on a phone: ONNX Runtime Mobile); it runs once per reference voice
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from omni_export.errors import CheckpointError, InputError
-from omni_export.runtime_py.audio import read_audio
+from omni_export.runtime_py.audio import KaldiFbank, read_audio
 
 SAMPLE_RATE = 16000
 FBANK_BINS = 80
 MIN_SECONDS = 0.5  # shorter than this, a speaker embedding says little about the voice
-
-
-def _mel(f: np.ndarray) -> np.ndarray:
-    return 1127.0 * np.log(1.0 + f / 700.0)
-
-
-@lru_cache(maxsize=4)
-def _mel_banks(bins: int, n_fft: int, sample_rate: int, low: float = 20.0) -> np.ndarray:
-    """Kaldi's triangular filters, spaced evenly on its mel scale: [bins, n_fft // 2 + 1]."""
-    lo, hi = _mel(np.float64(low)), _mel(np.float64(sample_rate / 2))
-    delta = (hi - lo) / (bins + 1)
-    left = lo + np.arange(bins)[:, None] * delta
-    centre, right = left + delta, left + 2 * delta
-    mel = _mel(np.arange(n_fft // 2) * sample_rate / n_fft)[None]
-    up, down = (mel - left) / (centre - left), (right - mel) / (right - centre)
-    banks = np.maximum(0.0, np.minimum(up, down))
-    return np.pad(banks, ((0, 0), (0, 1)))  # kaldi leaves the Nyquist bin out of every filter
-
-
-def kaldi_fbank(wav: np.ndarray, sample_rate: int = SAMPLE_RATE, bins: int = FBANK_BINS) -> np.ndarray:
-    """Log-mel filterbank energies as Kaldi's ``compute-fbank`` (and torchaudio's
-    ``compliance.kaldi.fbank``) give them with dither 0: 25 ms Povey-windowed frames every 10 ms,
-    edges snipped, DC removed, pre-emphasis 0.97, 512-point power spectrum. [frames, bins]."""
-    length, shift = int(sample_rate * 0.025), int(sample_rate * 0.010)
-    if len(wav) < length:
-        raise InputError(f"the reference voice is {len(wav) / sample_rate * 1000:.0f} ms long; a speaker embedding needs at least 25 ms "
-                         f"(give {MIN_SECONDS} s or more)")  # fmt: skip
-    n_fft = 1 << (length - 1).bit_length()
-    n = 1 + (len(wav) - length) // shift
-    idx = np.arange(length)[None] + shift * np.arange(n)[:, None]
-    frames = wav.astype(np.float64)[idx]
-    frames -= frames.mean(axis=1, keepdims=True)
-    frames = frames - 0.97 * np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
-    window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(length) / (length - 1))) ** 0.85
-    power = np.abs(np.fft.rfft(frames * window, n=n_fft)) ** 2
-    energies = power @ _mel_banks(bins, n_fft, sample_rate).T
-    return np.log(np.maximum(energies, np.finfo(np.float32).eps)).astype(np.float32)
 
 
 class SpeakerEncoder:
@@ -85,7 +48,9 @@ class SpeakerEncoder:
         """16 kHz mono samples -> embedding [dim] (float32)."""
         if len(wav) < MIN_SECONDS * SAMPLE_RATE:
             raise InputError(f"the reference voice is {len(wav) / SAMPLE_RATE:.2f} s long; give at least {MIN_SECONDS} s of speech")
-        feat = kaldi_fbank(wav)
+        # CosyVoice2 feeds torchaudio's kaldi.fbank the -1..1 samples; KaldiFbank scales them to
+        # int16 first (as WeNet does), so hand it samples scaled down by the same factor.
+        feat = KaldiFbank(FBANK_BINS, SAMPLE_RATE)(torch.from_numpy(wav.astype(np.float32) / 32768.0))[0].numpy()
         feat -= feat.mean(axis=0, keepdims=True)
         out = self.session.run(None, {self.input: feat[None]})[0]
         return np.asarray(out, dtype=np.float32).reshape(-1)

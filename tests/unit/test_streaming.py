@@ -346,3 +346,18 @@ def test_bistream_stops_a_text_chunk_early_when_the_model_asks_for_more_text(pip
     assert len(st.tokens) == 4 * 3  # 3 speech tokens, then the sampled fill, per text chunk
     assert all(t < c["speech_vocab"] for t in st.tokens)
     assert all(b == (c["eos"], c["eos"] + 1) for a, b in seen)  # eos (and the unused id) banned mid-text
+
+
+def test_interactiveomni_encodes_audio_in_whisper_s_30_s_window(pipes):
+    """transformers' WhisperEncoder takes 3000-frame inputs only, so the release pads every clip
+    with silence to 30 s; the clip's own tokens are kept (25 a second)."""
+    p = pipes["interactiveomni"]
+    sr = p.config["audio_sample_rate"]
+    assert p.config["audio_pad_samples"] == 30 * sr
+    wav = (0.1 * np.sin(2 * np.pi * 220 * np.arange(2 * sr) / sr)).astype(np.float32)
+    tokens = p.encode_audio(wav)
+    padded = np.zeros(30 * sr, dtype=np.float32)
+    padded[: len(wav)] = wav
+    whole = p.encode_audio(padded)
+    assert tokens.shape[0] == 50 and whole.shape[0] == 750
+    assert torch.allclose(tokens, whole[:50], atol=1e-5)

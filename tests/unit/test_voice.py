@@ -1,4 +1,4 @@
-"""Voice cloning's front end: Kaldi fbank features and the speaker encoder file's contract."""
+"""Voice cloning's front end: the speaker encoder file's contract."""
 
 import numpy as np
 import onnx
@@ -8,27 +8,7 @@ from onnx import TensorProto, helper
 
 from omni_export.errors import CheckpointError, InputError
 from omni_export.export.speaker_encoder import FILE, write_speaker_encoder
-from omni_export.runtime_py.voice import SpeakerEncoder, _mel, kaldi_fbank
-
-
-def test_fbank_frames_and_where_a_tone_lands():
-    sr = 16000
-    t = np.arange(sr) / sr
-    feat = kaldi_fbank((0.3 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32))
-    assert feat.shape == (1 + (sr - 400) // 160, 80) and feat.dtype == np.float32  # 25 ms / 10 ms, edges snipped
-    # the loudest bin is the one whose mel centre is nearest 1 kHz
-    lo, hi = _mel(20.0), _mel(8000.0)
-    centres = lo + (np.arange(80) + 1) * (hi - lo) / 81
-    assert abs(int(np.argmax(feat.mean(axis=0))) - int(np.argmin(np.abs(centres - _mel(1000.0))))) <= 1
-    # a power spectrum: twice the amplitude adds log(4) to every energy well above the floor
-    louder = kaldi_fbank((0.6 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32))
-    peak = int(np.argmax(feat.mean(axis=0)))
-    assert np.allclose(louder[:, peak] - feat[:, peak], np.log(4.0), atol=1e-3)
-
-
-def test_fbank_refuses_too_short_a_clip():
-    with pytest.raises(InputError, match="at least 25 ms"):
-        kaldi_fbank(np.zeros(100, dtype=np.float32))
+from omni_export.runtime_py.voice import SpeakerEncoder
 
 
 def test_synthetic_speaker_encoder_keeps_the_release_contract(tmp_path):

@@ -204,6 +204,9 @@ class InteractiveOmni(Family):
         out = super().runtime_config(ckpt)
         out["audio_frames_multiple"] = WhisperAudioEncoder.FRAME_MULTIPLE
         out["max_audio_frames"] = 2 * ckpt.config.audio.max_source_positions
+        # transformers' WhisperEncoder, which the release runs (its requirements: transformers, no
+        # openai-whisper), takes only full 30 s windows (3000 frames): every clip is padded to one.
+        out["audio_pad_samples"] = out["max_audio_frames"] * self.audio_sample_rate // 100
         out["speech"] = {
             "kind": "cosyvoice2", "speech_vocab": v.speech_lm.speech_vocab, "eos": v.speech_lm.eos, "fill": v.speech_lm.fill,
             "sos_row": SOS, "task_row": TASK, "text_chunk": v.speech_lm.text_chunk, "speech_chunk": v.speech_lm.speech_chunk,
