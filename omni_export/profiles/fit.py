@@ -47,8 +47,8 @@ class MemoryPlan:
     activation_bytes: int
     overhead_bytes: int
     float_dtype: str = "fp16"  # what the target stores float tensors and the KV cache as
-    # State a streaming component keeps between calls (the flow's attention windows): it crosses
-    # the method boundary, so it is fp32 whatever the target computes in.
+    # State a streaming component keeps between calls (the flow's attention windows, the vocoder's
+    # source window): it crosses the method boundary, so it is fp32 whatever the target computes in.
     stream_bytes: int = 0
 
     @property

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_export.export.components.base import Component, Role
-from omni_export.export.trace_specs import F32, I64, Call, MethodSpec, Tensor, dim, dtype_of
+from omni_export.export.trace_specs import F32, I64, Call, Limits, MethodSpec, Tensor, dim, dtype_of
 from omni_export.export.weight_norm import weight_norm
 from omni_export.runtime_py.sampler import frame_noise
 
@@ -297,6 +297,11 @@ class HiFT(Component, nn.Module):
         return self.decode(mel, source)
 
     # -- as a component ---------------------------------------------------------------------
+    def stream_state_elements(self) -> int:
+        """The stream keeps one window's noise, source and per-frame phase between calls."""
+        w = Limits.vocoder_window
+        return w * self.cfg.hop * (self.cfg.harmonics + 1) + w * self.cfg.harmonics
+
     def export_methods(self, limits):  # type: ignore[no-untyped-def]
         c, dt = self.cfg, dtype_of(self)
         h, hop = c.harmonics, c.hop
