@@ -148,7 +148,7 @@ def build_bundle(
     start = time.perf_counter()
     step("checkpoint", "loading")
     ckpt = load_checkpoint(model, dtype=torch.float32)
-    ckpt.family.asset_files(ckpt)  # a damaged side file (speaker encoder) is refused before any work
+    side_files = ckpt.family.asset_files(ckpt)  # a damaged side file (speaker encoder) is refused before any work
     recipe, more = recipe_for_target(target, recipe, ckpt.components)
     notes.extend(more)
     # A float recipe plans nothing (and leaves a tied LM head tied: one table in the artifact).
@@ -196,7 +196,7 @@ def build_bundle(
             step(name, "tracing")
             t0 = time.perf_counter()
             with target.trace_context(module, limits, plan_):
-                traced = trace_component(name, module, limits, target.kv_mode)
+                traced = trace_component(name, module, limits, target.kv_mode_for(module))
             t["trace_s"] = time.perf_counter() - t0
             step(name, f"lowering ({target.name})")
             artifact = target.lower(traced, profile, tmp, meta, qlinears)
@@ -234,7 +234,7 @@ def build_bundle(
         if quant is not None:
             atomic_write_text(tmp / "reports" / "quant.json", json.dumps(
                 {"recipe": recipe.name, "cache": str(quant_where), "seconds": round(quant.seconds, 2), "layers": quant.layers}, indent=1))
-        _finish(tmp, ckpt, profile, target, settings, recipe, limits, components, builds, notes)
+        _finish(tmp, ckpt, side_files, profile, target, settings, recipe, limits, components, builds, notes)
         result = BuildResult(out, profile.name, recipe.name, builds, time.perf_counter() - start, notes)
         failed = [b for b in builds if b.parity.failures]
         if failed:
@@ -250,7 +250,7 @@ def build_bundle(
     return result
 
 
-def _finish(tmp: Path, ckpt, profile: Profile, target, settings: RuntimeSettings, recipe: QuantRecipe, limits: Limits,  # type: ignore[no-untyped-def]
+def _finish(tmp: Path, ckpt, side_files: dict[str, Path], profile: Profile, target, settings: RuntimeSettings, recipe: QuantRecipe, limits: Limits,  # type: ignore[no-untyped-def]
             components: dict[str, ComponentEntry], builds: list[ComponentBuild], notes: list[str]) -> None:  # fmt: skip
     tok = tmp / "tokenizer"
     tok.mkdir()
@@ -263,7 +263,7 @@ def _finish(tmp: Path, ckpt, profile: Profile, target, settings: RuntimeSettings
         np.save(tmp / "assets" / f"{key}.npy", arr)
         assets[key] = f"assets/{key}.npy"
     asset_files = {}
-    for key, src in ckpt.family.asset_files(ckpt).items():
+    for key, src in side_files.items():
         (tmp / "assets").mkdir(exist_ok=True)
         shutil.copyfile(src, tmp / "assets" / src.name)
         asset_files[key] = f"assets/{src.name}"

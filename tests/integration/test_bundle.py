@@ -291,8 +291,11 @@ def test_run_speaks_in_a_cloned_voice_on_the_bundle_as_on_the_checkpoint(bundles
         runs[name] = sf.read(tmp_path / f"{name}.wav")[0]
     cloned, default, eager = runs["cloned"], runs["default"], runs["eager"]
     assert len(cloned) == len(default) == len(eager) > 0  # same tokens, other voice
-    assert np.abs(cloned - default).max() > 1e-2
-    assert np.abs(cloned - eager).max() < 1e-2 * max(1.0, np.abs(eager).max())
+    # relative to the reply's peak: a tiny checkpoint's random vocoder speaks quietly
+    peak = max(np.abs(default).max(), np.abs(eager).max())
+    print("voice change / peak", np.abs(cloned - default).max() / peak, "bundle vs checkpoint / peak", np.abs(cloned - eager).max() / peak)
+    assert np.abs(cloned - default).max() > 0.05 * peak
+    assert np.abs(cloned - eager).max() < 0.02 * peak
 
 
 def test_voice_is_refused_clearly_where_it_cannot_work(bundles, tiny_dirs, voice_wav, tmp_path):

@@ -113,23 +113,31 @@ def istft_basis(n_fft: int) -> np.ndarray:
     return (np.concatenate([scale * cos, -scale * sin]) * _hann(n_fft) / n_fft)[:, None].astype(np.float32)
 
 
+@lru_cache(maxsize=8)
+def window_squared(n_fft: int) -> np.ndarray:
+    """[1, 1, n_fft]: the squared Hann window, whose overlap-add is the iSTFT's envelope."""
+    return (_hann(n_fft) ** 2)[None, None].astype(np.float32)
+
+
 def _const(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     # from a flat copy: numpy may give size-1 dims a stride of 0, which ExecuTorch refuses
     return torch.tensor(a.ravel(), dtype=like.dtype).reshape(a.shape)
 
 
-def stft(x: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+def stft(x: torch.Tensor, n_fft: int, hop: int, basis: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, N] -> [B, n_fft + 2, N // hop + 1]: real parts then imaginary parts (torch.stft with
-    center=True, reflect padding, periodic Hann window of n_fft)."""
+    center=True, reflect padding, periodic Hann window of n_fft). ``basis``: stft_basis(n_fft)
+    held by the caller (a module buffer), else made here."""
     x = F.pad(x[:, None], (n_fft // 2, n_fft // 2), mode="reflect")
-    return F.conv1d(x, _const(stft_basis(n_fft), x), stride=hop)
+    return F.conv1d(x, _const(stft_basis(n_fft), x) if basis is None else basis.to(x.dtype), stride=hop)
 
 
-def istft(spec: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+def istft(spec: torch.Tensor, n_fft: int, hop: int, basis: torch.Tensor | None = None, window2: torch.Tensor | None = None) -> torch.Tensor:
     """[B, n_fft + 2, frames] (real then imaginary) -> [B, hop * (frames - 1)], as torch.istft
-    with center=True: overlap-add of windowed frames over the squared-window envelope."""
-    frames = F.conv_transpose1d(spec, _const(istft_basis(n_fft), spec), stride=hop)
-    w2 = _const((_hann(n_fft) ** 2)[None, None], spec)
+    with center=True: overlap-add of windowed frames over the squared-window envelope. ``basis``
+    and ``window2``: istft_basis(n_fft) and window_squared(n_fft) held by the caller, else made here."""
+    frames = F.conv_transpose1d(spec, _const(istft_basis(n_fft), spec) if basis is None else basis.to(spec.dtype), stride=hop)
+    w2 = _const(window_squared(n_fft), spec) if window2 is None else window2.to(spec.dtype)
     envelope = F.conv_transpose1d(torch.ones_like(spec[:, :1]), w2, stride=hop)
     pad = n_fft // 2
     n = frames.shape[-1] - 2 * pad
@@ -147,7 +155,7 @@ class Snake(nn.Module):
         self.alpha = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.alpha[None, :, None]
+        a = self.alpha[:, None]  # [C, 1] broadcasts over [1, C, T]; XNNPACK unsqueezes only a trailing dim
         return x + torch.sin(x * a).pow(2) / (a + 1e-9)
 
 
@@ -166,6 +174,14 @@ class ResBlock(nn.Module):
         return x
 
 
+class ELU(nn.Module):
+    """nn.ELU (alpha 1) written as clamp and exp: XNNPACK's ExecuTorch partitioner does not take
+    aten.elu, and each one left out split the F0 predictor into separate delegate calls."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, min=0) + torch.exp(torch.clamp(x, max=0)) - 1
+
+
 class ConvRNNF0Predictor(nn.Module):
     """mel [1, 80, T] -> F0 in Hz per frame [1, T] (five weight-normed convs with ELU, a linear)."""
 
@@ -173,7 +189,7 @@ class ConvRNNF0Predictor(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(5):
-            layers += [weight_norm(nn.Conv1d(cfg.in_channels if i == 0 else cfg.cond_channels, cfg.cond_channels, 3, padding=1)), nn.ELU()]
+            layers += [weight_norm(nn.Conv1d(cfg.in_channels if i == 0 else cfg.cond_channels, cfg.cond_channels, 3, padding=1)), ELU()]
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cfg.cond_channels, cfg.num_class)
 
@@ -264,6 +280,18 @@ class HiFT(Component, nn.Module):
         )
         self.conv_post = weight_norm(nn.Conv1d(base // 2 ** len(rates), n_fft + 2, 7, padding=3))
         self.f0_predictor = ConvRNNF0Predictor(cfg.f0_predictor)
+        # The fixed transforms as plain tensor attributes (neither checkpoint tensors nor buffers):
+        # torch.export lifts them as constants that feed the convolutions directly, which XNNPACK
+        # takes as static weights (made in the forward they sat behind lift_fresh_copy and were
+        # left to portable kernels; as non-persistent buffers XNNPACK's passes broke the program's
+        # signature). Built on the meta device like every module, so made again after loading.
+        self._fixed_transforms()
+        self.register_load_state_dict_post_hook(lambda m, _: m._fixed_transforms() if m.stft_basis.is_meta else None)
+
+    def _fixed_transforms(self) -> None:
+        n_fft, device = self.cfg.istft_params.n_fft, self.conv_pre.weight.device
+        for name, basis in (("stft_basis", stft_basis(n_fft)), ("istft_basis", istft_basis(n_fft)), ("istft_window2", window_squared(n_fft))):
+            setattr(self, name, torch.tensor(basis.ravel(), device=device).reshape(basis.shape).contiguous())
 
     # -- the two halves ------------------------------------------------------------------------
     def source(self, mel: torch.Tensor, phase0: torch.Tensor, anchor: torch.Tensor, noise: torch.Tensor):
@@ -274,13 +302,13 @@ class HiFT(Component, nn.Module):
         """mel [1, 80, T], source [1, T, hop] -> waveform [1, T * hop]."""
         c = self.cfg
         n_fft, hop = c.istft_params.n_fft, c.istft_params.hop_len
-        s = stft(source.reshape(1, -1).to(mel.dtype), n_fft, hop)
+        s = stft(source.reshape(1, -1).to(mel.dtype), n_fft, hop, self.stft_basis)
         x = self.conv_pre(mel)
         nk = len(c.resblock_kernel_sizes)
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, c.lrelu_slope))
-            if i == len(self.ups) - 1:
-                x = F.pad(x, (1, 0), mode="reflect")
+            if i == len(self.ups) - 1:  # the release's one-sample reflection pad, as a slice
+                x = torch.cat([x[..., 1:2], x], dim=-1)
             x = x + self.source_resblocks[i](self.source_downs[i](s))
             x = sum(self.resblocks[i * nk + j](x) for j in range(nk)) / nk
         x = self.conv_post(F.leaky_relu(x))  # the release's default slope (0.01) here, not lrelu_slope
@@ -288,7 +316,7 @@ class HiFT(Component, nn.Module):
         magnitude = torch.clamp(torch.exp(x[:, :half]), max=1e2)
         phase = torch.sin(x[:, half:])  # as released: a sine of the predicted phase
         spec = torch.cat([magnitude * torch.cos(phase), magnitude * torch.sin(phase)], dim=1)
-        return torch.clamp(istft(spec, n_fft, hop), -c.audio_limit, c.audio_limit)
+        return torch.clamp(istft(spec, n_fft, hop, self.istft_basis, self.istft_window2), -c.audio_limit, c.audio_limit)
 
     def forward(self, mel: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """One-shot: mel [1, 80, T], noise [1, H, T, hop] -> waveform [1, T * hop]."""
