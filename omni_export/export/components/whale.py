@@ -1,6 +1,15 @@
-"""VITA-1.5's "Whale" audio encoder (WeNet-style names): global CMVN, Conv2dSubsampling4,
-pre-LN transformer blocks with relative-position self-attention, and the CNN adapter
-(Conv1d k5 s2 + LayerNorm + GELU + Linear) that brings it to 12.5 Hz in the LLM width."""
+"""VITA-1.5's "Whale" audio encoder: global CMVN, a Conv2dSubsampling4 core (``enc.0``), a pre-LN
+transformer (``enc.1``: embed, pe, encoders, after_norm) with relative-position self-attention,
+and the CNN adapter (Conv1d k5 s2 + LayerNorm + GELU + Linear) that brings it to 12.5 Hz in the
+LLM width.
+
+Module tree, names, epsilons and maths follow the release (VITA-1.5,
+``vita/model/multimodal_encoder/whale/``: ``module/encoder/encoder.py``, ``module/layer/
+subsampling.py``, ``module/component/transformer.py`` and ``attention.py``, ``adapter.py``;
+read at the last upstream commit of the 1.5 tree): LayerNorms at torch's default eps, the
+positional table only through ``linear_pos`` with the relative shift off, x sqrt(d) after the
+transformer's embed. The release's attention mask is configured in a train.yaml that is not
+public; its vLLM port uses full attention, and so does this."""
 
 from __future__ import annotations
 
@@ -26,14 +35,15 @@ class WhaleConfig:
     adapter_hidden: int = 2048
 
 
-def rel_positions(length: int, d: int, device: torch.device | None = None) -> torch.Tensor:
-    """Sinusoidal embeddings of relative distances (T-1 .. -(T-1)): [2T-1, d]."""
-    pos = torch.arange(length - 1, -length, -1, dtype=torch.float32, device=device)[:, None]
+LN_EPS = 1e-5  # every Whale LayerNorm is torch's default (the release's transformer.py)
+
+
+def abs_positions(length: int, d: int, device: torch.device | None = None) -> torch.Tensor:
+    """The release's RelPositionalEncoding table rows 0..T-1: [T, d], sin at even columns, cos at
+    odd. It reaches attention only through ``linear_pos``."""
+    pos = torch.arange(length, dtype=torch.float32, device=device)[:, None]
     div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32, device=device) * -(math.log(10000.0) / d))
-    pe = torch.zeros(pos.shape[0], d, device=device)
-    pe[:, 0::2] = torch.sin(pos * div)
-    pe[:, 1::2] = torch.cos(pos * div)
-    return pe
+    return torch.stack([torch.sin(pos * div), torch.cos(pos * div)], dim=-1).reshape(length, d)
 
 
 class GlobalCMVN(nn.Module):
@@ -47,20 +57,34 @@ class GlobalCMVN(nn.Module):
 
 
 class Conv2dSubsampling4(nn.Module):
+    """Two 3x3 stride-2 convs with ReLU, then a linear over channels x remaining bins (no scaling
+    and no positions here: the transformer's ``embed`` and ``pe`` follow)."""
+
     def __init__(self, idim: int, odim: int) -> None:
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(1, odim, 3, 2), nn.ReLU(), nn.Conv2d(odim, odim, 3, 2), nn.ReLU())
         self.out = nn.Sequential(nn.Linear(odim * (((idim - 1) // 2 - 1) // 2), odim))
-        self.odim = odim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x.unsqueeze(1))
         b, c, t, f = x.shape
-        return self.out(x.transpose(1, 2).reshape(b, t, c * f)) * math.sqrt(self.odim)
+        return self.out(x.transpose(1, 2).reshape(b, t, c * f))
+
+
+class Subsampling(nn.Module):
+    """``enc.0``: the release wraps the subsampling core in a module of its own."""
+
+    def __init__(self, idim: int, odim: int) -> None:
+        super().__init__()
+        self.core = Conv2dSubsampling4(idim, odim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.core(x)
 
 
 class RelPositionAttention(nn.Module):
-    """Transformer-XL style: scores = (q+u)k^T + gather((q+v)p^T) over relative distances."""
+    """The release's relative-position attention with its relative shift turned off:
+    scores = ((q + u) k^T + (q + v) p^T) / sqrt(d_k), p = linear_pos(table rows 0..T-1)."""
 
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
@@ -74,16 +98,12 @@ class RelPositionAttention(nn.Module):
         self.pos_bias_v = nn.Parameter(torch.zeros(heads, self.d_k))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        t = x.shape[1]
         q = split_heads(self.linear_q(x), self.heads)
         k = split_heads(self.linear_k(x), self.heads)
         v = split_heads(self.linear_v(x), self.heads)
-        p = self.linear_pos(pos).view(-1, self.heads, self.d_k).transpose(0, 1)  # [H, 2T-1, dk]
+        p = split_heads(self.linear_pos(pos)[None], self.heads)  # [1, H, T, dk]
         ac = (q + self.pos_bias_u[None, :, None, :]) @ k.transpose(-1, -2)
-        bd_full = (q + self.pos_bias_v[None, :, None, :]) @ p.transpose(-1, -2)[None]  # [1,H,T,2T-1]
-        ar = torch.arange(t, device=x.device)
-        idx = (ar[None, :] - ar[:, None] + (t - 1)).expand(1, self.heads, t, t)
-        bd = torch.gather(bd_full, -1, idx)
+        bd = (q + self.pos_bias_v[None, :, None, :]) @ p.transpose(-1, -2)
         attn = torch.softmax((ac + bd) / math.sqrt(self.d_k), dim=-1)
         return self.linear_out(merge_heads(attn @ v))
 
@@ -104,31 +124,55 @@ class WhaleLayer(nn.Module):
         d = cfg.output_size
         self.self_attn = RelPositionAttention(d, cfg.attention_heads)
         self.feed_forward = PositionwiseFeedForward(d, cfg.linear_units)
-        self.norm1 = nn.LayerNorm(d, eps=1e-12)
-        self.norm2 = nn.LayerNorm(d, eps=1e-12)
+        self.norm1 = nn.LayerNorm(d, eps=LN_EPS)
+        self.norm2 = nn.LayerNorm(d, eps=LN_EPS)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.norm1(x), pos)
         return x + self.feed_forward(self.norm2(x))
 
 
+class PositionTable(nn.Module):
+    """``enc.1.pe``: no parameters (the release keeps its sin/cos table as a plain tensor)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.d = d
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * math.sqrt(self.d), abs_positions(x.shape[1], self.d, x.device).to(x.dtype)
+
+
+class WhaleTransformer(nn.Module):
+    """``enc.1``: embed (Linear, LayerNorm, ReLU), x sqrt(d), pre-LN layers, after_norm. Full
+    attention over the window, as the release's vLLM port runs it."""
+
+    def __init__(self, cfg: WhaleConfig) -> None:
+        super().__init__()
+        d = cfg.output_size
+        self.embed = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d, eps=LN_EPS), nn.Dropout(0.0), nn.ReLU())
+        self.pe = PositionTable(d)
+        self.encoders = nn.ModuleList(WhaleLayer(cfg) for _ in range(cfg.num_blocks))
+        self.after_norm = nn.LayerNorm(d, eps=LN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, pos = self.pe(self.embed(x))
+        for layer in self.encoders:
+            x = layer(x, pos)
+        return self.after_norm(x)
+
+
 class WhaleEncoder(nn.Module):
-    """fbank [1, F, 80] -> hidden [1, ~F/4, d]."""
+    """fbank [1, F, 80] -> hidden [1, ~F/4, d]: CMVN, ``enc.0`` (subsampling), ``enc.1`` (transformer)."""
 
     def __init__(self, cfg: WhaleConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.enc = nn.ModuleList([Subsampling(cfg.input_dim, cfg.output_size), WhaleTransformer(cfg)])
         self.global_cmvn = GlobalCMVN(cfg.input_dim)
-        self.embed = Conv2dSubsampling4(cfg.input_dim, cfg.output_size)
-        self.encoders = nn.ModuleList(WhaleLayer(cfg) for _ in range(cfg.num_blocks))
-        self.after_norm = nn.LayerNorm(cfg.output_size, eps=1e-12)
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
-        x = self.embed(self.global_cmvn(fbank))
-        pos = rel_positions(x.shape[1], self.cfg.output_size, x.device).to(x.dtype)
-        for layer in self.encoders:
-            x = layer(x, pos)
-        return self.after_norm(x)
+        return self.enc[1](self.enc[0](self.global_cmvn(fbank)))
 
 
 class CNNSubsampling(nn.Module):
