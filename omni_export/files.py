@@ -49,7 +49,8 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def read_json(path: Path, error: type[Exception] = CheckpointError) -> dict[str, Any]:
+def read_json(path: Path, error: type[Exception] = CheckpointError, kind: type = dict) -> Any:
+    """A JSON file holding a ``kind`` (an object unless said otherwise), or ``error`` saying why not."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path} is missing.")
@@ -57,8 +58,8 @@ def read_json(path: Path, error: type[Exception] = CheckpointError) -> dict[str,
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{path} is not valid JSON ({exc}); the file is corrupt or truncated.") from None
-    if not isinstance(data, dict):
-        raise error(f"{path} must hold a JSON object")
+    if not isinstance(data, kind):
+        raise error(f"{path} must hold a JSON {'object' if kind is dict else 'array'}")
     return data
 
 

@@ -52,6 +52,23 @@ def read_family_config(root: str | Path) -> tuple[Family, Any]:
     return family, family.read_config(Path(root), cfg_json)
 
 
+def _flatten(data: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """A state dict, or one level of named state dicts (TiCodec's {"generator": ..., ...}) as
+    ``name.key``; a lone ``model`` entry is the state dict itself (VITA's TTS loader reads
+    ``snapshot["model"]`` when there is one). None for anything else."""
+    if list(data) == ["model"] and isinstance(data["model"], dict):
+        data = data["model"]
+    out: dict[str, torch.Tensor] = {}
+    for k, v in data.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v
+        elif isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()):
+            out.update((f"{k}.{n}", t) for n, t in v.items())
+        else:
+            return None
+    return out
+
+
 class TensorSource:
     """Lazy access to the tensors of one source (the root safetensors set or one .pt file)."""
 
@@ -111,8 +128,10 @@ class TensorSource:
                 f"cannot load {path} with torch.load(weights_only=True): {exc}. Only plain tensor "
                 "state dicts are accepted; a file that needs arbitrary unpickling is refused."
             ) from None
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise CheckpointError(f"{path} must hold a flat dict of tensor name -> tensor")
+        flat = _flatten(data) if isinstance(data, dict) else None
+        if flat is None:
+            raise CheckpointError(f"{path} must hold a dict of tensor name -> tensor, or of module name -> such a dict")
+        data = flat
         self._pt = data
         self.locations = {k: self.source for k in data}
 
@@ -184,6 +203,8 @@ def plan(specs: Iterable[ComponentSpec], sources: dict[str, TensorSource]) -> di
             mapping[key] = ckpt_key
             claimed[spec.source].add(ckpt_key)
         result[spec.name] = mapping
+    for spec in specs:
+        claimed[spec.source].update(k for k in sources[spec.source].locations if k.startswith(spec.ignored) and spec.ignored)
     for name, src in sources.items():
         extra = set(src.locations) - claimed[name]
         if extra:

@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,7 +89,7 @@ def _plan(spec: ComponentSpec, dtype: torch.dtype) -> list[_Planned]:
     for k, v in module.state_dict().items():
         name, dt, owner = spec.to_checkpoint_name(k), dtype if v.is_floating_point() else v.dtype, owners.get(k, nn.Module)
         if k in normed:  # the released form: magnitude and direction (torch's parametrisation names)
-            g_suffix, v_suffix = FORMS[0]
+            g_suffix, v_suffix = FORMS[normed[k]]
             base = name.removesuffix(".weight")
             g_shape = magnitude_shape(tuple(v.shape))
             out.append(_Planned(base + g_suffix, g_shape, dt, k + "#g", WeightNormMagnitude, torch.empty(g_shape, device="meta")))
@@ -164,13 +165,16 @@ def write_synthetic(
 
         planned = [p for spec in specs if spec.source == MAIN_WEIGHTS for p in _plan(spec, torch.bfloat16)]
         _write_safetensors(planned, tmp, SHARD_BYTES[tok_size], gen, progress)
-        side: dict[str, dict[str, torch.Tensor]] = {}
+        side: dict[str, dict[str, Any]] = {}
         for spec in specs:
             if spec.source != MAIN_WEIGHTS:
                 if progress:
                     progress(spec.name)
                 # The released TTS files are fp32 torch state dicts.
-                side.setdefault(spec.source, {}).update((p.name, _make(p, gen)) for p in _plan(spec, torch.float32))
+                state = side.setdefault(spec.source, {})
+                for p in _plan(spec, torch.float32):
+                    group, _, rest = p.name.partition(".") if spec.nested else ("", "", p.name)
+                    (state.setdefault(group, {}) if spec.nested else state)[rest] = _make(p, gen)
         for rel, state in side.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, str(tmp / rel))

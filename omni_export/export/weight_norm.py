@@ -20,15 +20,17 @@ MARK = "_stored_weight_norm"
 FORMS = ((".parametrizations.weight.original0", ".parametrizations.weight.original1"), (".weight_g", ".weight_v"))
 
 
-def weight_norm(module: nn.Module) -> nn.Module:
-    """Mark ``module.weight`` as stored weight-normalised (over dim 0, torch's default)."""
-    setattr(module, MARK, True)
+def weight_norm(module: nn.Module, form: int = 0) -> nn.Module:
+    """Mark ``module.weight`` as stored weight-normalised (over dim 0, torch's default), in
+    ``FORMS[form]`` as its release stores it (the loader takes either)."""
+    setattr(module, MARK, form)
     return module
 
 
-def normed_weights(module: nn.Module) -> set[str]:
-    """State-dict keys of the weights ``module`` and its children store weight-normalised."""
-    return {f"{name}.weight" if name else "weight" for name, m in module.named_modules() if getattr(m, MARK, False)}
+def normed_weights(module: nn.Module) -> dict[str, int]:
+    """State-dict keys of the weights ``module`` and its children store weight-normalised -> the
+    index in FORMS of the form their release uses."""
+    return {f"{name}.weight" if name else "weight": getattr(m, MARK) for name, m in module.named_modules() if hasattr(m, MARK)}
 
 
 def stored_pair(weight_name: str, names: Container[str]) -> tuple[str, str] | None:
@@ -45,7 +47,8 @@ def magnitude_shape(weight_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def fold(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``g * v / ||v||``, the norm over every dim where ``g`` has size 1; computed in fp32."""
-    dims = [d for d in range(v.dim()) if g.dim() != v.dim() or g.shape[d] == 1]
+    """``g * v / ||v||``, the norm of each output row (weight norm over dim 0, as every release
+    here uses; a one-channel output's magnitude is [1, 1, 1], so the dims cannot be read off
+    ``g``'s shape); computed in fp32."""
     vf = v.float()
-    return (g.float() * vf / vf.norm(dim=dims, keepdim=True)).to(v.dtype)
+    return (g.float() * vf / torch.linalg.vector_norm(vf, dim=tuple(range(1, v.dim())), keepdim=True)).to(v.dtype)

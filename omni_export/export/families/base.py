@@ -50,6 +50,12 @@ class ComponentSpec:
     weights: tuple[tuple[str, str], ...]
     source: str = MAIN_WEIGHTS
     description: str = ""
+    # Checkpoint-name prefixes in ``source`` that the release ships for something no exported
+    # method reads (a codec's training encoder): loaded as nothing, and not refused as unexpected.
+    ignored: tuple[str, ...] = ()
+    # A .pt source that holds one state dict per top-level module ({"generator": {...}, ...}), as
+    # TiCodec's does; the loader reads either shape, the synthetic writer writes this one.
+    nested: bool = False
 
     def to_checkpoint_name(self, module_key: str) -> str:
         for ckpt_prefix, mod_prefix in sorted(self.weights, key=lambda w: -len(w[1])):
