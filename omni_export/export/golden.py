@@ -85,13 +85,15 @@ def image_tiles(n: int, size: int) -> torch.Tensor:
     return torch.stack(tiles)
 
 
-def teacher_forced(ref: EagerSession, prefix: torch.Tensor, embed: Callable[[int], torch.Tensor], allowed: int, steps: int) -> Script:
-    """prefill(prefix), then ``steps`` decodes of the reference's own greedy continuation."""
+def teacher_forced(ref: EagerSession, prefix: torch.Tensor, embed: Callable[[int], torch.Tensor], allowed: int, steps: int,
+                   start: int | None = None) -> Script:  # fmt: skip
+    """prefill(prefix), then ``steps`` decodes of the reference's own greedy continuation (the
+    first of them ``start`` where a decoder begins with a fixed token, VITA's sos)."""
     n = prefix.shape[1]
     script: Script = [("prefill", (prefix, torch.arange(n)))]
     logits = ref.run("prefill", script[0][1])[0]
     for i in range(steps):
-        tok = int(logits[0, -1, :allowed].argmax())
+        tok = start if i == 0 and start is not None else int(logits[0, -1, :allowed].argmax())
         inputs = (embed(tok), torch.tensor([n + i]))
         script.append(("decode", inputs))
         logits = ref.run("decode", inputs)[0]

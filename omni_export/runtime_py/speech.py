@@ -305,21 +305,27 @@ class VitaCodecStream(SpeechStream):
         yield pcm
 
     def _synthesize(self, text_ids: torch.Tensor) -> np.ndarray:
-        """NAR stack over the LLM's input embeddings of the text, AR codec tokens (top-k) to
-        end-of-speech, codec decoder with the default global tokens."""
+        """As the release: the LLM's input embeddings of the text read as frames of the TTS width,
+        the NAR stack, the prefix [bos, NAR output] in one call (it attends both ways), sos, codec
+        tokens (top-k) to end-of-speech, the codec decoder with the default global tokens."""
         c, ar = self.c, self.ar
         text_embeds = self.p.sessions["llm"].run("embed", [text_ids])[0]
-        if text_embeds.shape[1] < 2:  # the NAR stack is traced for two or more positions
-            text_embeds = torch.cat([text_embeds, text_embeds], dim=1)
-        context = self.p.sessions["tts_nar"].run("forward", [text_embeds])[0]
+        frames = text_embeds.reshape(1, -1, text_embeds.shape[-1] // c["frames_per_token"])
+        if frames.shape[1] < 2:  # the NAR stack is traced for two or more frames (one token, one frame per token)
+            frames = torch.cat([frames, frames], dim=1)
+        context = self.p.sessions["tts_nar"].run("forward", [frames])[0]
         ar.reset()
-        prefix = torch.cat([context, ar.session.run("embed_codes", [torch.tensor([[c["bos"]]])])[0]], dim=1)
-        logits = ar.feed(prefix)[0][0, -1]
+        prefix = torch.cat([ar.session.run("embed_codes", [torch.tensor([[c["bos"]]])])[0], context], dim=1)
+        if prefix.shape[1] > ar.chunk:
+            raise ConfigError(f"tts_ar: a {prefix.shape[1]}-position prefix must go in one call (it attends both ways), "
+                              f"but prefill is traced for {ar.chunk}; rebuild the bundle with a larger prefill chunk")  # fmt: skip
+        ar.feed(prefix)
+        logits = ar.feed(ar.session.run("embed_codes", [torch.tensor([[c["sos"]]])])[0])[0][0, -1]
         codes: list[int] = []
         limit = min(c["max_codec_per_text"] * text_ids.shape[1], ar.free)
         while len(codes) < limit:
             logits = logits.clone()
-            logits[c["codebook_size"] : c["eos"]] = float("-inf")  # pad and bos are never emitted
+            logits[c["bos"] : c["eos"]] = float("-inf")  # bos and sos are never codes (pad: past `allowed`)
             tok = sample(logits, c["top_k"], self.gen, allowed=c["eos"] + 1)
             if tok == c["eos"]:
                 break

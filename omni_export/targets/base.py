@@ -117,6 +117,11 @@ class Target(ABC):
     def supports(self, traced: TracedComponent) -> bool:
         return True
 
+    def kv_mode_for(self, module: nn.Module) -> str:
+        """The KV mode ``module``'s stacks are traced in: the target's, unless a target has a
+        reason to hold one component's caches otherwise."""
+        return self.kv_mode
+
     def adapt_recipe(self, recipe: QuantRecipe, components: dict[str, nn.Module]) -> tuple[QuantRecipe, list[str]]:
         """A named preset as this target can encode it (a user's own recipe is never changed:
         ``check_quant`` refuses what does not fit, saying why). Returns the recipe and notes."""

@@ -85,7 +85,8 @@ class ExecuTorchAttention(Attend):
 
     def forward(self, q, keys, values, input_pos):  # type: ignore[no-untyped-def]
         b, t, h, d = q.shape
-        out = torch.ops.llama.custom_sdpa(q, keys, values, _start(input_pos, keys.shape[1]), None, 0, True)
+        # not causal: every query reads the filled prefix through this call's last position
+        out = torch.ops.llama.custom_sdpa(q, keys, values, _start(input_pos, keys.shape[1]), None, 0, not self.whole_call)
         return out.reshape(b, t, h * d)
 
 

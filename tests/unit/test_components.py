@@ -60,7 +60,7 @@ FIXTURES: dict[tuple[str, str], Callable] = {
     ),
     ("interactiveomni", "vocoder"): lambda m, h: (m, (torch.randn(1, 80, 50, generator=g), torch.randn(1, 9, 50, 480, generator=g)), ({2: M}, {2: M}),
                                                   (torch.randn(1, 80, 17, generator=g), torch.randn(1, 9, 17, 480, generator=g))),
-    ("vita15", "tts_nar"): lambda m, h: (m, (torch.randn(1, 8, 64, generator=g),), ({1: T},), (torch.randn(1, 5, 64, generator=g),)),
+    ("vita15", "tts_nar"): lambda m, h: (m, (torch.randn(1, 8, 32, generator=g),), ({1: T},), (torch.randn(1, 5, 32, generator=g),)),
     ("vita15", "tts_ar"): lambda m, h: (_cached(m, "ar"), (torch.randn(1, 8, 32, generator=g), torch.arange(8)), ({1: T}, {0: T}),
                                         (torch.randn(1, 1, 32, generator=g), torch.tensor([8]))),
     ("vita15", "codec_decoder"): lambda m, h: (m, (torch.randint(0, 1024, (1, 40)), torch.randint(0, 64, (1, 8))), ({1: M}, None),

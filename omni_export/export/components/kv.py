@@ -47,20 +47,24 @@ class KVCache(nn.Module):
 
 class Attend(nn.Module):
     """Attention of queries [B, T, heads, D] at ``input_pos`` over what the cache returned ->
-    [B, T, heads * D]."""
+    [B, T, heads * D]. ``whole_call``: each query sees every position written so far, its own
+    call's later ones included (a prefix that attends both ways, VITA's TTS); a one-position step
+    is causal either way."""
 
-    def __init__(self, n_rep: int) -> None:
+    def __init__(self, n_rep: int, whole_call: bool = False) -> None:
         super().__init__()
-        self.n_rep = n_rep
+        self.n_rep, self.whole_call = n_rep, whole_call
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE on queries and keys [B, T, heads, D] (cos/sin [T, D]) before the cache sees them."""
         return apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
 
 
-def causal_over(keys_len: int | torch.SymInt, input_pos: torch.Tensor) -> torch.Tensor:
-    """Boolean [T, S]: query at absolute position p sees key positions 0..p."""
-    return torch.arange(keys_len, device=input_pos.device)[None, :] <= input_pos[:, None]
+def causal_over(keys_len: int | torch.SymInt, input_pos: torch.Tensor, whole_call: bool = False) -> torch.Tensor:
+    """Boolean [T, S]: query at absolute position p sees key positions 0..p (``whole_call``: every
+    query sees 0..the call's last position; [1, S], broadcast over the queries)."""
+    seen = input_pos[-1:] if whole_call else input_pos
+    return torch.arange(keys_len, device=input_pos.device)[None, :] <= seen[:, None]
 
 
 class BufferCache(KVCache):
@@ -105,7 +109,7 @@ class MaskedAttention(Attend):
     def forward(self, q, keys, values, input_pos):  # type: ignore[no-untyped-def]
         q = q.transpose(1, 2)
         keys, values = keys.to(q.dtype), values.to(q.dtype)
-        mask = causal_over(keys.shape[2], input_pos)
+        mask = causal_over(keys.shape[2], input_pos, self.whole_call)
         return merge_heads(sdpa(q, repeat_kv(keys, self.n_rep), repeat_kv(values, self.n_rep), mask))
 
 
@@ -143,7 +147,7 @@ class GroupedAttention(Attend):
         q = q.transpose(1, 2).reshape(b, kvh, self.n_rep, t, d) * d**-0.5
         keys, values = keys.to(q.dtype)[:, :, None], values.to(q.dtype)[:, :, None]
         scores = q @ keys.transpose(-1, -2)
-        mask = causal_over(keys.shape[3], input_pos)
+        mask = causal_over(keys.shape[3], input_pos, self.whole_call)
         scores = scores + torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill(~mask, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ values  # [B, kvh, n_rep, T, D]
         return out.reshape(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)
@@ -193,8 +197,8 @@ def _buffers(cls: type[BufferCache], dtype: torch.dtype | None = None) -> Callab
 
 
 def plain(cls: type[Attend]) -> Callable[[Any, int, int, IOSlots], Attend]:
-    """An attention that needs only the head grouping."""
-    return lambda stack, n_rep, layer, slots: cls(n_rep)
+    """An attention that needs only the head grouping (and whether its stack's calls attend both ways)."""
+    return lambda stack, n_rep, layer, slots: cls(n_rep, stack.whole_call)
 
 
 HEADS_FIRST = ("batch", "kv_heads", "positions", "head_dim")

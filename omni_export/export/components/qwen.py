@@ -178,15 +178,20 @@ class QwenModel(nn.Module):
     """The decoder stack (``model.*`` in transformers). ``with_embeddings=False`` for stacks fed
     with embeddings only (the speech decoders)."""
 
-    def __init__(self, cfg: QwenConfig, with_embeddings: bool = True, cached: bool = True) -> None:
+    def __init__(self, cfg: QwenConfig, with_embeddings: bool = True, cached: bool = True, final_norm: bool = True,
+                 whole_call: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.cfg = cfg
         # False for bidirectional stacks (VITA's NAR pre_nn): they never hold a KV cache.
         self.cached = cached
+        # A cached stack whose calls attend both ways within themselves (kv.Attend): VITA's TTS
+        # prefix [bos, NAR output] runs through its AR layers unmasked.
+        self.whole_call = whole_call
         if with_embeddings:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(QwenDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # VITA's layers_pre_nn ends at its last layer, with no norm after it.
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if final_norm else nn.Identity()
         self.cache_len = 0
 
     # -- KV cache --------------------------------------------------------------------------
@@ -198,7 +203,7 @@ class QwenModel(nn.Module):
         for layer in self.layers:
             attn = layer.self_attn
             attn.kv = BufferCache(self.cfg.num_key_value_heads, self.cfg.head_dim, max_len, dtype or ref.dtype, device or ref.device)
-            attn.attend = MaskedAttention(attn.n_rep)
+            attn.attend = MaskedAttention(attn.n_rep, self.whole_call)
 
     def reset_cache(self) -> None:
         for layer in self.layers:
@@ -222,7 +227,7 @@ class QwenModel(nn.Module):
         cached = bool(self.cache_len)
         if attn_mask is None and not cached:
             keys = torch.arange(inputs_embeds.shape[1], device=input_pos.device)
-            attn_mask = keys[None, :] <= keys[:, None]
+            attn_mask = keys[None, :] <= (keys[-1:] if self.whole_call else keys)[:, None]
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, input_pos if cached else None)

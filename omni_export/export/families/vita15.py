@@ -10,8 +10,8 @@ Checkpoint layout (VITAQwen2ForCausalLM conventions):
 | safetensors `model.audio_encoder.encoder.`      | audio_encoder  | encoder.      |
 | safetensors `model.audio_encoder.adpter.`       | audio_encoder  | adpter.       |
 | safetensors `model.`, `lm_head.`                | llm            | (Qwen2ForCausalLM names) |
-| `vita_tts_ckpt/decoder/final.pt` (+ model.json) | tts_nar, tts_ar | input_proj./pre_nn. and ar./codec_embedding./codec_head. |
-| `vita_tts_ckpt/codec/final.pt` (+ model.json)   | codec_decoder  |               |
+| `vita_tts_ckpt/decoder/final.pt` (+ model.json) | tts_nar, tts_ar | layers_pre_nn. -> pre_nn.layers.; layers./norm. -> ar.; embedding. -> codec_embedding.; out_fnn. -> codec_head. (layers_prefix. not read) |
+| `vita_tts_ckpt/codec/final.pt` (+ model.json)   | codec_decoder  | generator., quantizer. (its `encoder` is not read) |
 
 config.json is the flat Qwen2 config with ``model_type: vita-Qwen2`` and VITA's ``mm_*`` keys; the
 vision tower's and audio encoder's configs, which the release fetches from the hub by name, are
@@ -73,18 +73,22 @@ def _preset(size: str) -> Vita15Config:
         llm = _llm(640, 64, 2, 4, 2, 128)
         vision = InternViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=112)
         audio = WhaleConfig(output_size=32, attention_heads=2, linear_units=64, num_blocks=2, adapter_hidden=64)
-        tts = VitaTTSConfig(input_dim=64, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64, nar_layers=1, ar_layers=2)
-        codec = CodecConfig(code_dim=32, global_vocab=64, channels=32)
+        tts = VitaTTSConfig(hidden_size=32, num_heads=2, intermediate_size=64, num_blocks=2)  # 2 frames per LLM token
+        # 32 -> 16 -> 8 -> 4 -> 2 channels; the 8-wide voice vector (eight 1-d books) joins after stage 1
+        codec = CodecConfig(upsample_initial_channel=32, resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1,),),
+                            global_feature_conv=(8, 8, 8, 3, 1), global_tokens=(1, 2, 3, 4, 5, 6, 7, 8), code_dim=32)
     elif size == "small":
         llm = _llm(16384, 768, 12, 12, 2, 2048)
         vision = InternViTConfig(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024)
         audio = WhaleConfig(output_size=256, attention_heads=4, linear_units=1024, num_blocks=4, adapter_hidden=512)
-        tts = VitaTTSConfig(input_dim=768, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=704, nar_layers=2, ar_layers=4)
-        codec = CodecConfig(code_dim=128, global_vocab=256, channels=128)
+        tts = VitaTTSConfig(hidden_size=256, num_heads=4, intermediate_size=704, num_blocks=4)  # 3 frames per LLM token
+        codec = CodecConfig(upsample_initial_channel=128, global_feature_conv=(32, 64, 32, 3, 1), code_dim=128)
     elif size == "full":
         llm = _llm(152064, 3584, 28, 28, 4, 18944)  # Qwen2.5-7B
         vision, audio = InternViTConfig(), WhaleConfig()
-        tts, codec = VitaTTSConfig(input_dim=3584), CodecConfig()
+        # Freeze-Omni's decoder/model.json (VITA-1.5's TTS): 896 wide, 14 heads, 4 blocks, with the
+        # prefix layers it never uses at inference; 4 frames per Qwen2.5-7B token
+        tts, codec = VitaTTSConfig(kv_cache_prefix_finetune=True), CodecConfig()
     else:
         raise ConfigError(f"unknown size {size!r} for vita15; choose tiny, small or full")
     return Vita15Config(llm=llm, vision=vision, audio=audio, tts=tts, codec=codec)
@@ -113,15 +117,17 @@ class Vita15(Family):
         if d.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
             raise ConfigError(f"{where}: mm_projector_type {d['mm_projector_type']!r} is not supported; VITA-1.5 uses mlp2x_gelu")
         llm = QwenConfig.from_hf({**d, "model_type": "qwen2"}, where)
-        tts = from_dict(VitaTTSConfig, read_json(root / TTS_DIR / "model.json"), where=f"{root / TTS_DIR / 'model.json'}")
-        if tts.input_dim != llm.hidden_size:
-            raise ConfigError(f"{TTS_DIR}/model.json: input_dim {tts.input_dim} must equal the LLM hidden size {llm.hidden_size}")
+        tts = VitaTTSConfig.from_released(read_json(root / TTS_DIR / "model.json", kind=list), f"{root / TTS_DIR / 'model.json'}")
+        tts.frames_per_token(llm.hidden_size)  # refuses a width the LLM's embeddings do not split into
+        codec = CodecConfig.from_released(read_json(root / CODEC_DIR / "model.json"), f"{root / CODEC_DIR / 'model.json'}")
+        if codec.n_codes != tts.codebook_size:
+            raise ConfigError(f"{CODEC_DIR}/model.json: n_codes {codec.n_codes} differs from the TTS's codebook size {tts.codebook_size}")
         return Vita15Config(
             llm=llm,
             vision=InternViTConfig.from_hf(require(d, "vision_config", where), f"{where}: vision_config"),
             audio=from_dict(WhaleConfig, require(d, "audio_config", where), where=f"{where}: audio_config"),
             tts=tts,
-            codec=from_dict(CodecConfig, read_json(root / CODEC_DIR / "model.json"), where=f"{root / CODEC_DIR / 'model.json'}"),
+            codec=codec,
             max_dynamic_patch=int(d.get("max_dynamic_patch", 12)),
         )
 
@@ -137,8 +143,8 @@ class Vita15(Family):
         return {
             "config.json": config,
             "generation_config.json": {"do_sample": False, "max_new_tokens": 512},
-            f"{TTS_DIR}/model.json": to_dict(cfg.tts),
-            f"{CODEC_DIR}/model.json": to_dict(cfg.codec),
+            f"{TTS_DIR}/model.json": cfg.tts.to_released(),
+            f"{CODEC_DIR}/model.json": cfg.codec.to_released(),
         }
 
     def specs(self, cfg: Vita15Config) -> list[ComponentSpec]:
@@ -155,12 +161,15 @@ class Vita15(Family):
                           description="Whale encoder + CNN adapter: fbank -> LLM tokens (12.5 Hz)"),
             ComponentSpec("llm", lambda: QwenForCausalLM(cfg.llm), (("model.", "model."), ("lm_head.", "lm_head.")),
                           description="Qwen2.5 decoder with static KV cache"),
-            ComponentSpec("tts_nar", lambda: VitaTTSNar(cfg.tts), (("", ""),), source=f"{TTS_DIR}/final.pt",
-                          description="text embeddings -> bidirectional Llama stack"),
-            ComponentSpec("tts_ar", lambda: VitaTTSAr(cfg.tts), (("", ""),), source=f"{TTS_DIR}/final.pt",
-                          description="autoregressive codec-token Llama stack"),
-            ComponentSpec("codec_decoder", lambda: CodecDecoder(cfg.codec), (("", ""),), source=f"{CODEC_DIR}/final.pt",
-                          description="codec tokens (40 Hz) -> 24 kHz"),
+            ComponentSpec("tts_nar", lambda: VitaTTSNar(cfg.tts), (("layers_pre_nn.", "pre_nn.layers."),), source=f"{TTS_DIR}/final.pt",
+                          ignored=("layers_prefix.",), description="LLM text embeddings as frames -> layers_pre_nn (both ways)"),
+            ComponentSpec("tts_ar", lambda: VitaTTSAr(cfg.tts),
+                          (("layers.", "ar.layers."), ("norm.", "ar.norm."), ("embedding.", "codec_embedding."), ("out_fnn.", "codec_head.")),
+                          source=f"{TTS_DIR}/final.pt", ignored=("layers_prefix.",),
+                          description="[bos, NAR output] both ways, then sos and codec tokens through the cache"),
+            ComponentSpec("codec_decoder", lambda: CodecDecoder(cfg.codec), (("generator.", "generator."), ("quantizer.", "quantizer.")),
+                          source=f"{CODEC_DIR}/final.pt", ignored=("encoder.",), nested=True,
+                          description="TiCodec: codec tokens (40 Hz) + global voice tokens -> 24 kHz"),
         ]  # fmt: skip
 
     def runtime_config(self, ckpt) -> dict[str, Any]:
@@ -170,14 +179,15 @@ class Vita15(Family):
         out = super().runtime_config(ckpt)
         out["max_audio_frames"] = WHALE_MAX_FRAMES  # longer audio is encoded in windows
         out["speech"] = {
-            "kind": "vita_codec", "codebook_size": t.codebook_size, "pad": t.pad, "bos": t.bos, "eos": t.eos,
+            "kind": "vita_codec", "codebook_size": t.codebook_size, "pad": t.pad, "bos": t.bos, "sos": t.sos, "eos": t.eos,
+            "frames_per_token": t.frames_per_token(ckpt.config.llm.hidden_size),
             "top_k": t.top_k, "max_codec_per_text": t.max_codec_per_text, "codec_rate_hz": c.sample_rate // c.hop,
             "codec_hop": c.hop, "n_global": c.n_global, "max_segment_text": Limits.max_text_chunk,
         }  # fmt: skip
         return out
 
     def assets(self, ckpt) -> dict[str, np.ndarray]:
-        return {"default_global_codes": ckpt.components["codec_decoder"].default_global_codes.detach().numpy()}
+        return {"default_global_codes": ckpt.components["codec_decoder"].default_global_codes.numpy()}
 
 
 register(Vita15())
