@@ -291,11 +291,13 @@ def test_run_speaks_in_a_cloned_voice_on_the_bundle_as_on_the_checkpoint(bundles
         runs[name] = sf.read(tmp_path / f"{name}.wav")[0]
     cloned, default, eager = runs["cloned"], runs["default"], runs["eager"]
     assert len(cloned) == len(default) == len(eager) > 0  # same tokens, other voice
-    # relative to the reply's peak: a tiny checkpoint's random vocoder speaks quietly
+    # Relative to the reply: a tiny checkpoint's random vocoder speaks quietly and its random flow
+    # barely listens to the speaker (0.6% of the peak, measured); the bundle follows the checkpoint
+    # far closer than that (0.01%), and the voice's effect is far above the wav's 16-bit steps.
     peak = max(np.abs(default).max(), np.abs(eager).max())
-    print("voice change / peak", np.abs(cloned - default).max() / peak, "bundle vs checkpoint / peak", np.abs(cloned - eager).max() / peak)
-    assert np.abs(cloned - default).max() > 0.05 * peak
-    assert np.abs(cloned - eager).max() < 0.02 * peak
+    backend = np.abs(cloned - eager).max()
+    assert backend < 0.01 * peak
+    assert np.abs(cloned - default).max() > 10 * max(backend, 2 / 32768)
 
 
 def test_voice_is_refused_clearly_where_it_cannot_work(bundles, tiny_dirs, voice_wav, tmp_path):
