@@ -276,6 +276,10 @@ class VitaCodecStream(SpeechStream):
         if self.SEGMENT > self.c.get("max_segment_text", self.SEGMENT):
             raise ConfigError(f"tts_nar is traced for {self.c['max_segment_text']} text tokens per call, fewer than a "
                               f"{self.SEGMENT}-token speech segment; rebuild the bundle with this version")  # fmt: skip
+        missing = [k for k in ("sos", "frames_per_token") if k not in self.c]
+        if missing:
+            raise ConfigError(f"this bundle's speech config lacks {missing}: it was built before VITA-1.5's TTS followed the "
+                              "release (sos, frames of the LLM's embeddings); rebuild it with omni-export --target ...")  # fmt: skip
         self.ar = p.stack("tts_ar")
         self.ids: list[int] = []
         self.segments = 0

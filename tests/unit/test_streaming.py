@@ -8,6 +8,7 @@ import torch
 from omni_export.api import eager_pipeline
 from omni_export.errors import (
     AudioInputError,
+    ConfigError,
     ContextOverflowError,
     ImageInputError,
     InputError,
@@ -361,3 +362,39 @@ def test_interactiveomni_encodes_audio_in_whisper_s_30_s_window(pipes):
     whole = p.encode_audio(padded)
     assert tokens.shape[0] == 50 and whole.shape[0] == 750
     assert torch.allclose(tokens, whole[:50], atol=1e-5)
+
+
+def test_a_vita_segment_is_spoken_in_the_releases_order(pipes):
+    """VITA-1.5's llm2tts: the segment's input embeddings as frames of the TTS width through the
+    NAR, the prefix [bos, NAR output] as one call, then sos, then one code at a time; a bundle
+    whose speech config predates that is refused with what to do."""
+    p = pipes["vita15"]
+    c = p.config["speech"]
+    st = VitaCodecStream(p, 0)
+    calls = []
+    ar, nar = st.ar.session, p.sessions["tts_nar"]
+    run_ar, run_nar = ar.run, nar.run
+
+    def spy_ar(method, inputs):  # type: ignore[no-untyped-def]
+        calls.append((method, int(inputs[0][0, 0]) if method == "embed_codes" else tuple(inputs[0].shape)))
+        return run_ar(method, inputs)
+
+    ar.run = spy_ar
+    nar.run = lambda method, inputs: calls.append(("nar", tuple(inputs[0].shape))) or run_nar(method, inputs)
+    try:
+        st._synthesize(torch.tensor([[100, 101, 102]]))
+    finally:
+        ar.run, nar.run = run_ar, run_nar
+    k, d = c["frames_per_token"], p.config["llm"]["hidden_size"] // c["frames_per_token"]
+    assert k == 2 and calls[0] == ("nar", (1, 3 * k, d))
+    assert calls[1] == ("embed_codes", c["bos"])
+    prefills = [x for x in calls if x[0] == "prefill"]
+    assert prefills == [("prefill", (1, 3 * k + 1, d))]  # [bos, NAR output], one call
+    assert calls[calls.index(prefills[0]) + 1] == ("embed_codes", c["sos"])
+    old = {**p.config, "speech": {k_: v for k_, v in c.items() if k_ != "sos"}}
+    p.config, saved = old, p.config
+    try:
+        with pytest.raises(ConfigError, match="rebuild it"):
+            VitaCodecStream(p, 0)
+    finally:
+        p.config = saved
