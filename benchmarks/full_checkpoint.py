@@ -7,12 +7,10 @@ is its own. Prints a table and JSON.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from phases import phase  # benchmarks/phases.py (this script's own folder is on sys.path)
 
 WRITE = """
 import resource, sys
@@ -38,17 +36,6 @@ params = sum(p.numel() for m in ck.components.values() for p in m.parameters())
 print({"load_s": load_s, "rss_after_load_gib": rss_after_load, "llm_prefill_4tok_s": step_s, "params": params,
        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2})
 """
-
-
-def phase(code: str, *args: str) -> tuple[float, dict]:
-    """Run one phase in a fresh interpreter; it reports its own peak RSS (RUSAGE_SELF), since the
-    parent's RUSAGE_CHILDREN peak is a maximum over every child it ever waited for."""
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(f"phase failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
-    out = p.stdout
-    return time.perf_counter() - t, ast.literal_eval(out.strip().splitlines()[-1])
 
 
 def measure(family: str, size: str, directory: Path) -> dict:

@@ -10,12 +10,10 @@ interpreter so its peak RSS is its own. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from phases import phase  # benchmarks/phases.py (this script's own folder is on sys.path)
 
 COMMON = """
 import resource, sys, time, torch
@@ -87,14 +85,6 @@ for (method, inputs), want in zip(ref["script"], ref["outs"]):
             cos.append(torch.nn.functional.cosine_similarity(g.float().flatten(), w.flatten(), dim=0).item())
 print({"ms": ms, "worst_cosine": min(cos), "rss_after_load_gib": loaded, "peak_rss_gib": peak()})
 """
-
-
-def phase(code: str, *args: str) -> tuple[float, dict]:
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(f"phase failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
-    return time.perf_counter() - t, ast.literal_eval(p.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

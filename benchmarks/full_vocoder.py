@@ -10,12 +10,10 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from phases import phase  # benchmarks/phases.py (this script's own folder is on sys.path)
 
 WINDOWS = 12
 
@@ -86,14 +84,6 @@ with torch.inference_mode():
 cos = torch.nn.functional.cosine_similarity(wav.flatten(), ref.flatten(), dim=0).item()
 print({"ms": [x * 1000 for x in times[1:]], "rss_after_load_gib": rss_load, "cosine_vs_eager": cos, "peak_rss_gib": peak()})
 """
-
-
-def phase(code: str, *args: str) -> tuple[float, dict]:
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(f"phase failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
-    return time.perf_counter() - t, ast.literal_eval(p.stdout.strip().splitlines()[-1])
 
 
 def median(xs: list[float]) -> float:

@@ -204,7 +204,8 @@ def plan(specs: Iterable[ComponentSpec], sources: dict[str, TensorSource]) -> di
             claimed[spec.source].add(ckpt_key)
         result[spec.name] = mapping
     for spec in specs:
-        claimed[spec.source].update(k for k in sources[spec.source].locations if k.startswith(spec.ignored) and spec.ignored)
+        if spec.ignored:
+            claimed[spec.source].update(k for k in sources[spec.source].locations if k.startswith(spec.ignored))
     for name, src in sources.items():
         extra = set(src.locations) - claimed[name]
         if extra:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_export.bundle.manifest import RuntimeSettings
+from omni_export.export.components.kv import kv_stacks
 from omni_export.quantize.recipe import Activation
 from omni_export.targets.base import TARGETS, Artifact, LoweringError, QuantEncodingError, Target, apply_floats
 from omni_export.targets.onnx_lowering import GraphSet, onnx_forms, swap_quantized, to_onnx
@@ -27,8 +28,6 @@ class OnnxRuntimeTarget(Target):
     def kv_mode_for(self, module):  # type: ignore[no-untyped-def]
         # GroupQueryAttention is causal over a call; a stack whose calls attend both ways (VITA's
         # TTS prefix) takes the plain growing-tensor io mode, grouped attention as ordinary ops.
-        from omni_export.export.components.kv import kv_stacks
-
         return "io" if any(s.whole_call for s in kv_stacks(module, allocated=False)) else self.kv_mode
 
     def runtime_settings(self, profile) -> RuntimeSettings:  # type: ignore[no-untyped-def]

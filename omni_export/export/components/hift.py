@@ -121,13 +121,13 @@ def window_squared(n_fft: int) -> np.ndarray:
 
 def _const(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     # from a flat copy: numpy may give size-1 dims a stride of 0, which ExecuTorch refuses
-    return torch.tensor(a.ravel(), dtype=like.dtype).reshape(a.shape)
+    return torch.tensor(a.ravel(), dtype=like.dtype, device=like.device).reshape(a.shape)
 
 
 def stft(x: torch.Tensor, n_fft: int, hop: int, basis: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, N] -> [B, n_fft + 2, N // hop + 1]: real parts then imaginary parts (torch.stft with
     center=True, reflect padding, periodic Hann window of n_fft). ``basis``: stft_basis(n_fft)
-    held by the caller (a module buffer), else made here."""
+    held by the caller (HiFT keeps it as a constant attribute), else made here."""
     x = F.pad(x[:, None], (n_fft // 2, n_fft // 2), mode="reflect")
     return F.conv1d(x, _const(stft_basis(n_fft), x) if basis is None else basis.to(x.dtype), stride=hop)
 
@@ -289,9 +289,9 @@ class HiFT(Component, nn.Module):
         self.register_load_state_dict_post_hook(lambda m, _: m._fixed_transforms() if m.stft_basis.is_meta else None)
 
     def _fixed_transforms(self) -> None:
-        n_fft, device = self.cfg.istft_params.n_fft, self.conv_pre.weight.device
+        n_fft, like = self.cfg.istft_params.n_fft, self.conv_pre.weight
         for name, basis in (("stft_basis", stft_basis(n_fft)), ("istft_basis", istft_basis(n_fft)), ("istft_window2", window_squared(n_fft))):
-            setattr(self, name, torch.tensor(basis.ravel(), device=device).reshape(basis.shape).contiguous())
+            setattr(self, name, _const(basis, like))
 
     # -- the two halves ------------------------------------------------------------------------
     def source(self, mel: torch.Tensor, phase0: torch.Tensor, anchor: torch.Tensor, noise: torch.Tensor):
