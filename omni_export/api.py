@@ -26,7 +26,7 @@ DEMO_FAMILY, DEMO_SIZE, DEMO_SEED = "interactiveomni", "small", 0
 # is measurable (near-uniform logits), so the int4 parity gate would judge noise.
 DEMO_TRAIN_S = 300
 # Bump when the synthetic writer changes what a demo checkpoint holds (2: Qwen2's pre-tokenizer).
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

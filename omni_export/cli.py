@@ -61,7 +61,7 @@ def _fit_table(fit) -> Table:  # type: ignore[no-untyped-def]
         t.add_row(c.name, c.precision, f"{c.params / 1e6:,.1f} M", _gb(c.weight_bytes))
     t.add_row("KV cache", plan.float_dtype, "", _gb(plan.kv_bytes))
     if plan.stream_bytes:
-        t.add_row("streaming state (flow windows, vocoder source)", "fp32", "", _gb(plan.stream_bytes))
+        t.add_row("streaming state (flow windows, vocoder source)", plan.float_dtype, "", _gb(plan.stream_bytes))
     t.add_row("activations (peak, est.)", "", "", _gb(plan.activation_bytes))
     t.add_row("runtime overhead", "", "", _gb(plan.overhead_bytes))
     t.add_row("[bold]total[/]", "", "", f"[bold]{_gb(plan.total_bytes)}[/]")

@@ -55,8 +55,6 @@ def init_tensor(key: str, like: torch.Tensor, owner: type, gen: torch.Generator)
         return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
     if leaf == "bias":
         return torch.zeros(shape)
-    if leaf == "default_speaker_embedding":
-        return torch.randn(shape, generator=gen)
     if leaf == "weight" and issubclass(owner, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d)):
         # Fan-in scaling keeps activations near unit scale through deep conv stacks (vocoders,
         # codecs); at std 0.02 their waveform would shrink to ~1e-7 and every audio metric with it.
@@ -96,6 +94,14 @@ def _plan(spec: ComponentSpec, dtype: torch.dtype) -> list[_Planned]:
             name = base + v_suffix
         out.append(_Planned(name, tuple(v.shape), dt, k, owner, v))
     return out
+
+
+def written_layout(family: str, component: str, size: str = "full", strip: str = "") -> dict[str, tuple[int, ...]]:
+    """What the synthetic writer writes for one component: checkpoint name (less ``strip``) -> shape.
+    The tests hold it against tables written out from the releases."""
+    fam = FAMILIES.get(family)
+    spec = next(s for s in fam.specs(fam.preset(size)) if s.name == component)
+    return {p.name.removeprefix(strip): tuple(p.shape) for p in _plan(spec, torch.float32)}
 
 
 def _make(p: _Planned, gen: torch.Generator) -> torch.Tensor:

@@ -170,7 +170,7 @@ def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, spe
     elem = _float_bytes(recipe)
     comps = tuple(component_memory(s, modules[s.name], recipe) for s in specs)
     kv = sum(_kv_bytes(modules[s.name], context, elem) for s in specs)
-    stream = 4 * sum(component(modules[s.name]).stream_state_elements() for s in specs)
+    stream = elem * sum(component(modules[s.name]).stream_state_elements() for s in specs)
     act = activation_estimate(family, cfg, modules, context, elem)
     return MemoryPlan(recipe.name, context, comps, kv, act, RUNTIME_OVERHEAD, recipe.float_dtype, stream)
 

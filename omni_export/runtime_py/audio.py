@@ -138,10 +138,12 @@ def _mel_to_hz_slaney(m: np.ndarray) -> np.ndarray:
     return np.where(m >= min_log_mel, 1000.0 * np.exp(logstep * (m - min_log_mel)), f_sp * m)
 
 
-def slaney_mel_filters(sr: int, n_fft: int, n_mels: int) -> np.ndarray:
-    """[n_mels, n_fft//2+1] slaney-normalised triangular filters (the filterbank Whisper uses)."""
+def slaney_mel_filters(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
+    """[n_mels, n_fft//2+1] slaney-normalised triangular filters from ``fmin`` to ``fmax`` (default
+    sr / 2): librosa's default filterbank, the one Whisper and Matcha-TTS use."""
     fft_freqs = np.linspace(0, sr / 2, n_fft // 2 + 1)
-    mel_pts = _mel_to_hz_slaney(np.linspace(_hz_to_mel_slaney(0.0), _hz_to_mel_slaney(sr / 2), n_mels + 2))
+    top = sr / 2 if fmax is None else fmax
+    mel_pts = _mel_to_hz_slaney(np.linspace(_hz_to_mel_slaney(fmin), _hz_to_mel_slaney(top), n_mels + 2))
     fdiff = np.diff(mel_pts)
     ramps = mel_pts[:, None] - fft_freqs[None, :]
     lower = -ramps[:-2] / fdiff[:-1, None]

@@ -95,6 +95,7 @@ class Pipeline:
         self.tokenizer, self.assets = tokenizer, assets
         self.asset_files = dict(asset_files or {})
         self.voice: np.ndarray | None = None  # a cloned voice's speaker embedding (set_voice); None: the default voice
+        self.voice_prompt = None  # its prompt speech (tokens, mel) where the model has a speech tokenizer
         self.context_policy = context_policy
         self.vad_config = vad or VADConfig()
         self.window = audio_window_frames or config.get("max_audio_frames") or 3000
@@ -149,9 +150,11 @@ class Pipeline:
 
     def set_voice(self, reference: str | Path | np.ndarray | None) -> None:
         """Speak in the voice of ``reference`` (a recording: a file, or 16 kHz mono samples), as
-        CosyVoice2's zero-shot front end does with its speaker embedding; None: the default voice."""
+        CosyVoice2's zero-shot front end prepares it: its speaker embedding, and where the model
+        ships CosyVoice2's speech tokenizer also its prompt speech (tokens and mel) for the flow;
+        None: the default voice."""
         if reference is None:
-            self.voice = None
+            self.voice, self.voice_prompt = None, None
             return
         speech = self.config.get("speech", {})
         if speech.get("kind") != "cosyvoice2":
@@ -160,11 +163,16 @@ class Pipeline:
         if "speaker_encoder" not in self.asset_files:
             raise InputError("this model has no speaker encoder (the checkpoint had no campplus.onnx beside its weights), so it "
                              "cannot clone a voice; add the release's campplus.onnx to the checkpoint (and rebuild a bundle from it)")  # fmt: skip
-        from omni_export.runtime_py.voice import SAMPLE_RATE, SpeakerEncoder
+        from omni_export.runtime_py.voice import SAMPLE_RATE, SpeakerEncoder, SpeechTokenizer, voice_prompt
 
         enc = SpeakerEncoder(self.asset_files["speaker_encoder"], speech["speaker_dim"])
         wav = check_samples(reference, "the reference voice") if isinstance(reference, np.ndarray) else read_audio(reference, SAMPLE_RATE)
-        self.voice = enc.embed(wav)
+        embedding = enc.embed(wav)
+        prompt = None
+        if "speech_tokenizer" in self.asset_files:  # CosyVoice2's zero-shot flow input: the prompt's tokens and mel
+            prompt = voice_prompt(SpeechTokenizer(self.asset_files["speech_tokenizer"], speech["speech_vocab"]), wav,
+                                  speech["token_mel_ratio"])  # fmt: skip
+        self.voice, self.voice_prompt = embedding, prompt
 
     def reset(self) -> None:
         """A new conversation: empty KV cache, nothing pending."""

@@ -100,10 +100,18 @@ class CosyVoice2Stream(SpeechStream):
         self.noise = torch.zeros(1, self.c["mel_bins"], 0)
         self.spks: torch.Tensor | None = None
         shapes = self.c["flow_caches"]
-        self.flow_done = 0  # speech tokens whose mel is made
-        self.enc_caches = [torch.zeros(shapes[n]) for n in ("enc_cache", "post_cache", "conv_cache")]
+        if "flow_lookahead" not in c or set(shapes) != {"encode", "step"}:
+            raise ConfigError("this bundle's flow predates CosyVoice2's released flow (no look-ahead tokens, other caches); "
+                              "rebuild it with this omni-export")  # fmt: skip
+        # The flow's sequence: a cloned voice's prompt tokens, then the reply's (CosyVoice2's
+        # zero-shot input); the prompt's frames take its mel as condition and are not spoken.
+        prompt = p.voice_prompt
+        self.flow_seq: list[int] = list(prompt.tokens) if prompt is not None else []
+        self.prompt_mel = prompt.mel[None].float() if prompt is not None else torch.zeros(1, c["mel_bins"], 0)
+        self.flow_done = 0  # tokens of the flow's sequence whose mel is made
+        self.enc_caches = [torch.zeros(s) for s in shapes["encode"].values()]
         self.timesteps = cosine_timesteps(self.c["n_timesteps"])
-        self.step_caches = [torch.zeros(shapes["step_cache"]) for _ in self.timesteps[1:]]  # one per ODE step
+        self.step_caches = [[torch.zeros(s) for s in shapes["step"].values()] for _ in self.timesteps[1:]]  # one set per ODE step
         self.voc_frames = 0  # mel frames whose audio is out (or held in the tail)
         self.tail = np.zeros(0, dtype=np.float32)
         # The vocoder's harmonic source, carried across windows: its noise (drawn per frame, from
@@ -124,6 +132,7 @@ class CosyVoice2Stream(SpeechStream):
         tok = sample(self.logits, SPEECH_TOP_K, self.gen, allowed=allowed, banned=banned)
         if tok < self.c["speech_vocab"]:
             self.tokens.append(tok)
+            self.flow_seq.append(tok)
             self.logits = self._feed(self.slm.session.run("embed_speech", [torch.tensor([[tok]])])[0])
         return tok
 
@@ -170,30 +179,34 @@ class CosyVoice2Stream(SpeechStream):
         while len(self.tokens) < limit and self.slm.free > 0:
             if self._speech(self.c["speech_vocab"] + 1) == self.c["eos"]:
                 break
-            if len(self.tokens) % self.c["flow_chunk_tokens"] == 0:  # a flow chunk is complete: play it
+            if (len(self.flow_seq) - self.c["flow_lookahead"]) % self.c["flow_chunk_tokens"] == 0:  # a flow chunk and its look-ahead are in: play it
                 yield from self._flush(final=False)
 
     # -- tokens -> mel -> PCM ---------------------------------------------------------------------
     def _flush(self, final: bool) -> Iterator[np.ndarray]:
-        chunk = self.c["flow_chunk_tokens"]
-        self._mel(len(self.tokens) if final else len(self.tokens) // chunk * chunk)
+        chunk, ahead = self.c["flow_chunk_tokens"], self.c["flow_lookahead"]
+        n = len(self.flow_seq)
+        self._mel(n if final else max(0, n - ahead) // chunk * chunk)
         yield from self._vocode(final)
 
     def _mel(self, ready: int) -> None:
-        """Mel for the first ``ready`` tokens, a flow chunk at a time: each chunk's call sees the
-        windows the earlier chunks left, so frames already made never change."""
-        chunk = self.c["flow_chunk_tokens"]
+        """Mel for the first ``ready`` tokens, a flow chunk at a time (each with the look-ahead
+        tokens after it, where they exist): each chunk's call sees the windows the earlier
+        chunks left, so frames already made never change."""
+        chunk, ahead = self.c["flow_chunk_tokens"], self.c["flow_lookahead"]
         while self.flow_done < ready:
             if self.flow_done % chunk:
                 raise RuntimeError("the flow's last chunk was short; no speech token may follow it")
-            tokens = self.tokens[self.flow_done : min(ready, self.flow_done + chunk)]
-            self.mel = torch.cat([self.mel, self._flow_chunk(tokens)], dim=-1)
-            self.flow_done += len(tokens)
+            n = min(ready, self.flow_done + chunk) - self.flow_done
+            tokens = self.flow_seq[self.flow_done : self.flow_done + chunk + ahead]
+            self.mel = torch.cat([self.mel, self._flow_chunk(tokens, n)], dim=-1)
+            self.flow_done += n
 
-    def _flow_chunk(self, tokens: list[int]) -> torch.Tensor:
-        chunk, r, n = self.c["flow_chunk_tokens"], self.c["token_mel_ratio"], len(tokens)
-        offset, length = torch.tensor([self.flow_done]), torch.tensor([n])
-        padded = torch.tensor([tokens + [0] * (chunk - n)])  # a short last chunk: its padding is masked out
+    def _flow_chunk(self, tokens: list[int], n: int) -> torch.Tensor:
+        """Mel of the first ``n`` of ``tokens`` (the rest: their look-ahead)."""
+        chunk, r, ahead = self.c["flow_chunk_tokens"], self.c["token_mel_ratio"], self.c["flow_lookahead"]
+        offset, length = torch.tensor([self.flow_done]), torch.tensor([len(tokens)])
+        padded = torch.tensor([tokens + [0] * (chunk + ahead - len(tokens))])  # the end of speech: padding, masked out
         mu, *self.enc_caches = self.flow.run("encode_chunk", [padded, offset, length, *self.enc_caches])
         if self.spks is None:
             voice = self.p.voice if self.p.voice is not None else self.p.assets["default_speaker_embedding"]
@@ -202,10 +215,13 @@ class CosyVoice2Stream(SpeechStream):
         noise = torch.randn(1, mu.shape[1], r * n, generator=self.gen)
         self.noise = torch.cat([self.noise, noise], dim=-1)
         x, cond = torch.nn.functional.pad(noise, (0, r * (chunk - n))), torch.zeros_like(mu)
+        start = r * self.flow_done
+        given = self.prompt_mel[..., start : start + r * chunk]  # the prompt's frames in this chunk
+        cond[..., : given.shape[-1]] = given
         for i, (t0, t1) in enumerate(zip(self.timesteps[:-1], self.timesteps[1:], strict=True)):
-            x, self.step_caches[i] = self.flow.run(
-                "step_chunk", [x, mu, torch.tensor([t0]), torch.tensor(t1 - t0), self.spks, cond, self.step_caches[i], offset, length])
-        return x[..., : r * n]
+            x, *self.step_caches[i] = self.flow.run(
+                "step_chunk", [x, mu, torch.tensor([t0]), torch.tensor(t1 - t0), self.spks, cond, *self.step_caches[i], offset, length])
+        return x[..., max(0, self.prompt_mel.shape[-1] - start) : r * n]
 
     def _vocoder_window(self, start: int, stop: int) -> np.ndarray:
         """Audio of mel frames ``start:stop``. The harmonic source joins the last window's seamlessly:

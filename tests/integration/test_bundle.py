@@ -282,7 +282,7 @@ def test_run_speaks_in_a_cloned_voice_on_the_bundle_as_on_the_checkpoint(bundles
 
     args = ["--audio", str(speech_wav), "--max-new-tokens", "6", "--max-context", str(CONTEXT)]
     bundle = bundles["interactiveomni"].bundle
-    assert "speaker_encoder" in read_manifest(bundle).model["asset_files"]
+    assert {"speaker_encoder", "speech_tokenizer"} <= set(read_manifest(bundle).model["asset_files"])  # the prompt speech path runs too
     runs = {}
     for name, root, extra in (("cloned", bundle, ["--voice", str(voice_wav)]), ("default", bundle, []),
                               ("eager", tiny_dirs["interactiveomni"], ["--voice", str(voice_wav)])):  # fmt: skip

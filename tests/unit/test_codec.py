@@ -11,8 +11,7 @@ import torch
 from omni_export.errors import CheckpointError, ConfigError
 from omni_export.export.checkpoint import load_checkpoint
 from omni_export.export.components.codec import CodecConfig
-from omni_export.export.families import FAMILIES
-from omni_export.export.synthetic import _plan
+from omni_export.export.synthetic import written_layout
 
 
 def _released_codec_names() -> dict[str, tuple[int, ...]]:
@@ -42,9 +41,7 @@ def _released_codec_names() -> dict[str, tuple[int, ...]]:
 
 
 def test_synthetic_writer_and_loader_use_the_released_codec_names():
-    family = FAMILIES.get("vita15")
-    spec = next(s for s in family.specs(family.preset("full")) if s.name == "codec_decoder")
-    written = {p.name: tuple(p.shape) for p in _plan(spec, torch.float32)}
+    written = written_layout("vita15", "codec_decoder")
     released = _released_codec_names()
     assert sorted(set(written) ^ set(released)) == []
     assert written == released

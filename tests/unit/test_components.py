@@ -121,22 +121,27 @@ def test_speech_output_rates(tiny):
     assert codec.shape == (1, 24000)  # 40 codes = 1 s at 24 kHz
 
 
-def test_flow_is_chunk_causal(tiny):
-    """Changing tokens in a later chunk must not change mel of an earlier chunk: the flow streams."""
+@pytest.mark.parametrize("changed_from", [0, 3])
+def test_flow_is_chunk_causal(tiny, changed_from):
+    """Changing tokens past a chunk's three look-ahead tokens must not change that chunk's mel
+    (the flow streams); changing its look-ahead changes it all (the chunk attends within itself)."""
     flow = tiny["interactiveomni"].components["flow"]
-    chunk = flow.cfg.token_chunk
+    chunk, ahead = flow.cfg.token_chunk, flow.cfg.pre_lookahead
     a = torch.randint(0, 6561, (1, 2 * chunk), generator=g)
     b = a.clone()
-    b[0, chunk:] = torch.randint(0, 6561, (chunk,), generator=g)
+    b[0, chunk + changed_from :] = torch.randint(0, 6561, (chunk - changed_from,), generator=g)
     with torch.no_grad():
         ma, mb = flow.encode(a), flow.encode(b)
         frames = chunk * flow.cfg.token_mel_ratio
         noise = torch.randn(ma.shape, generator=g)
-        spk = flow.speaker(flow.default_speaker_embedding[None])
+        spk = flow.speaker(torch.randn(1, flow.cfg.spk_dim, generator=g))
         xa, xb = flow.solve(ma, spk, noise), flow.solve(mb, spk, noise)
-    assert torch.allclose(ma[..., :frames], mb[..., :frames], atol=1e-6)
     assert not torch.allclose(ma[..., frames:], mb[..., frames:])
-    assert torch.allclose(xa[..., :frames], xb[..., :frames], atol=1e-5)
+    if changed_from < ahead:
+        assert (ma[..., :frames] - mb[..., :frames]).abs().amax(dim=1).min() > 1e-6  # every frame of the chunk (fp32 noise: ~1e-8)
+    else:
+        assert torch.allclose(ma[..., :frames], mb[..., :frames], atol=1e-6)
+        assert torch.allclose(xa[..., :frames], xb[..., :frames], atol=1e-5)
 
 
 @pytest.mark.parametrize("front_end,n", [(WhisperLogMel(128), 16000), (KaldiFbank(80), 16000)])

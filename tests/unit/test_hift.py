@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save_file
 from omni_export.errors import CheckpointError
 from omni_export.export.checkpoint import load_checkpoint
 from omni_export.export.components.hift import HiFT, HiFTConfig, istft, stft
-from omni_export.export.families import FAMILIES
-from omni_export.export.synthetic import _plan
+from omni_export.export.synthetic import written_layout
 from omni_export.export.weight_norm import fold
 from omni_export.runtime_py.sampler import frame_noise
 
@@ -57,12 +56,10 @@ def _released_hift_names() -> dict[str, tuple[int, ...]]:
 
 
 def test_synthetic_writer_and_loader_use_the_released_hift_names():
-    family = FAMILIES.get("interactiveomni")
-    spec = next(s for s in family.specs(family.preset("full")) if s.name == "vocoder")
-    written = {p.name.removeprefix("voicelm.hift."): p.shape for p in _plan(spec, torch.bfloat16)}
+    written = written_layout("interactiveomni", "vocoder", strip="voicelm.hift.")
     released = _released_hift_names()
     assert sorted(set(written) ^ set(released)) == []
-    assert {k: tuple(v) for k, v in written.items()} == released
+    assert written == released
     assert sum(math.prod(s) for s in released.values()) == pytest.approx(20.8e6, rel=0.01)  # CosyVoice2's hift: 20.8 M
 
 

@@ -20,6 +20,7 @@ from omni_export.runtime_py.prompt import chat_prompt, next_turn
 from omni_export.runtime_py.sampler import frame_noise
 from omni_export.runtime_py.speech import CosyVoice2Stream, VitaCodecStream
 from omni_export.runtime_py.vad import EnergyVAD
+from omni_export.runtime_py.voice import VoicePrompt
 
 FAMILIES = ("interactiveomni", "vita15")
 QUESTIONS = ("Name three colours.", "And two animals?", "Which one is the largest?")
@@ -131,10 +132,35 @@ def test_streamed_mel_equals_one_flow_solve(tiny, pipes):
     list(st.finish())
     flow = tiny["interactiveomni"].components["flow"]
     assert len(st.tokens) % flow.cfg.token_chunk  # the last chunk was short (padded and masked)
+    assert len(st.tokens) <= flow.cfg.exact_tokens
     with torch.no_grad():
         mu = flow.encode(torch.tensor([st.tokens]))
         mel = flow.solve(mu, st.spks, st.noise[..., : mu.shape[-1]])
     assert torch.allclose(mel, st.mel, atol=1e-4), (mel - st.mel).abs().max()
+
+
+def test_a_voice_prompt_leads_the_flow_and_is_not_spoken(tiny, pipes, monkeypatch):
+    """CosyVoice2's zero-shot flow input: the prompt's speech tokens lead the reply's through the
+    flow and its mel conditions their frames; what is spoken is the reply's frames only, equal to
+    the whole-sequence flow over [prompt, reply] with the prompt mel as condition."""
+    p = pipes["interactiveomni"]
+    g = torch.Generator().manual_seed(4)
+    prompt = VoicePrompt(tuple(torch.randint(0, 6561, (31,), generator=g).tolist()), torch.randn(80, 62, generator=g))
+    monkeypatch.setattr(p, "voice_prompt", prompt)
+    st = CosyVoice2Stream(p, 3)
+    for i in range(20):
+        list(st.push(i, torch.randn(1, 1, p.config["llm"]["hidden_size"], generator=g)))
+    list(st.finish())
+    flow = tiny["interactiveomni"].components["flow"]
+    n = len(st.tokens)
+    assert st.mel.shape[-1] == 2 * n and st.noise.shape[-1] == 2 * (31 + n) and 31 + n <= flow.cfg.exact_tokens
+    with torch.no_grad():
+        mu = flow.encode(torch.tensor([list(prompt.tokens) + st.tokens]))
+        cond = torch.cat([prompt.mel[None], torch.zeros(1, 80, 2 * n)], dim=-1)
+        mel = flow.solve(mu, st.spks, st.noise, cond)
+        unprompted = flow.solve(flow.encode(torch.tensor([st.tokens])), st.spks, st.noise[..., 62:])
+    assert torch.allclose(mel[..., 62:], st.mel, atol=1e-4), (mel[..., 62:] - st.mel).abs().max()
+    assert (unprompted - st.mel).abs().max() > 1e-2  # the prompt changed the speech
 
 
 def long_reply(p, n_text, seed):
@@ -167,7 +193,7 @@ def test_long_speech_costs_the_same_per_chunk_and_matches_the_offline_flow(tiny,
     with torch.no_grad():
         mu = flow.encode(torch.tensor([st.tokens]))
         mel = flow.solve(mu, st.spks, st.noise[..., : mu.shape[-1]])
-    exact = flow.cfg.token_mel_ratio * (window + chunk)
+    exact = flow.cfg.token_mel_ratio * flow.cfg.exact_tokens
     assert torch.allclose(mel[..., :exact], st.mel[..., :exact], atol=1e-4)
     beyond = (mel[..., exact:] - st.mel[..., exact:]).abs().max() / mel.abs().max()
     assert 0 < beyond < 0.05, beyond

@@ -6,8 +6,7 @@ import math
 import torch
 
 from omni_export.export.components.whale import RelPositionAttention, WhaleConfig, WhaleEncoder, abs_positions
-from omni_export.export.families import FAMILIES
-from omni_export.export.synthetic import _plan
+from omni_export.export.synthetic import written_layout
 
 
 def _released_whale_names() -> dict[str, tuple[int, ...]]:
@@ -51,9 +50,7 @@ def _released_whale_names() -> dict[str, tuple[int, ...]]:
 
 
 def test_synthetic_writer_and_loader_use_the_released_whale_names():
-    family = FAMILIES.get("vita15")
-    spec = next(s for s in family.specs(family.preset("full")) if s.name == "audio_encoder")
-    written = {p.name.removeprefix("model.audio_encoder."): tuple(p.shape) for p in _plan(spec, torch.bfloat16)}
+    written = written_layout("vita15", "audio_encoder", strip="model.audio_encoder.")
     released = _released_whale_names()
     assert sorted(set(written) ^ set(released)) == []
     assert written == released

@@ -53,16 +53,20 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention with a boolean 'may attend' mask ([T, S] or broadcastable).
 
     Written as matmul + additive mask + softmax rather than F.scaled_dot_product_attention, whose
     exported decomposition (a 'safe softmax' guarding fully-masked rows with any/eq/logical_not/
     where) splits every attention into pieces a delegate cannot take. Every row here attends at
-    least to itself, so no row is fully masked."""
+    least to itself, so no row is fully masked. ``bias``: scores added before the scale (a
+    relative-position term)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q * scale) @ k.transpose(-1, -2)
+    if bias is not None:
+        scores = scores + bias * scale
     if mask is not None:
         scores = scores + torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_export.export.components.audio_encoder import AudioEncoderComponent
-from omni_export.export.components.layers import merge_heads, split_heads
+from omni_export.export.components.relpos import PositionwiseFeedForward, RelPositionAttention, sincos_rows
 from omni_export.export.trace_specs import F32, Call, MethodSpec, Tensor, dim, dtype_of
 
 
@@ -39,11 +39,9 @@ LN_EPS = 1e-5  # every Whale LayerNorm is torch's default (the release's transfo
 
 
 def abs_positions(length: int, d: int, device: torch.device | None = None) -> torch.Tensor:
-    """The release's RelPositionalEncoding table rows 0..T-1: [T, d], sin at even columns, cos at
-    odd. It reaches attention only through ``linear_pos``."""
-    pos = torch.arange(length, dtype=torch.float32, device=device)[:, None]
-    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32, device=device) * -(math.log(10000.0) / d))
-    return torch.stack([torch.sin(pos * div), torch.cos(pos * div)], dim=-1).reshape(length, d)
+    """The release's RelPositionalEncoding table rows 0..T-1: [T, d]. It reaches attention only
+    through ``linear_pos``."""
+    return sincos_rows(torch.arange(length, device=device), d)
 
 
 class GlobalCMVN(nn.Module):
@@ -80,42 +78,6 @@ class Subsampling(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.core(x)
-
-
-class RelPositionAttention(nn.Module):
-    """The release's relative-position attention with its relative shift turned off:
-    scores = ((q + u) k^T + (q + v) p^T) / sqrt(d_k), p = linear_pos(table rows 0..T-1)."""
-
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads, self.d_k = heads, d // heads
-        self.linear_q = nn.Linear(d, d)
-        self.linear_k = nn.Linear(d, d)
-        self.linear_v = nn.Linear(d, d)
-        self.linear_out = nn.Linear(d, d)
-        self.linear_pos = nn.Linear(d, d, bias=False)
-        self.pos_bias_u = nn.Parameter(torch.zeros(heads, self.d_k))
-        self.pos_bias_v = nn.Parameter(torch.zeros(heads, self.d_k))
-
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        q = split_heads(self.linear_q(x), self.heads)
-        k = split_heads(self.linear_k(x), self.heads)
-        v = split_heads(self.linear_v(x), self.heads)
-        p = split_heads(self.linear_pos(pos)[None], self.heads)  # [1, H, T, dk]
-        ac = (q + self.pos_bias_u[None, :, None, :]) @ k.transpose(-1, -2)
-        bd = (q + self.pos_bias_v[None, :, None, :]) @ p.transpose(-1, -2)
-        attn = torch.softmax((ac + bd) / math.sqrt(self.d_k), dim=-1)
-        return self.linear_out(merge_heads(attn @ v))
-
-
-class PositionwiseFeedForward(nn.Module):
-    def __init__(self, d: int, units: int) -> None:
-        super().__init__()
-        self.w_1 = nn.Linear(d, units)
-        self.w_2 = nn.Linear(units, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_2(F.relu(self.w_1(x)))
 
 
 class WhaleLayer(nn.Module):

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from omni_export.configs import from_dict, to_dict
-from omni_export.errors import ConfigError
+from omni_export.errors import CheckpointError, ConfigError
 from omni_export.export.components.flow import FlowConfig, FlowDecoder
 from omni_export.export.components.frontends import WhisperFrontend
 from omni_export.export.components.hift import F0PredictorConfig, HiFT, HiFTConfig
@@ -42,11 +43,12 @@ from omni_export.export.components.whisper import (
     WhisperAudioEncoder,
     WhisperEncoderConfig,
 )
-from omni_export.export.families.base import ComponentSpec, Family, register
+from omni_export.export.families.base import MAIN_WEIGHTS, ComponentSpec, Family, register
 from omni_export.export.families.common import check_keys, require
 from omni_export.export.speaker_encoder import FILE as SPEAKER_ENCODER
 from omni_export.export.trace_specs import Limits
-from omni_export.export.speaker_encoder import write_speaker_encoder
+from omni_export.export.speaker_encoder import TOKENIZER_FILE as SPEECH_TOKENIZER
+from omni_export.export.speaker_encoder import write_speaker_encoder, write_speech_tokenizer
 
 TOP_KEYS = {
     "architectures", "model_type", "llm_config", "vision_config", "audio_config", "voicelm_config",
@@ -54,6 +56,41 @@ TOP_KEYS = {
     "ps_version", "select_layer", "template", "dynamic_image_size", "torch_dtype", "transformers_version",
     "use_flash_attn", "auto_map",
 }  # fmt: skip
+
+
+SPK2INFO = "spk2info.pt"  # CosyVoice's saved voices: {speaker id: {"embedding": [1, 192], ...}}
+DEFAULT_SPEAKER = "default"
+DEFAULT_SPEAKER_TENSOR = "default_speaker_embedding"
+
+
+def default_voice(path: Path, dim: int) -> np.ndarray:
+    """The voice a reply takes without ``--voice`` (the model card's ``model.default_speaker_embedding``;
+    where the release keeps it is not public): a top-level ``default_speaker_embedding`` tensor in
+    the weights, else the checkpoint's ``spk2info.pt`` (CosyVoice's saved voices) entry named
+    ``default``, else its first; with neither, the zero embedding (the flow's speaker projection
+    then adds only its bias: no speaker)."""
+    from omni_export.export.checkpoint import TensorSource  # it imports the families
+
+    weights = TensorSource(path.parent, MAIN_WEIGHTS)
+    if DEFAULT_SPEAKER_TENSOR in weights.locations:
+        emb = weights.get(DEFAULT_SPEAKER_TENSOR)
+        if emb.numel() != dim:
+            raise CheckpointError(f"{path.parent}: {DEFAULT_SPEAKER_TENSOR} holds {emb.numel()} values, not the flow's {dim}")
+        return emb.detach().float().reshape(dim).numpy()
+    if not path.is_file():
+        return np.zeros(dim, dtype=np.float32)
+    try:
+        info = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for non-tensor payloads, RuntimeError for truncation
+        raise CheckpointError(f"cannot load {path} with torch.load(weights_only=True): {exc}; "
+                              "it must hold {speaker id: {'embedding': tensor}} as CosyVoice saves voices") from None  # fmt: skip
+    entry = info.get(DEFAULT_SPEAKER, next(iter(info.values()), None)) if isinstance(info, dict) else None
+    emb = next((entry[k] for k in ("embedding", "flow_embedding") if k in entry), None) if isinstance(entry, dict) else None
+    if not isinstance(emb, torch.Tensor) or emb.numel() != dim:
+        raise CheckpointError(f"{path}: no speaker entry with an 'embedding' of {dim} values; it must hold "
+                              f"{{speaker id: {{'embedding': tensor [1, {dim}]}}}} as CosyVoice saves voices, "
+                              "or be removed to speak without a default voice")  # fmt: skip
+    return emb.detach().float().reshape(dim).numpy()
 
 
 @dataclass(frozen=True)
@@ -91,8 +128,9 @@ def _preset(size: str) -> InteractiveOmniConfig:
         vision = InternViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=112)
         audio = WhisperEncoderConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64)
         slm = _qwen2(32, 2, 2, 1, 64)
-        flow = FlowConfig(dim=32, encoder_layers=1, encoder_post_layers=1, heads=2, ffn=64, estimator_dim=32,
-                          estimator_layers=2, estimator_heads=2, estimator_ffn=64, n_timesteps=4)
+        flow = FlowConfig(dim=32, encoder_layers=1, up_layers=1, heads=2, ffn=64, estimator_dim=32, estimator_heads=2,
+                          estimator_head_dim=16, estimator_blocks=1, estimator_mid_blocks=1, n_timesteps=4,
+                          estimator_left_chunks=8)
         # Two up-sampling stages (x8, x15) instead of three: the same x480 hop and every kind of
         # block, at about half the operators to lower in each test build.
         hift = HiFTConfig(base_channels=32, upsample_rates=(8, 15), upsample_kernel_sizes=(16, 31), resblock_kernel_sizes=(3,),
@@ -104,8 +142,8 @@ def _preset(size: str) -> InteractiveOmniConfig:
         vision = InternViTConfig(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024)
         audio = WhisperEncoderConfig(d_model=256, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=1024)
         slm = _qwen2(256, 4, 4, 2, 704)
-        flow = FlowConfig(dim=192, encoder_layers=2, encoder_post_layers=2, heads=4, ffn=768, estimator_dim=128,
-                          estimator_layers=4, estimator_heads=4, estimator_ffn=512)
+        flow = FlowConfig(dim=192, encoder_layers=2, up_layers=2, heads=4, ffn=768, estimator_dim=128, estimator_heads=4,
+                          estimator_head_dim=32, estimator_blocks=1, estimator_mid_blocks=2)
         hift = HiFTConfig(base_channels=128, f0_predictor=F0PredictorConfig(cond_channels=128))
         spk_limit = 12
     elif size in ("full", "full-8b"):
@@ -195,8 +233,8 @@ class InteractiveOmni(Family):
                           description="Qwen3 decoder with static KV cache"),
             ComponentSpec("speech_lm", lambda: SpeechLM(v.speech_lm), (("voicelm.llm.", ""),),
                           description="speech-token LM over text-side states"),
-            ComponentSpec("flow", lambda: FlowDecoder(v.flow), (("voicelm.flow.", ""),),
-                          description="chunk-causal flow matching: speech tokens -> mel"),
+            ComponentSpec("flow", lambda: FlowDecoder(v.flow), (("voicelm.flow.", ""),), ignored=(DEFAULT_SPEAKER_TENSOR,),
+                          description="CosyVoice2's causal flow matching: speech tokens -> mel, a chunk at a time"),
             ComponentSpec("vocoder", lambda: HiFT(v.hift), (("voicelm.hift.", ""),),
                           description="HiFT (neural source filter + iSTFT): mel -> 24 kHz"),
         ]  # fmt: skip
@@ -213,27 +251,37 @@ class InteractiveOmni(Family):
             "kind": "cosyvoice2", "speech_vocab": v.speech_lm.speech_vocab, "eos": v.speech_lm.eos, "fill": v.speech_lm.fill,
             "sos_row": SOS, "task_row": TASK, "text_chunk": v.speech_lm.text_chunk, "speech_chunk": v.speech_lm.speech_chunk,
             "max_speech_per_text": v.speech_lm.max_speech_per_text, "token_rate_hz": 25, "token_mel_ratio": v.flow.token_mel_ratio,
-            "flow_chunk_tokens": v.flow.token_chunk, "n_timesteps": v.flow.n_timesteps, "cfg_rate": v.flow.cfg_rate,
+            "flow_chunk_tokens": v.flow.token_chunk, "flow_lookahead": v.flow.pre_lookahead, "n_timesteps": v.flow.n_timesteps, "cfg_rate": v.flow.cfg_rate,
             "mel_bins": v.flow.mel_bins, "vocoder_hop": v.hift.hop, "vocoder_harmonics": v.hift.harmonics,
             "vocoder_window": Limits.vocoder_window, "speaker_dim": v.flow.spk_dim,
-            "flow_caches": {name: list(shape) for name, shape in v.flow.cache_shapes().items()},
+            "flow_caches": {group: {name: list(shape) for name, shape in caches.items()}
+                            for group, caches in v.flow.cache_shapes().items()},
         }  # fmt: skip
         return out
 
     def assets(self, ckpt) -> dict[str, np.ndarray]:
-        return {"default_speaker_embedding": ckpt.components["flow"].default_speaker_embedding.detach().float().numpy()}
+        return {"default_speaker_embedding": default_voice(ckpt.root / SPK2INFO, ckpt.config.voicelm.flow.spk_dim)}
 
     def asset_files(self, ckpt) -> dict[str, Path]:
         from omni_export.runtime_py.voice import SpeakerEncoder
 
-        path = ckpt.root / SPEAKER_ENCODER
-        if not path.is_file():
-            return {}
-        SpeakerEncoder(path, ckpt.config.voicelm.flow.spk_dim)  # refuses a file of another contract, naming it
-        return {"speaker_encoder": path}
+        from omni_export.runtime_py.voice import SpeechTokenizer
+
+        files = {}
+        # each refuses a file of another contract, naming it
+        if (path := ckpt.root / SPEAKER_ENCODER).is_file():
+            SpeakerEncoder(path, ckpt.config.voicelm.flow.spk_dim)
+            files["speaker_encoder"] = path
+        if (path := ckpt.root / SPEECH_TOKENIZER).is_file():
+            SpeechTokenizer(path, ckpt.config.voicelm.flow.vocab)
+            files["speech_tokenizer"] = path
+        return files
 
     def write_side_files(self, cfg: InteractiveOmniConfig, out: Path, gen) -> None:  # type: ignore[no-untyped-def]
-        write_speaker_encoder(out / SPEAKER_ENCODER, gen, dim=cfg.voicelm.flow.spk_dim)
+        dim = cfg.voicelm.flow.spk_dim
+        write_speaker_encoder(out / SPEAKER_ENCODER, gen, dim=dim)
+        write_speech_tokenizer(out / SPEECH_TOKENIZER, gen, codes=cfg.voicelm.flow.vocab)
+        torch.save({DEFAULT_SPEAKER: {"embedding": torch.randn(1, dim, generator=gen)}}, str(out / SPK2INFO))
 
 
 register(InteractiveOmni())
