@@ -10,7 +10,7 @@ Checkpoint layout (InternVL conventions), all in the root safetensors set:
 | audio_model.         | audio_encoder    | encoder.      |
 | audio_projector.     | audio_encoder    | adapter.      |
 | language_model.      | llm              | (Qwen3ForCausalLM names) |
-| voicelm.llm.         | speech_lm        |               |
+| voicelm.llm.         | speech_lm        | (llm.model.model. -> llm.) |
 | voicelm.flow.        | flow             |               |
 | voicelm.hift.        | vocoder          |               |
 
@@ -231,7 +231,10 @@ class InteractiveOmni(Family):
                           (("audio_model.", "encoder."), ("audio_projector.", "adapter.")), description="Whisper encoder + pooling adapter: log-mel -> LLM tokens (25 Hz)"),
             ComponentSpec("llm", lambda: QwenForCausalLM(cfg.llm), (("language_model.", ""),),
                           description="Qwen3 decoder with static KV cache"),
-            ComponentSpec("speech_lm", lambda: SpeechLM(v.speech_lm), (("voicelm.llm.", ""),),
+            # CosyVoice2's Qwen2LM wraps a Qwen2ForCausalLM as llm.model: its layers under
+            # llm.model.model., its text embedding and head unused here (text arrives as states).
+            ComponentSpec("speech_lm", lambda: SpeechLM(v.speech_lm), (("voicelm.llm.llm.model.model.", "llm."), ("voicelm.llm.", "")),
+                          ignored=("voicelm.llm.llm.model.model.embed_tokens.", "voicelm.llm.llm.model.lm_head."),
                           description="speech-token LM over text-side states"),
             ComponentSpec("flow", lambda: FlowDecoder(v.flow), (("voicelm.flow.", ""),), ignored=(DEFAULT_SPEAKER_TENSOR,),
                           description="CosyVoice2's causal flow matching: speech tokens -> mel, a chunk at a time"),
