@@ -24,6 +24,16 @@ def sample(logits: torch.Tensor, top_k: int, generator: torch.Generator | None, 
     return int(idx[choice])
 
 
+def repetition_penalty(logits: torch.Tensor, history: list[int], window: int, penalty: float) -> torch.Tensor:
+    """VITA-1.5's TTS penalty (decoder.py ``infer``): the logit of every distinct id among the last
+    ``window`` of ``history`` divided by ``penalty`` (a division, whatever the logit's sign, as
+    released); ``window`` <= 0: off. Always a copy."""
+    out = logits.clone()
+    for tok in set(history[-window:]) if window > 0 else ():
+        out[..., tok] = out[..., tok] / penalty
+    return out
+
+
 def cosine_timesteps(n: int) -> list[float]:
     """t = 1 - cos(pi/2 * s): CosyVoice's schedule, dense near t = 0 where the flow moves most."""
     return [1.0 - math.cos(0.5 * math.pi * i / n) for i in range(n + 1)]

@@ -28,7 +28,7 @@ import torch
 
 from omni_export.errors import ConfigError, ContextOverflowError
 from omni_export.registry import Registry
-from omni_export.runtime_py.sampler import cosine_timesteps, frame_noise, sample
+from omni_export.runtime_py.sampler import cosine_timesteps, frame_noise, repetition_penalty, sample
 
 if TYPE_CHECKING:
     from omni_export.runtime_py.pipeline import Pipeline
@@ -344,7 +344,7 @@ class VitaCodecStream(SpeechStream):
         codes: list[int] = []
         limit = min(c["max_codec_per_text"] * text_ids.shape[1], ar.free)
         while len(codes) < limit:
-            logits = logits.clone()
+            logits = repetition_penalty(logits, [c["sos"], *codes], c.get("penalty_window", -1), c.get("penalty", 1.0))
             logits[c["bos"] : c["eos"]] = float("-inf")  # bos and sos are never codes (pad: past `allowed`)
             tok = sample(logits, c["top_k"], self.gen, allowed=c["eos"] + 1)
             if tok == c["eos"]:

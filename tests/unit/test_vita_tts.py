@@ -9,6 +9,7 @@ import torch
 from omni_export.errors import ConfigError
 from omni_export.export.checkpoint import load_checkpoint
 from omni_export.export.components.vita_tts import VitaTTSAr, VitaTTSConfig
+from omni_export.runtime_py.sampler import repetition_penalty
 from omni_export.export.families import FAMILIES
 from omni_export.export.synthetic import _plan
 
@@ -93,3 +94,16 @@ def test_the_prefix_attends_both_ways_and_later_steps_see_all_of_it():
         whole = m.ar(both, torch.arange(8), attn_mask=mask)
     assert torch.allclose(cached, full, atol=1e-5) and not torch.allclose(cached, causal, atol=1e-3)
     assert torch.allclose(after, whole[:, 7:], atol=1e-5)
+
+
+def test_repetition_penalty_is_the_releases():
+    """decoder.py's infer: every distinct id of the last window (sos included) has its logit
+    divided by the penalty, negative logits too; the window's default (-1) is off."""
+    logits = torch.tensor([2.0, -1.0, 0.5, 4.0, 1.0])
+    history = [4, 0, 1, 0, 3]
+    got = repetition_penalty(logits, history, 3, 1.25)
+    assert torch.equal(got, torch.tensor([2.0 / 1.25, -1.0 / 1.25, 0.5, 4.0 / 1.25, 1.0]))  # the window: 1, 0, 3
+    assert torch.equal(repetition_penalty(logits, history, 4, 2.0), torch.tensor([1.0, -0.5, 0.5, 2.0, 1.0]))
+    assert torch.equal(repetition_penalty(logits, history, -1, 2.0), logits)
+    cfg = VitaTTSConfig.from_released(VitaTTSConfig(penalty_window=20).to_released(), "model.json")
+    assert (cfg.penalty_window, cfg.penalty) == (20, 1.1) and VitaTTSConfig().penalty_window == -1

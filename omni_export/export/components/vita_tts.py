@@ -46,6 +46,10 @@ class VitaTTSConfig:
     # ours, not the release's: a runtime bound on codec tokens per text token, and the demos' top-k
     max_codec_per_text: int = 12
     top_k: int = 2
+    # the release's repetition penalty (llm2tts.py's defaults: off, 1.1 when a window is given):
+    # logits of the ids among the last ``penalty_window`` generated (sos first) divided by ``penalty``
+    penalty_window: int = -1
+    penalty: float = 1.1
 
     def __post_init__(self) -> None:
         if self.num_blocks < 2 or self.hidden_size % self.num_heads:
@@ -81,7 +85,7 @@ class VitaTTSConfig:
             raise ConfigError(f"{where}: expected the release's [idim, odim, {{...}}] list")
         idim, odim, args = data
         kw: dict[str, Any] = {ours: args[k] for k, ours in _RELEASED_KEYS.items() if k in args}
-        kw.update({k: args[k] for k in ("rope_theta", "max_codec_per_text", "top_k") if k in args})
+        kw.update({k: args[k] for k in ("rope_theta", "max_codec_per_text", "top_k", "penalty_window", "penalty") if k in args})
         cfg = cls(codebook_size=int(odim), **kw)
         if idim != cfg.hidden_size:
             raise ConfigError(f"{where}: idim {idim} must equal transformer_attention_dim {cfg.hidden_size} "
@@ -91,7 +95,8 @@ class VitaTTSConfig:
     def to_released(self) -> list[Any]:
         args: dict[str, Any] = {k: getattr(self, ours) for k, ours in _RELEASED_KEYS.items()}
         args.update(encoder_output_dim=self.hidden_size, rope_theta=self.rope_theta,
-                    max_codec_per_text=self.max_codec_per_text, top_k=self.top_k)  # fmt: skip
+                    max_codec_per_text=self.max_codec_per_text, top_k=self.top_k, penalty_window=self.penalty_window,
+                    penalty=self.penalty)  # fmt: skip
         return [self.hidden_size, self.codebook_size, args]
 
     def stack(self, layers: int) -> QwenConfig:

@@ -181,7 +181,7 @@ class Vita15(Family):
         out["speech"] = {
             "kind": "vita_codec", "codebook_size": t.codebook_size, "pad": t.pad, "bos": t.bos, "sos": t.sos, "eos": t.eos,
             "frames_per_token": t.frames_per_token(ckpt.config.llm.hidden_size),
-            "top_k": t.top_k, "max_codec_per_text": t.max_codec_per_text, "codec_rate_hz": c.sample_rate // c.hop,
+            "top_k": t.top_k, "penalty_window": t.penalty_window, "penalty": t.penalty, "max_codec_per_text": t.max_codec_per_text, "codec_rate_hz": c.sample_rate // c.hop,
             "codec_hop": c.hop, "n_global": c.n_global, "max_segment_text": Limits.max_text_chunk,
         }  # fmt: skip
         return out
