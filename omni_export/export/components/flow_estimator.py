@@ -71,8 +71,11 @@ class Caches:
 
 
 class CausalConv1d(nn.Conv1d):
-    def forward(self, x: torch.Tensor, caches: Caches) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(caches.conv_left(x, self.kernel_size[0] - 1))
+    """A plain conv (its forward a pure function, as the fp16 measurement re-runs layers);
+    ``causal`` puts the left frames in front first."""
+
+    def causal(self, x: torch.Tensor, caches: Caches) -> torch.Tensor:
+        return self(caches.conv_left(x, self.kernel_size[0] - 1))
 
 
 class CausalBlock1D(nn.Module):
@@ -82,7 +85,7 @@ class CausalBlock1D(nn.Module):
 
     def forward(self, x: torch.Tensor, caches: Caches) -> torch.Tensor:
         conv, *rest = self.block
-        x = conv(x, caches)
+        x = conv.causal(x, caches)
         for m in rest:
             x = m(x)
         return x
@@ -208,10 +211,10 @@ class CausalConditionalDecoder(nn.Module):
 
         (down,), (up,) = self.down_blocks, self.up_blocks
         skip = level(down, h)
-        h = down[2](skip, caches)
+        h = down[2].causal(skip, caches)
         for mid in self.mid_blocks:
             h = level(mid, h)
-        h = up[2](level(up, torch.cat([h, skip], dim=1)), caches)
+        h = up[2].causal(level(up, torch.cat([h, skip], dim=1)), caches)
         return self.final_proj(self.final_block(h, caches))
 
     def forward_chunk(self, x, mu, t, spks, cond, attn, conv, offset, length):  # type: ignore[no-untyped-def]
