@@ -179,6 +179,7 @@ def mixed_recipe(tiny_dirs, tmp_path_factory):
     return proposal
 
 
+@pytest.mark.slow  # its own tiny int4 build, minutes: the default run holds its budget (run with -m slow)
 def test_a_written_recipe_builds_on_onnxruntime(tiny_dirs, mixed_recipe, tmp_path):
     """The documented path: quant-report --write-recipe mixed.toml, then --quant mixed.toml (the
     recipe travels as an object; its name, int4-mixed, is never looked up as a preset)."""

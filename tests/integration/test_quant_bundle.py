@@ -93,6 +93,7 @@ def _strict_plan(tiny_dirs, cosine):  # type: ignore[no-untyped-def]
     return replace(plan, profile=replace(plan.profile, parity={**plan.profile.parity, "int4": ParityThreshold(cosine, 0.8, 0.2)}))
 
 
+@pytest.mark.slow  # its own tiny int4 build, minutes: the default run holds its budget (run with -m slow)
 def test_a_component_that_misses_its_int4_gate_is_promoted_until_it_passes(tiny_dirs, tmp_path):
     """A gate stricter than the int4 default (cosine 0.995; at int4 the tiny LLM reaches 0.9916
     and the speech LM 0.9949 against the fp16 reference): the first build misses it, the

@@ -110,6 +110,7 @@ def test_a_type_tensorrt_refuses_is_named_with_what_it_takes():
     assert len(found) == 1 and "(Clip)" in found[0] and "is INT64" in found[0] and "it takes FP32, FP16, BF16" in found[0]
 
 
+@pytest.mark.slow  # its own tiny int4 build, minutes: the default run holds its budget (run with -m slow)
 def test_int4_integers_in_the_tensorrt_graphs_equal_the_quant_result_and_the_pte(quant_bundles, tiny_dirs, tmp_path, holds_exactly,
                                                                                  quant_result_of):  # fmt: skip
     """The int4 preset on TensorRT uses blocks of 64 (TensorRT's blocks are 64 or 128): every
