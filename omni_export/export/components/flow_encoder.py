@@ -13,6 +13,7 @@ fits in the window plus one chunk."""
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +33,13 @@ def window_mask(chunk: int, window: int, offset: torch.Tensor, length: torch.Ten
     filled = torch.arange(window, device=offset.device) + offset >= window
     real = torch.arange(chunk, device=offset.device) < length
     return torch.cat([filled, real])[None, :].expand(chunk, window + chunk)
+
+
+def with_left(x: torch.Tensor, past: torch.Tensor | None, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal conv's input: x [B, C, T] with ``frames`` left frames in front (the last chunk's,
+    or zeros at the start) -> (that input, its last ``frames`` frames: the next chunk's left)."""
+    x = torch.cat([x.new_zeros(x.shape[0], x.shape[1], frames) if past is None else past, x], dim=-1)
+    return x, x[..., x.shape[-1] - frames :]
 
 
 class Embed(nn.Module):
@@ -57,10 +65,7 @@ class PreLookaheadLayer(nn.Module):
     def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T + lookahead, d] (the look-ahead positions zero at the end of speech) -> (out
         [B, T, d], conv2's left frames for the next chunk). ``past``: those of the last chunk."""
-        h = F.leaky_relu(self.conv1(x.transpose(1, 2)))
-        left = h.new_zeros(h.shape[0], h.shape[1], LOOKAHEAD_CONV2 - 1) if past is None else past
-        h = torch.cat([left, h], dim=-1)
-        nxt = h[..., h.shape[-1] - (LOOKAHEAD_CONV2 - 1) :]
+        h, nxt = with_left(F.leaky_relu(self.conv1(x.transpose(1, 2))), past, LOOKAHEAD_CONV2 - 1)
         return self.conv2(h).transpose(1, 2) + x[:, : x.shape[1] - self.lookahead], nxt
 
 
@@ -86,10 +91,8 @@ class Upsample1D(nn.Module):
 
     def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, d] -> ([B, stride T, d], the conv's left frames for the next chunk)."""
-        h = x.repeat_interleave(self.stride, dim=1).transpose(1, 2)
-        left = h.new_zeros(h.shape[0], h.shape[1], UP_CONV_KERNEL - 1) if past is None else past
-        h = torch.cat([left, h], dim=-1)
-        return self.conv(h).transpose(1, 2), h[..., h.shape[-1] - (UP_CONV_KERNEL - 1) :]
+        h, nxt = with_left(x.repeat_interleave(self.stride, dim=1).transpose(1, 2), past, UP_CONV_KERNEL - 1)
+        return self.conv(h).transpose(1, 2), nxt
 
 
 class UpsampleConformerEncoder(nn.Module):

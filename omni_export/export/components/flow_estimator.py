@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni_export.export.components.flow_encoder import window_mask
+from omni_export.export.components.flow_encoder import window_mask, with_left
 from omni_export.export.components.layers import chunk_causal_mask, merge_heads, sdpa, sinusoidal_embedding, split_heads
 
 CONV_KERNEL = 3  # every causal conv of the estimator
@@ -51,12 +51,10 @@ class Caches:
 
     def conv_left(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         """x [B, C, T] with its ``frames`` left frames in front."""
-        if self.conv is None:
-            x = F.pad(x, (frames, 0))
-        else:
-            x = torch.cat([self.conv[:, self.c : self.c + x.shape[1]], x], dim=-1)
-            self.c += x.shape[1]
-        self.new_conv.append(x[..., x.shape[-1] - frames :])
+        past = None if self.conv is None else self.conv[:, self.c : self.c + x.shape[1]]
+        self.c += x.shape[1]
+        x, nxt = with_left(x, past, frames)
+        self.new_conv.append(nxt)
         return x
 
     def window(self) -> torch.Tensor | None:
