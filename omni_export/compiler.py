@@ -91,16 +91,17 @@ class BuildResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _quant_summary(linears: dict[str, QTensor], tables: dict[str, QTensor], activation: str) -> QuantSummary | None:
+def _quant_summary(linears: dict[str, QTensor], tables: dict[str, QTensor], activation: str, heads: dict[str, str],
+                   once: bool) -> QuantSummary | None:  # fmt: skip
     if not linears and not tables:
         return None
     kinds: dict[str, int] = {}
     for t in linears.values():
         key = f"int{t.config.bits} {f'g{t.config.group_size}' if t.config.group_size else 'per-channel'} {t.config.method}"
         kinds[key] = kinds.get(key, 0) + 1
-    return QuantSummary(len(linears), kinds, activation, sum(t.nbytes() for t in linears.values()),
+    return QuantSummary(len(linears), kinds, activation, sum(t.nbytes() for p, t in linears.items() if not (once and p in heads)),
                         {p: embedding_kind(t.config) for p, t in tables.items()},
-                        sum(t.nbytes() for t in tables.values()))  # fmt: skip
+                        sum(t.nbytes() for t in tables.values()), heads, once and bool(heads))  # fmt: skip
 
 
 def _versions(backend: str) -> dict[str, str]:
@@ -190,13 +191,17 @@ def build_bundle(
             tables, qlinears = split_tables(module, qtensors)
             plan_ = target.precision_plan(module, lambda m=module: replay(m, limits, script, CALLS_PER_METHOD), set(qtensors))
             t["precision_s"] = time.perf_counter() - t0 - t["golden_s"]
-            swap_tables(module, tables)
+            # tied heads quantized as their table: head path -> table path
+            tied = {h: table[len(name) + 1:] for h in qlinears if quant and (table := quant.shares(f"{name}.{h}"))}
+            swap_tables(module, tables, {table: h for h, table in tied.items()})
             if qlinears:
                 target.encode(module, qlinears, quant.floats_for(name))  # type: ignore[union-attr]
             step(name, "tracing")
             t0 = time.perf_counter()
+            # An fp32 component keeps an fp32 cache: its gate is the fp32 reference's, exactly.
+            kv_profile = profile if classes[name] != "fp32" else None
             with target.trace_context(module, limits, plan_):
-                traced = trace_component(name, module, limits, target.kv_mode_for(module))
+                traced = trace_component(name, module, limits, target.kv_mode_for(module, kv_profile))
             t["trace_s"] = time.perf_counter() - t0
             step(name, f"lowering ({target.name})")
             artifact = target.lower(traced, profile, tmp, meta, qlinears)
@@ -206,7 +211,7 @@ def build_bundle(
             entry = ComponentEntry(
                 backend=artifact.backend, files=artifact.files, methods=_methods(traced, artifact, script, flops),
                 role=role_of(module).value, precision=classes[name], golden=golden, parity_backend=target.parity_backend or "",
-                description=spec.description, kv_cache=traced.kv, quant=_quant_summary(qlinears, tables, target.quant_activation),
+                description=spec.description, kv_cache=traced.kv, quant=_quant_summary(qlinears, tables, target.quant_activation, tied, not target.no_shared_head),
                 delegation=artifact.delegation,
             )  # fmt: skip
             components[name] = entry

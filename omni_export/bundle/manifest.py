@@ -116,6 +116,10 @@ class QuantSummary:
     # Quantized embedding tables: module path -> how each is stored ("int8 per row"), and their bytes.
     tables: dict[str, str] = field(default_factory=dict)
     table_bytes: int = 0
+    # Tied heads quantized as their table: head path -> table path; ``stored_once`` where the
+    # artifact keeps those codes once for both (then weight_bytes leaves the head out).
+    tied_heads: dict[str, str] = field(default_factory=dict)
+    stored_once: bool = False
 
 
 @dataclass(frozen=True)

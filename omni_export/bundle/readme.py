@@ -26,12 +26,15 @@ def _kv_component(m: Manifest) -> tuple[str, ComponentEntry] | None:
 
 @LOADING.decorator("executorch")
 def _executorch(m: Manifest, root: Path | None = None) -> list[str]:
+    llm = m.components.get("llm")
+    data = next((f for f in llm.files if f.endswith(".ptd")), None) if llm else None
     return [
         "## Loading (ExecuTorch)",
         "",
         "```python",
         "from executorch.runtime import Runtime",
-        "program = Runtime.get().load_program('artifacts/llm.pte')",
+        f"program = Runtime.get().load_program('artifacts/llm.pte'{f', data_path={data!r}' if data else ''})",
+        *(["# its weights are in the .ptd beside it (the tied head and the embedding table share one copy)"] if data else []),
         "# Load every method before running any: prefill and decode share the KV cache (mutable buffers).",
         "methods = {n: program.load_method(n) for n in program.method_names}",
         "methods['reset_cache'].execute([])  # planned memory starts undefined: zero the cache first",
@@ -200,6 +203,13 @@ def _coreml(m: Manifest, root: Path | None = None) -> list[str]:
     ]
 
 
+def _tied(q, table: str) -> str:  # type: ignore[no-untyped-def]
+    heads = [h for h, t in q.tied_heads.items() if t == table]
+    if not heads:
+        return "none (or its own codes, as the recipe's linears)"
+    return f"`{heads[0]}` reads the same codes: " + ("stored once" if q.stored_once else "a second copy (this target cannot share it)")
+
+
 def render(manifest: Manifest, parity: list[dict[str, Any]], root: Path | None = None) -> str:
     m = manifest
     lines = [
@@ -247,12 +257,11 @@ def render(manifest: Manifest, parity: list[dict[str, Any]], root: Path | None =
             kinds = ", ".join(f"{k} x{v}" for k, v in q.kinds.items())
             lines.append(f"| {n} | {m.components[n].precision} | {q.linears} | {kinds} | {q.weight_bytes / 1e6:.2f} MB | {q.activations} |")
         lines.append("")
-        tables = [(n, path, kind) for n, q in quantized.items() for path, kind in q.tables.items()]
+        tables = [(n, path, kind, _tied(q, path)) for n, q in quantized.items() for path, kind in q.tables.items()]
         if tables:
-            lines += ["Embedding tables are stored quantized: a call gathers its token rows and scales only those "
-                      "(a tied LM head keeps its own copy, as the recipe's linears).", "",
-                      "| component | table | stored as |", "| --- | --- | --- |",
-                      *(f"| {n} | `{path}` | {kind} |" for n, path, kind in tables), ""]  # fmt: skip
+            lines += ["Embedding tables are stored quantized: a call gathers its token rows and scales only those.", "",
+                      "| component | table | stored as | tied head |", "| --- | --- | --- | --- |",
+                      *(f"| {n} | `{path}` | {kind} | {tied} |" for n, path, kind, tied in tables), ""]  # fmt: skip
     lines += ["## I/O contract", ""]
     for name, c in m.components.items():
         lines += [f"### {name}", ""]

@@ -36,6 +36,13 @@ DEFAULT_PARITY = {
 class ExecuTorchSettings:
     delegates: tuple[str, ...] = ("xnnpack",)
     threads: int = 4
+    # The KV cache's element type inside the program: fp16 where the device's cores do fp16
+    # arithmetic (ARM), half the memory; fp32 elsewhere (x86 runs the fp16 attention kernel slower).
+    kv_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.kv_dtype not in ("fp32", "fp16"):
+            raise ProfileError(f"[executorch] kv_dtype must be fp32 or fp16, got {self.kv_dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from omni_export.export.components.kv import kv_stacks
 from omni_export.export.families import ComponentSpec, Family
 from omni_export.export.trace_specs import Limits
 from omni_export.profiles import Profile
-from omni_export.quantize.engine import config_of, untie_heads, weight_roles
+from omni_export.quantize.engine import config_of, tied_pairs, untie_heads, weight_roles
 from omni_export.quantize.recipe import QuantConfig, QuantRecipe, embedding_kind
 
 GB = 1e9
@@ -91,18 +91,26 @@ def _describe(cfgs: set[QuantConfig | None], float_name: str) -> str:
     return " / ".join(names)
 
 
-def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe) -> ComponentMemory:
+def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe, share_tied: bool = False) -> ComponentMemory:
     """Bytes as the build stores them: linears by the recipe's rules, the decoders' embedding
-    tables by its ``embeddings`` config (float when it has none)."""
+    tables by its ``embeddings`` config (float when it has none); a tied head quantized as its
+    table takes the table's config, and no bytes of its own where the target shares them."""
     fb = _float_bytes(recipe)
     role = role_of(module).value
+    tied = tied_pairs({spec.name: module}, recipe)
     total, params, used, tables = 0.0, 0, set(), set()
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         path, _, leaf = name.rpartition(".")
         owner = module.get_submodule(path) if path else module
         weight = leaf == "weight" and t.ndim == 2 and isinstance(owner, (nn.Linear, nn.Embedding))
+        fqn = f"{spec.name}.{path}"
+        if weight and fqn in tied:
+            if not share_tied:
+                total += t.numel() * recipe.embeddings.bytes_per_weight(t.shape[1])  # type: ignore[union-attr]
+            params += t.numel()
+            continue
         # rules match module paths (what the quantizer checks), not parameter names
-        cfg = config_of(recipe, f"{spec.name}.{path}", role, owner) if weight else None
+        cfg = config_of(recipe, fqn, role, owner) if weight else None
         if isinstance(owner, nn.Linear) and weight:
             used.add(cfg)
         elif cfg is not None:
@@ -159,7 +167,10 @@ def check_context(context: int | None, what: str = "--context") -> None:
         raise ConfigError(f"{what} must be a positive number of tokens, got {context!r}; leave it out for the profile's own")
 
 
-def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, specs: Sequence[ComponentSpec] | None = None) -> MemoryPlan:
+def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, specs: Sequence[ComponentSpec] | None = None,
+                share_tied: bool = False, kv_elem: int | None = None) -> MemoryPlan:  # fmt: skip
+    """``kv_elem``: bytes per KV cache element where the target holds the cache in a type of its
+    own (ExecuTorch's fp16 cache); else the float type's."""
     check_context(context)
     specs = list(specs or family.specs(cfg))
     modules = {s.name: meta_build(s) for s in specs}
@@ -168,8 +179,8 @@ def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, spe
     # the same (module path, role) pairs the quantizer checks, so a plan refuses exactly what a build would
     recipe.check_matches(weight_roles(modules).items())
     elem = _float_bytes(recipe)
-    comps = tuple(component_memory(s, modules[s.name], recipe) for s in specs)
-    kv = sum(_kv_bytes(modules[s.name], context, elem) for s in specs)
+    comps = tuple(component_memory(s, modules[s.name], recipe, share_tied) for s in specs)
+    kv = sum(_kv_bytes(modules[s.name], context, kv_elem or elem) for s in specs)
     stream = elem * sum(component(modules[s.name]).stream_state_elements() for s in specs)
     act = activation_estimate(family, cfg, modules, context, elem)
     return MemoryPlan(recipe.name, context, comps, kv, act, RUNTIME_OVERHEAD, recipe.float_dtype, stream)
@@ -184,11 +195,15 @@ def fit_check(profile: Profile, family: Family, cfg: Any, recipe: QuantRecipe, c
     # Counted as the target stores it: a preset as the target adapts it (TensorRT's int4 blocks),
     # and a target whose float class is fp32 (ONNX Runtime's CPU provider, ExecuTorch's XNNPACK
     # here) keeps the recipe's float tensors and the KV cache in fp32.
+    share = False
     if profile.target in TARGETS:
         target = TARGETS.get(profile.target)
         recipe, _ = recipe_for_target(target, recipe, {s.name: meta_build(s) for s in family.specs(cfg)})
         recipe = replace(recipe, float_dtype=target.float_class)
-    plan = memory_plan(family, cfg, recipe, context or profile.max_context)
+        share = not target.no_shared_head
+    # ExecuTorch's fp16 cache is for quantized stacks (an fp32 one keeps its gate's fp32 cache)
+    kv16 = profile.target == "executorch" and profile.executorch is not None and profile.executorch.kv_dtype == "fp16" and not recipe.is_float
+    plan = memory_plan(family, cfg, recipe, context or profile.max_context, share_tied=share, kv_elem=2 if kv16 else None)
     if profile.tensorrt is not None:
         plan = replace(plan, overhead_bytes=plan.overhead_bytes + (profile.tensorrt.workspace_mb << 20))
     return FitResult(profile, plan)

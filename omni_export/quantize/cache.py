@@ -24,7 +24,7 @@ def cache_key(ckpt: Any, fingerprint: str, recipe: QuantRecipe, samples: int) ->
     h = hashlib.sha256()
     mtimes = sorted((p.name, p.stat().st_mtime_ns) for p in Path(ckpt.root).rglob("*") if p.is_file())
     payload = {"fingerprint": fingerprint, "mtimes": mtimes, "rules": [asdict(r) for r in recipe.rules],
-               "embeddings": asdict(recipe.embeddings) if recipe.embeddings else None,
+               "embeddings": asdict(recipe.embeddings) if recipe.embeddings else None, "tied_head": recipe.tied_head,
                "samples": samples, "version": ALGORITHM_VERSION}  # fmt: skip
     h.update(json.dumps(payload, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]

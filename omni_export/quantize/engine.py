@@ -56,6 +56,28 @@ def untie_heads(components: dict[str, nn.Module]) -> None:
             module.untie_head()
 
 
+def tied_pairs(components: dict[str, nn.Module], recipe: QuantRecipe) -> dict[str, str]:
+    """Heads the recipe quantizes as their tied table (``tied_head = "table"``, the table
+    quantized): head fqn -> table fqn. They get the table's codes and scales, one set."""
+    if recipe.tied_head != "table" or recipe.embeddings is None:
+        return {}
+    out = {}
+    for cname, module in components.items():
+        if isinstance(module, QwenForCausalLM) and module.cfg.tie_word_embeddings and recipe.embedding_config(role_of(module).value):
+            out[f"{cname}.lm_head"] = f"{cname}.model.embed_tokens"
+    return out
+
+
+def shared_heads(components: dict[str, nn.Module], configs: dict[str, QuantConfig]) -> dict[str, str]:
+    """Of a plan's tied heads, those quantized as their table (the same config object)."""
+    out = {}
+    for cname, module in components.items():
+        head, table = f"{cname}.lm_head", f"{cname}.model.embed_tokens"
+        if isinstance(module, QwenForCausalLM) and module.cfg.tie_word_embeddings and table in configs and configs.get(head) == configs[table]:
+            out[head] = table
+    return out
+
+
 def config_of(recipe: QuantRecipe, fqn: str, role: str | None, module: nn.Module) -> QuantConfig | None:
     """What the recipe does to one weighted module: linears by its rules, decoders' embedding
     tables by its ``embeddings`` config; anything else stays float."""
@@ -97,6 +119,8 @@ def plan(components: dict[str, nn.Module], recipe: QuantRecipe) -> dict[str, Qua
             f"recipe {recipe.name!r}: group size does not divide the input width of {', '.join(bad[:5])}"
             f"{' ...' if len(bad) > 5 else ''}; choose a group size that divides it or 0 (per channel)"
         )
+    for head, table in tied_pairs(components, recipe).items():
+        chosen[head] = chosen[table]
     return chosen
 
 
@@ -175,6 +199,7 @@ def quantize_components(
 ) -> QuantResult:
     start = time.perf_counter()
     cfgs = plan(components, recipe)
+    tied = tied_pairs(components, recipe)
     result = QuantResult(recipe.name, fingerprint)
     report = progress or (lambda what, done, total: None)
     # Calibrated methods need data, and so do quantized activations (their static scales).
@@ -192,7 +217,11 @@ def quantize_components(
         for path, cfg in tables.items():  # round to nearest, one row (or group of a row) at a time
             qt, info = _quantize_one(module.get_submodule(path).weight.detach().float(), cfg, None)
             result.tensors[f"{cname}.{path}"], result.layers[f"{cname}.{path}"] = qt, {**info, "embedding": True}
-        rest = {p: c for p, c in mine.items() if p not in done and p not in tables}
+        shared = {h[len(cname) + 1:]: t for h, t in tied.items() if h.startswith(cname + ".")}
+        for head, table in shared.items():  # the table's codes and scales, the very same tensors
+            result.tensors[f"{cname}.{head}"] = result.tensors[table]
+            result.layers[f"{cname}.{head}"] = {**result.layers[table], "embedding": False, "shares": table}
+        rest = {p: c for p, c in mine.items() if p not in done and p not in tables and p not in shared}
         linears = {p: module.get_submodule(p) for p in rest}
         with torch.no_grad(), watching(linears, rest) as stats:
             for call in calib.calls:

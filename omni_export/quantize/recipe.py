@@ -59,6 +59,7 @@ def embedding_kind(cfg: QuantConfig) -> str:
 
 ROLES = ("frontend", "encoder", "decoder", "acoustic", "vocoder")
 EMBEDDING_ROLES = ("decoder",)  # the stacks that gather token rows
+TIED_HEAD = ("table", "own")
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,15 @@ class QuantRecipe:
     # one). Rules match linears only: a table is gathered a row at a time, so it takes a config
     # of its own (8-bit per row, or 4-bit in groups along the row), rounded to nearest.
     embeddings: QuantConfig | None = None
+    # A head tied to a quantized table: "table" quantizes it as the table (one set of codes, which
+    # a target that can share stores once); "own" gives it its own codes under the linear rules.
+    tied_head: str = "table"
 
     def __post_init__(self) -> None:
         if self.float_dtype not in ("fp16", "fp32", "bf16"):
             raise ConfigError(f"float_dtype must be fp16, fp32 or bf16, got {self.float_dtype!r}")
+        if self.tied_head not in TIED_HEAD:
+            raise ConfigError(f"recipe {self.name!r}: tied_head must be one of {list(TIED_HEAD)}, got {self.tied_head!r}")
         e = self.embeddings
         if e is not None and (e.method != Method.RTN.value or e.activation != Activation.NONE.value):
             raise ConfigError(f"recipe {self.name!r}: embeddings are quantized round-to-nearest, weight-only "
@@ -131,13 +137,15 @@ def recipe_toml(recipe: QuantRecipe) -> str:
     data: dict = {"name": recipe.name, "float_dtype": recipe.float_dtype, "rules": rules}
     if recipe.embeddings is not None:
         data["embeddings"] = asdict(recipe.embeddings)
+        data["tied_head"] = recipe.tied_head
     return tomli_w.dumps(data)
 
 
 def load_recipe_toml(path: Path) -> QuantRecipe:
     """TOML: ``name``, ``float_dtype``, ``[[rules]] pattern = ... roles = [...] bits = ... group_size = ...``
     (or ``float = true``); a rule needs a pattern, roles, or both. ``[embeddings] bits = 8`` (per
-    row) or ``bits = 4, group_size = 32`` quantizes the decoders' embedding tables."""
+    row) or ``bits = 4, group_size = 32`` quantizes the decoders' embedding tables; ``tied_head =
+    "table"`` (the default) or ``"own"`` says how a head tied to such a table is quantized."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -156,14 +164,15 @@ def load_recipe_toml(path: Path) -> QuantRecipe:
         rules.append(QuantRule(pattern if pattern is not None else ".", cfg, tuple(roles)))
     if not rules:
         raise ConfigError(f"{path}: a recipe needs at least one [[rules]] entry")
-    extra = set(data) - {"name", "rules", "float_dtype", "embeddings"}
+    extra = set(data) - {"name", "rules", "float_dtype", "embeddings", "tied_head"}
     if extra:
         raise ConfigError(f"{path}: unknown key(s) {sorted(extra)}")
     emb = data.get("embeddings")
     if emb is not None and not isinstance(emb, dict):
         raise ConfigError(f"{path}: [embeddings] must be a table such as 'bits = 8' (per row) or 'bits = 4' with 'group_size = 32'")
     embeddings = from_dict(QuantConfig, emb, where=f"{path}: [embeddings]") if emb is not None else None
-    return QuantRecipe(data.get("name", Path(path).stem), tuple(rules), data.get("float_dtype", "fp16"), embeddings)
+    return QuantRecipe(data.get("name", Path(path).stem), tuple(rules), data.get("float_dtype", "fp16"), embeddings,
+                       data.get("tied_head", "table"))
 
 
 # -- precision classes -----------------------------------------------------------------------------

@@ -78,6 +78,10 @@ class QuantResult:
     def floats_for(self, component: str) -> dict[str, torch.Tensor]:
         return _under(self.floats, component)
 
+    def shares(self, name: str) -> str | None:
+        """The table whose codes and scales the tied head ``name`` holds (None: its own)."""
+        return self.layers.get(name, {}).get("shares")
+
     # -- storage ---------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         directory = Path(directory)
@@ -92,6 +96,8 @@ class QuantResult:
         meta: dict[str, Any] = {"recipe": self.recipe, "source_fingerprint": self.source_fingerprint,
                                 "seconds": self.seconds, "layers": self.layers, "tensors": {}}  # fmt: skip
         for name, t in self.tensors.items():
+            if self.shares(name):  # a tied head holding its table's tensors: written once, as the table
+                continue
             blobs[f"{name}::q"], blobs[f"{name}::scale"], blobs[f"{name}::zero"] = t.q, t.scale, t.zero
             if t.act_scale is not None:
                 blobs[f"{name}::act_scale"] = t.act_scale.reshape(1)
@@ -113,6 +119,7 @@ class QuantResult:
                               blobs[f"{name}::act_scale"].reshape(()) if f"{name}::act_scale" in blobs else None)
                 for name, cfg in meta["tensors"].items()
             }
+            tensors.update({name: tensors[info["shares"]] for name, info in meta["layers"].items() if info.get("shares")})
         except Exception as exc:  # safetensors' own error type, JSON, missing keys: all mean "re-run"
             raise QuantCacheError(f"cached quantization at {directory} is unreadable ({exc}); delete that directory and run again") from None
         floats = {k[: -len("::float")]: v for k, v in blobs.items() if k.endswith("::float")}

@@ -23,7 +23,7 @@ from torch import nn
 from omni_export.export.components.qwen import QwenForCausalLM
 from omni_export.profiles import ParityThreshold
 from omni_export.quantize.calibrate import Sources, calibration_for
-from omni_export.quantize.engine import component_classes, is_table, plan
+from omni_export.quantize.engine import component_classes, is_table, plan, shared_heads
 from omni_export.quantize.presets import W4G32, W8
 from omni_export.quantize.recipe import Method, QuantConfig, QuantRecipe, QuantRule
 from omni_export.quantize.rtn import rtn
@@ -122,6 +122,7 @@ def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: An
     step = progress or (lambda what, i, n: None)
     sources = Sources(components, tokenizer)
     reports = []
+    tied = shared_heads(components, cfgs)
     for cname, module in components.items():
         mine = {f[len(cname) + 1:]: _rtn_cfg(c) for f, c in cfgs.items() if f.startswith(cname + ".")}
         if not mine or (only is not None and cname not in only):
@@ -138,8 +139,9 @@ def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: An
         with torch.no_grad():
             ref = evaluate()
         # Embedding tables count in the whole recipe's damage but are not candidates: they are
-        # 8-bit already, and the promotion rules this feeds match linears.
-        ranked = {p: c for p, c in mine.items() if not is_table(module, p)}
+        # 8-bit already, and the promotion rules this feeds match linears; nor is a head that
+        # holds its table's codes (a rule for it would change nothing).
+        ranked = {p: c for p, c in mine.items() if not is_table(module, p) and f"{cname}.{p}" not in tied}
         layers = []
         for i, (p, c) in enumerate(ranked.items()):
             step(f"{cname} layers", i + 1, len(ranked))

@@ -113,13 +113,16 @@ class Target(ABC):
     # Why quantized embedding tables (targets/tables.py: integer rows gathered, then scaled) are
     # not lowered here; empty where they are.
     no_tables: ClassVar[str] = ""
+    # Why a tied head cannot read its quantized table's codes from one stored copy here; empty
+    # where it can (a preset then quantizes the head as the table: ``tied_head = "table"``).
+    no_shared_head: ClassVar[str] = "its quantized linears and its gathers keep separate copies of their weights"
 
     def supports(self, traced: TracedComponent) -> bool:
         return True
 
-    def kv_mode_for(self, module: nn.Module) -> str:
-        """The KV mode ``module``'s stacks are traced in: the target's, unless a target has a
-        reason to hold one component's caches otherwise."""
+    def kv_mode_for(self, module: nn.Module, profile: Profile | None = None) -> str:
+        """The KV mode ``module``'s stacks are traced in for ``profile``: the target's, unless a
+        target has a reason to hold one component's caches otherwise."""
         return self.kv_mode
 
     def adapt_recipe(self, recipe: QuantRecipe, components: dict[str, nn.Module]) -> tuple[QuantRecipe, list[str]]:
@@ -170,6 +173,7 @@ TARGETS: Registry[Target] = Registry("target")
 def recipe_for_target(target: Target, recipe: QuantRecipe, components: dict[str, nn.Module]) -> tuple[QuantRecipe, list[str]]:
     """A named preset as ``target`` encodes it (``Target.adapt_recipe``); a recipe the user wrote
     is returned as it is."""
+    from omni_export.quantize.engine import tied_pairs
     from omni_export.quantize.presets import PRESETS
 
     if recipe.name in PRESETS and PRESETS.get(recipe.name) == recipe:
@@ -177,6 +181,10 @@ def recipe_for_target(target: Target, recipe: QuantRecipe, components: dict[str,
         if target.no_tables and recipe.embeddings is not None:
             recipe = replace(recipe, embeddings=None)
             notes.append(f"{target.name}: embedding tables stay float ({target.no_tables})")
+        if target.no_shared_head and recipe.tied_head == "table" and tied_pairs(components, recipe):
+            # two copies either way: the head keeps the smaller codes of the linear rules
+            recipe = replace(recipe, tied_head="own")
+            notes.append(f"{target.name}: a tied head is quantized as a linear of its own, a second copy of the table ({target.no_shared_head})")
         recipe, more = target.adapt_recipe(recipe, components)
         return recipe, notes + more
     return recipe, []
@@ -185,7 +193,7 @@ def recipe_for_target(target: Target, recipe: QuantRecipe, components: dict[str,
 def check_plan(target: Target, components: dict[str, nn.Module], configs: dict[str, QuantConfig], profile: Profile | None = None) -> list[str]:
     """``Target.check_quant`` on the plan's linears; its embedding tables are checked here, the
     same on every target (one form lowers them all). Refuses before any work; returns notes."""
-    from omni_export.quantize.engine import is_embedding
+    from omni_export.quantize.engine import is_embedding, shared_heads
     from omni_export.quantize.recipe import embedding_kind
 
     tables = {f: c for f, c in configs.items() if is_embedding(components, f)}
@@ -198,6 +206,10 @@ def check_plan(target: Target, components: dict[str, nn.Module], configs: dict[s
         kinds = sorted({embedding_kind(c) for c in tables.values()})
         notes.append(f"{target.name}: {len(tables)} embedding table(s) stored {' / '.join(kinds)}; a call gathers its rows "
                      f"and scales only those")  # fmt: skip
+    for head, table in shared_heads(components, configs).items():
+        where = (f"stored twice: {target.no_shared_head}" if target.no_shared_head
+                 else "stored once, read by the gather and by the head's quantized linear")  # fmt: skip
+        notes.append(f"{target.name}: {head} is tied to {table} and quantized as it ({embedding_kind(configs[table])}); {where}")
     return notes
 
 

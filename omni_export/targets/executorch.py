@@ -21,6 +21,7 @@ from omni_export.targets import torchao_encode
 from omni_export.bundle.manifest import Delegation, RuntimeSettings
 from omni_export.files import staged_file
 from omni_export.targets.base import TARGETS, Artifact, LoweringError, Target, apply_floats, delegation, library_chatter
+from omni_export.targets.tables import shared_tables
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,15 @@ class ExecuTorchCache(KVCache):
 
     def __init__(self, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype) -> None:
         super().__init__()
+        self.dtype = dtype
         shape = (1, max_len, kv_heads, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, k, v, input_pos):  # type: ignore[no-untyped-def]
         start = _start(input_pos, self.k_cache.shape[1])
-        torch.ops.llama.update_cache(k, self.k_cache, start)
-        torch.ops.llama.update_cache(v, self.v_cache, start)
+        torch.ops.llama.update_cache(k.to(self.dtype), self.k_cache, start)
+        torch.ops.llama.update_cache(v.to(self.dtype), self.v_cache, start)
         return self.k_cache, self.v_cache
 
     def reset(self) -> None:
@@ -85,9 +87,10 @@ class ExecuTorchAttention(Attend):
 
     def forward(self, q, keys, values, input_pos):  # type: ignore[no-untyped-def]
         b, t, h, d = q.shape
-        # not causal: every query reads the filled prefix through this call's last position
-        out = torch.ops.llama.custom_sdpa(q, keys, values, _start(input_pos, keys.shape[1]), None, 0, not self.whole_call)
-        return out.reshape(b, t, h * d)
+        # not causal: every query reads the filled prefix through this call's last position;
+        # the kernel takes one element type, the cache's
+        out = torch.ops.llama.custom_sdpa(q.to(keys.dtype), keys, values, _start(input_pos, keys.shape[1]), None, 0, not self.whole_call)
+        return out.reshape(b, t, h * d).to(q.dtype)
 
 
 def _start(input_pos: torch.Tensor, max_len: int):  # type: ignore[no-untyped-def]
@@ -97,18 +100,51 @@ def _start(input_pos: torch.Tensor, max_len: int):  # type: ignore[no-untyped-de
     return start
 
 
-def _et_cache(stack, layer: int, max_len: int, slots) -> KVCache:  # type: ignore[no-untyped-def]
-    from executorch.extension.llm.custom_ops import (
-        custom_ops,  # noqa: F401  (registers the ops)
-    )
+def _et_cache(dtype: torch.dtype | None = None):  # type: ignore[no-untyped-def]
+    """Caches in the stack's dtype, or in ``dtype`` whatever the stack's."""
 
-    return ExecuTorchCache(stack.cfg.num_key_value_heads, stack.cfg.head_dim, max_len, stack.norm.weight.dtype)
+    def make(stack, layer: int, max_len: int, slots) -> KVCache:  # type: ignore[no-untyped-def]
+        from executorch.extension.llm.custom_ops import (
+            custom_ops,  # noqa: F401  (registers the ops)
+        )
+
+        return ExecuTorchCache(stack.cfg.num_key_value_heads, stack.cfg.head_dim, max_len, dtype or stack.norm.weight.dtype)
+
+    return make
 
 
 # In-place update and prefix-only attention: index_put + masked SDPA over repeated heads would
 # copy whole caches every step.
-ET_KV = KV_MODES.register("executorch", KVMode("executorch", "buffers", ("batch", "positions", "kv_heads", "head_dim"),
-                                               _et_cache, plain(ExecuTorchAttention)))  # fmt: skip
+_ET_AXES = ("batch", "positions", "kv_heads", "head_dim")
+ET_KV = KV_MODES.register("executorch", KVMode("executorch", "buffers", _ET_AXES, _et_cache(), plain(ExecuTorchAttention)))
+ET_KV16 = KV_MODES.register("executorch-fp16", KVMode("executorch-fp16", "buffers", _ET_AXES, _et_cache(torch.float16),
+                                                      plain(ExecuTorchAttention)))  # fmt: skip
+
+
+def _data_outside(tag: str):  # type: ignore[no-untyped-def]
+    """An edge pass that sends the constants XNNPACK will take to the ``tag`` data file (the
+    program's own constants go there by ``external_constants``); ExecuTorch stores equal bytes
+    in one file once."""
+    from executorch.exir.pass_base import PassResult
+
+    def run(gm):  # type: ignore[no-untyped-def]
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                node.meta.setdefault("custom", {})["delegate_constant_tag"] = tag
+        return PassResult(gm, True)
+
+    return run
+
+
+def _constants_outside(edge, tag: str):  # type: ignore[no-untyped-def]
+    """The program's constants to the ``tag`` data file, but not its mutable buffers (the KV
+    cache): those are planned memory, which a data file cannot hold."""
+    mutable = set()
+    for method in edge.methods:
+        sig = edge.exported_program(method).graph_signature
+        written = set(sig.buffers_to_mutate.values())
+        mutable |= {ph for ph, buf in sig.inputs_to_buffers.items() if buf in written}
+    return lambda node: None if node.name in mutable else tag
 
 
 def _check_ranges(traced, edge) -> None:  # type: ignore[no-untyped-def]
@@ -130,15 +166,20 @@ class ExecuTorchTarget(Target):
     kv_mode = ET_KV.name
     extension = ".pte"
     quant_activation = "int8 dynamic, asymmetric per token (XNNPACK)"
+    no_shared_head = ""
 
     def trace_context(self, module: nn.Module, limits, plan=None) -> AbstractContextManager[None]:  # type: ignore[no-untyped-def]
         return _tracing()
+
+    def kv_mode_for(self, module: nn.Module, profile=None) -> str:  # type: ignore[no-untyped-def]
+        fp16 = profile is not None and profile.executorch is not None and profile.executorch.kv_dtype == "fp16"
+        return ET_KV16.name if fp16 else self.kv_mode
 
     def runtime_settings(self, profile) -> RuntimeSettings:  # type: ignore[no-untyped-def]
         return RuntimeSettings(threads=profile.executorch.threads if profile.executorch else 0)
 
     @staticmethod
-    def _lower(traced, partitioners: list, metadata: dict[str, Any]):  # type: ignore[no-untyped-def]
+    def _lower(traced, partitioners: list, metadata: dict[str, Any], data_tag: str | None = None):  # type: ignore[no-untyped-def]
         from executorch.exir import (
             EdgeCompileConfig,
             ExecutorchBackendConfig,
@@ -148,6 +189,7 @@ class ExecuTorchTarget(Target):
 
         edge = to_edge_transform_and_lower(
             traced.programs,
+            transform_passes=[_data_outside(data_tag)] if data_tag else None,
             partitioner=partitioners,
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
             constant_methods=metadata or None,
@@ -161,6 +203,7 @@ class ExecuTorchTarget(Target):
                 memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
                 emit_mutable_buffer_names=True,
                 extract_delegate_segments=True,
+                external_constants=_constants_outside(edge, data_tag) if data_tag else False,
             )
         )
         return program, delegation
@@ -183,17 +226,23 @@ class ExecuTorchTarget(Target):
         if unknown:
             raise LoweringError(f"profile {profile.name}: ExecuTorch delegate(s) {unknown} are not supported; known: {sorted(partitioners)}")
         start = time.perf_counter()
+        # A table a tied head reads too: every weight goes to one .ptd beside the program, where
+        # the gather's codes and the XNNPACK head's (the same bytes) are stored once.
+        data_tag = traced.name if shared_tables(traced.module) else None
         with _tracing():
             try:
-                program, delegation = self._lower(traced, [partitioners[d]() for d in delegates], metadata)
+                program, delegation = self._lower(traced, [partitioners[d]() for d in delegates], metadata, data_tag)
             except Exception as exc:  # exir raises many types; name the component and the first line
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise LoweringError(f"ExecuTorch cannot lower {traced.name}: {type(exc).__name__}: {first}") from exc
-        rel = f"artifacts/{traced.name}{self.extension}"
-        path = root / rel
-        with staged_file(path) as tmp, open(tmp, "wb") as f:
+        files = [f"artifacts/{traced.name}{self.extension}"]
+        with staged_file(root / files[0]) as tmp, open(tmp, "wb") as f:
             program.write_to_file(f)
-        return Artifact(traced.name, (rel,), {m: m for m in traced.specs}, self.backend, delegation, time.perf_counter() - start)
+        for tag, cord in (program._tensor_data or {}).items():  # written by write_to_file above; a Cord, not one bytes copy
+            files.append(f"artifacts/{tag}.ptd")
+            with staged_file(root / files[-1]) as tmp, open(tmp, "wb") as f:
+                cord.write_to_file(f)
+        return Artifact(traced.name, tuple(files), {m: m for m in traced.specs}, self.backend, delegation, time.perf_counter() - start)
 
 
 TARGETS.register(ExecuTorchTarget.name, ExecuTorchTarget())

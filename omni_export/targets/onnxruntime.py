@@ -25,7 +25,7 @@ class OnnxRuntimeTarget(Target):
     kv_mode = ORT_KV.name  # io tensors, attention fused into GroupQueryAttention
     quant_activation = "int8 dynamic per block of 32 inputs (MatMulNBits, accuracy level 4)"
 
-    def kv_mode_for(self, module):  # type: ignore[no-untyped-def]
+    def kv_mode_for(self, module, profile=None):  # type: ignore[no-untyped-def]
         # GroupQueryAttention is causal over a call; a stack whose calls attend both ways (VITA's
         # TTS prefix) takes the plain growing-tensor io mode, grouped attention as ordinary ops.
         return "io" if any(s.whole_call for s in kv_stacks(module, allocated=False)) else self.kv_mode

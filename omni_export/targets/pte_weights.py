@@ -53,14 +53,34 @@ def _unpack(raw: bytes, bits: int, out: int, k: int) -> torch.Tensor:
     return torch.from_numpy(codes.astype(np.int8) - 8)
 
 
+def data_file(path: str | os.PathLike) -> Path | None:
+    """The ``.ptd`` the build writes beside a program that keeps its weights outside."""
+    ptd = Path(path).with_suffix(".ptd")
+    return ptd if ptd.is_file() else None
+
+
+def _external(path: str | os.PathLike) -> dict[str, bytes]:
+    """Key -> bytes of the program's ``.ptd`` (XNNPACK's weights by hash, the program's own
+    constants by name); empty when it has none."""
+    ptd = data_file(path)
+    if ptd is None:
+        return {}
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    payload = FlatTensorSerializer().deserialize(ptd.read_bytes())
+    return {key: bytes(payload.buffers[e.buffer_index]) for key, e in payload.named_data.items()}
+
+
 def read_quantized_weights(path: str | os.PathLike) -> list[PteQuantWeight]:
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     pte = deserialize_pte_binary(Path(path).read_bytes())
     named = pte.named_data
-    if named is None:
+    store = _external(path)
+    if named is not None:
+        store.update({key: bytes(named.buffers[e.buffer_index]) for key, e in named.pte_data.items()})
+    if not store:
         return []
-    store = {key: bytes(named.buffers[e.buffer_index]) for key, e in named.pte_data.items()}
     out, seen = [], set()
     for delegate in pte.program.backend_delegate_data:
         graph = _xnn_graph(bytes(delegate.data))
@@ -105,21 +125,28 @@ def read_tables(path: str | os.PathLike) -> list[PteTable]:
     from omni_export.targets.tables import unpack_int4
 
     program = deserialize_pte_binary(Path(path).read_bytes()).program
-    buffers = program.constant_buffer
+    external = _external(path)
+
+    def data(t) -> bytes | None:  # type: ignore[no-untyped-def]
+        info = t.extra_tensor_info
+        if info is not None and info.fully_qualified_name in external:
+            return external[info.fully_qualified_name]
+        return bytes(program.constant_buffer[t.data_buffer_idx].storage) if t.data_buffer_idx else None
+
     out, seen = [], set()
     for plan in program.execution_plan:
-        consts = [v.val for v in plan.values if type(v.val).__name__ == "Tensor" and v.val.data_buffer_idx and len(v.val.sizes) == 2]
-        for i, t in enumerate(consts):
-            if t.scalar_type not in (_INT8, _UINT8) or t.data_buffer_idx in seen:
+        consts = [(v.val, raw) for v in plan.values if type(v.val).__name__ == "Tensor" and len(v.val.sizes) == 2
+                  and (raw := data(v.val)) is not None]  # fmt: skip
+        for i, (t, raw) in enumerate(consts):
+            if t.scalar_type not in (_INT8, _UINT8) or raw in seen:
                 continue
-            scale = next((s for s in consts[i + 1:] if s.scalar_type == _FP16 and s.sizes[0] == t.sizes[0]), None)
+            scale = next((s for s, _ in consts[i + 1:] if s.scalar_type == _FP16 and s.sizes[0] == t.sizes[0]), None)
             if scale is None:
                 continue
-            seen.add(t.data_buffer_idx)
+            seen.add(raw)
             rows, cols = t.sizes
-            raw = bytearray(bytes(buffers[t.data_buffer_idx].storage)[: rows * cols])
-            codes = torch.frombuffer(raw, dtype=torch.int8 if t.scalar_type == _INT8 else torch.uint8).reshape(rows, cols)
+            codes = torch.frombuffer(bytearray(raw[: rows * cols]), dtype=torch.int8 if t.scalar_type == _INT8 else torch.uint8).reshape(rows, cols)
             q = unpack_int4(codes).to(torch.int8) if t.scalar_type == _UINT8 else codes
-            sraw = bytearray(bytes(buffers[scale.data_buffer_idx].storage)[: scale.sizes[0] * scale.sizes[1] * 2])
+            sraw = bytearray(data(scale)[: scale.sizes[0] * scale.sizes[1] * 2])  # type: ignore[index]
             out.append(PteTable(4 if t.scalar_type == _UINT8 else 8, q, torch.frombuffer(sraw, dtype=torch.float16).float().reshape(scale.sizes)))
     return out

@@ -32,8 +32,11 @@ class QuantizedEmbedding(nn.Module):
     """``nn.Embedding`` over a QTensor: ``out[..., j] = (q[id, j] - zero[id, g]) * scale[id, g]``
     for the group ``g`` that column ``j`` falls in."""
 
-    def __init__(self, qt: QTensor, out_dtype: torch.dtype) -> None:
+    def __init__(self, qt: QTensor, out_dtype: torch.dtype, head: str | None = None) -> None:
         super().__init__()
+        # The tied head quantized as this table (its very codes), where there is one: a target
+        # that can stores the codes once for both.
+        self.head = head
         rows, width = qt.q.shape
         self.bits, self.groups, self.out_dtype = qt.config.bits, qt.scale.shape[1], out_dtype
         if self.bits == 4 and width % 2:
@@ -62,12 +65,19 @@ def split_tables(module: nn.Module, tensors: dict[str, QTensor]) -> tuple[dict[s
     return tables, {p: t for p, t in tensors.items() if p not in tables}
 
 
-def swap_tables(module: nn.Module, tables: dict[str, QTensor]) -> None:
+def swap_tables(module: nn.Module, tables: dict[str, QTensor], heads: dict[str, str] | None = None) -> None:
     """Replace each quantized ``nn.Embedding`` of ``module`` (the compiler's copy) by its
-    ``QuantizedEmbedding`` (a tied head was untied from it by the quantizer's plan)."""
+    ``QuantizedEmbedding`` (a tied head was untied from it by the quantizer's plan); ``heads``:
+    table path -> the tied head quantized as it."""
+    heads = heads or {}
     for path, qt in tables.items():
         emb = module.get_submodule(path)
         if tuple(emb.weight.shape) != tuple(qt.q.shape):
             raise LoweringError(f"{path}: the QuantResult does not fit this table (shape {tuple(qt.q.shape)}); re-run quantization")
         owner, _, leaf = path.rpartition(".")
-        setattr(module.get_submodule(owner) if owner else module, leaf, QuantizedEmbedding(qt, emb.weight.dtype))
+        setattr(module.get_submodule(owner) if owner else module, leaf, QuantizedEmbedding(qt, emb.weight.dtype, heads.get(path)))
+
+
+def shared_tables(module: nn.Module) -> dict[str, str]:
+    """Table path -> tied head path, for the tables of ``module`` a head reads as well."""
+    return {p: m.head for p, m in module.named_modules() if isinstance(m, QuantizedEmbedding) and m.head}

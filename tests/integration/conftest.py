@@ -9,41 +9,47 @@ from omni_export.quantize.presets import PRESETS
 CONTEXT = 320
 
 
+class Built(dict):
+    """family (or any key) -> BuildResult, each built on first use: a run builds only what its
+    selected tests ask for."""
+
+    def __init__(self, make) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, family: str):  # type: ignore[no-untyped-def]
+        self[family] = self.make(family)
+        return self[family]
+
+
 @pytest.fixture(scope="session")
 def bundles(tiny_dirs, tmp_path_factory):
-    """ExecuTorch (android profile), fp32, both tiny families."""
+    """ExecuTorch (android profile), fp32, the tiny families."""
     root = tmp_path_factory.mktemp("bundles")
-    return {f: build_bundle(get_profile("android"), p, PRESETS.get("fp32"), root / f, context=CONTEXT) for f, p in tiny_dirs.items()}
+    return Built(lambda f: build_bundle(get_profile("android"), tiny_dirs[f], PRESETS.get("fp32"), root / f, context=CONTEXT))
 
 
 @pytest.fixture(scope="session")
 def ort_bundles(tiny_dirs, tmp_path_factory):
-    """ONNX Runtime (desktop-cpu profile), fp32, both tiny families."""
+    """ONNX Runtime (desktop-cpu profile), fp32, the tiny families."""
     root = tmp_path_factory.mktemp("ort-bundles")
-    return {f: build_bundle(get_profile("desktop-cpu"), p, PRESETS.get("fp32"), root / f, context=CONTEXT) for f, p in tiny_dirs.items()}
+    return Built(lambda f: build_bundle(get_profile("desktop-cpu"), tiny_dirs[f], PRESETS.get("fp32"), root / f, context=CONTEXT))
 
 
 @pytest.fixture(scope="session")
 def quant_bundles(tiny_dirs, tmp_path_factory):
     """Quantized bundles, built on first use: (profile, family, preset) -> BuildResult."""
     root = tmp_path_factory.mktemp("qbundles")
-    built = {}
-
-    def get(profile, family, preset):
-        key = (profile, family, preset)
-        if key not in built:
-            built[key] = build_bundle(get_profile(profile), tiny_dirs[family], PRESETS.get(preset), root / "-".join(key), context=CONTEXT)
-        return built[key]
-
-    return get
+    built = Built(lambda key: build_bundle(get_profile(key[0]), tiny_dirs[key[1]], PRESETS.get(key[2]), root / "-".join(key), context=CONTEXT))
+    return lambda profile, family, preset: built[(profile, family, preset)]
 
 
 @pytest.fixture(scope="session")
 def trt_bundles(tiny_dirs, tmp_path_factory):
-    """TensorRT (jetson-orin-nano profile), fp16, both tiny families: the graphs TensorRT parses,
+    """TensorRT (jetson-orin-nano profile), fp16, the tiny families: the graphs TensorRT parses,
     replayed on ONNX Runtime."""
     root = tmp_path_factory.mktemp("trt-bundles")
-    return {f: build_bundle(get_profile("jetson"), p, PRESETS.get("fp16"), root / f, context=CONTEXT) for f, p in tiny_dirs.items()}
+    return Built(lambda f: build_bundle(get_profile("jetson"), tiny_dirs[f], PRESETS.get("fp16"), root / f, context=CONTEXT))
 
 
 def _holds_exactly(tensors, stored, where: str) -> None:
@@ -79,14 +85,24 @@ def same_integers():
         return read_quantized_weights(path) + read_tables(path)
 
     def check(onnx_build, et_build) -> set[tuple[int, int]]:
-        result = _quant_result_of(onnx_build)
-        assert _quant_result_of(et_build).source_fingerprint == result.source_fingerprint
+        import torch
+
+        result, et_result = _quant_result_of(onnx_build), _quant_result_of(et_build)
+        assert et_result.source_fingerprint == result.source_fingerprint
         m_onnx, m_et = read_manifest(onnx_build.bundle), read_manifest(et_build.bundle)
         seen = set()
         for name, comp in m_onnx.components.items():
-            tensors = result.for_component(name)
+            tensors, et_tensors = result.for_component(name), et_result.for_component(name)
             _holds_exactly(tensors, read_component([onnx_build.bundle / f for f in comp.files]), f"{name} (onnx)")
-            _holds_exactly(tensors, read_pte(et_build.bundle / m_et.components[name].files[0]), f"{name} (pte)")
+            _holds_exactly(et_tensors, read_pte(et_build.bundle / m_et.components[name].files[0]), f"{name} (pte)")
+            # One quantization for both, except a tied head: ExecuTorch stores it as its table's codes
+            # (once), ONNX Runtime as a linear of its own.
+            assert set(et_tensors) == set(tensors), name
+            for path, t in tensors.items():
+                table = et_result.shares(f"{name}.{path}")
+                want = et_tensors[table[len(name) + 1:]] if table else t
+                assert torch.equal(et_tensors[path].q, want.q) and torch.equal(et_tensors[path].scale, want.scale), (name, path)
+                assert not result.shares(f"{name}.{path}"), (name, path)
             seen |= {(t.config.bits, t.group_size) for t in tensors.values()}
         return seen
 
@@ -109,4 +125,4 @@ def coreml_bundles(tiny_dirs, tmp_path_factory):
     decoders, int8 encoders), VITA-1.5 int8 (per-channel everywhere but the vocoder)."""
     root = tmp_path_factory.mktemp("coreml-bundles")
     presets = {"interactiveomni": "int4", "vita15": "int8"}
-    return {f: build_bundle(get_profile("iphone"), p, PRESETS.get(presets[f]), root / f, context=CONTEXT) for f, p in tiny_dirs.items()}
+    return Built(lambda f: build_bundle(get_profile("iphone"), tiny_dirs[f], PRESETS.get(presets[f]), root / f, context=CONTEXT))

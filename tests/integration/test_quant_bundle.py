@@ -75,6 +75,53 @@ def test_artifacts_hold_exactly_the_quant_result(qbundles, family):
     assert bits == ({4, 8} if CASES[family] == "int4" else {8})
 
 
+def test_a_tied_head_and_its_table_are_stored_once(qbundles):
+    """InteractiveOmni's Qwen3 ties its head to the embedding table: at int4 on ExecuTorch the head
+    is quantized as the table (8-bit per row) and the .ptd beside the program holds those codes
+    once, read by the gather (by name) and by XNNPACK's head (by hash); the manifest says so and
+    counts them once; the bundle passed its gate replaying through that file."""
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    build = qbundles("interactiveomni")
+    root = build.bundle
+    llm = read_manifest(root).components["llm"]
+    assert [Path(f).suffix for f in llm.files] == [".pte", ".ptd"]
+    assert llm.quant.tied_heads == {"lm_head": "model.embed_tokens"} and llm.quant.stored_once
+    result = QuantResult.load(Path(json.loads((root / "reports" / "quant.json").read_text())["cache"]))
+    assert result.shares("llm.lm_head") == "llm.model.embed_tokens"
+    codes = result.tensors["llm.model.embed_tokens"].q.to(torch.int8).numpy().tobytes()
+    payload = FlatTensorSerializer().deserialize((root / llm.files[1]).read_bytes())
+    readers = [k for k, e in payload.named_data.items() if bytes(payload.buffers[e.buffer_index]) == codes]
+    assert len(readers) == 2 and sum(bytes(b) == codes for b in payload.buffers) == 1
+    mine = {p: t for p, t in result.for_component("llm").items() if p != "lm_head"}
+    assert llm.quant.weight_bytes + llm.quant.table_bytes == sum(t.nbytes() for t in mine.values())
+    assert next(b for b in build.components if b.name == "llm").parity.passed
+    # components without a shared table keep one self-contained program
+    assert all(len(c.files) == 1 for n, c in read_manifest(root).components.items() if n != "llm")
+    assert "stored once" in (root / "README.md").read_text() and "data_path='artifacts/llm.ptd'" in (root / "README.md").read_text()
+
+
+def test_quantized_stacks_keep_their_cache_in_fp16_on_android(qbundles, bundles):
+    """The android profile holds a quantized stack's KV cache in fp16 (its ARM cores compute fp16):
+    half the program's planned cache, and the bundle still passes its gate replaying through it.
+    An fp32 build keeps the fp32 cache its fp32 gate is measured against."""
+    from omni_export.runtime_py.backends.executorch import ExecuTorchSession, program_files
+
+    q, f = qbundles("interactiveomni"), bundles["interactiveomni"]
+    mq, mf = read_manifest(q.bundle).components, read_manifest(f.bundle).components
+    for name in ("llm", "speech_lm"):
+        assert mq[name].kv_cache.dtype == "float16" and mf[name].kv_cache.dtype == "float32", name
+        assert next(b for b in q.components if b.name == name).parity.passed
+    def plan_of(m, b):  # type: ignore[no-untyped-def]
+        pte, data = program_files(m["llm"], b.bundle)
+        return ExecuTorchSession(pte, 0, data).planned_bytes()
+
+    planned = {"q": plan_of(mq, q), "f": plan_of(mf, f)}
+    kv = mq["llm"].kv_cache
+    fp32_cache = 2 * kv.layers * kv.kv_heads * kv.head_dim * kv.max_len * 4
+    assert planned["f"] - planned["q"] >= fp32_cache // 2, (planned, fp32_cache)
+
+
 def test_int4_llm_artifact_is_smaller(qbundles, bundles):
     q = {b.name: b.bytes for b in qbundles("interactiveomni").components}
     f = {b.name: b.bytes for b in bundles["interactiveomni"].components}

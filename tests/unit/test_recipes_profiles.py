@@ -155,6 +155,20 @@ def test_fit_counts_floats_as_the_target_stores_them():
     assert voc_b.weight_bytes == pytest.approx(2 * voc_a.weight_bytes, rel=1e-3) and voc_b.precision == "fp32"
 
 
+def test_fit_counts_executorch_caches_and_tied_heads_as_the_profile_holds_them():
+    # android: quantized stacks keep an fp16 cache (host-cpu, same target, an fp32 one); an fp32
+    # build keeps fp32. The 4B's tied head shares its table's codes there: counted once.
+    cfg = IO.preset("full")
+    android, host = get_profile("android"), get_profile("host-cpu")
+    a, h = (fit_check(p, IO, cfg, PRESETS.get("int4"), 4096) for p in (android, host))
+    assert h.plan.kv_bytes == 2 * a.plan.kv_bytes
+    assert fit_check(android, IO, cfg, PRESETS.get("fp32"), 4096).plan.kv_bytes == h.plan.kv_bytes
+    llm = lambda f: next(c for c in f.plan.components if c.name == "llm")  # noqa: E731
+    ort = fit_check(get_profile("desktop-cpu"), IO, cfg, PRESETS.get("int4"), 4096)  # the head's own int4 codes
+    vocab, hidden = 151936, 2560
+    assert llm(ort).weight_bytes - llm(a).weight_bytes == pytest.approx(vocab * hidden * (0.5 + 2 / 32), rel=1e-6)
+
+
 def test_the_host_check_refuses_a_checkpoint_whose_fp32_reference_cannot_fit():
     """VITA-1.5 (7B-shaped) needs its 8.5 B parameters in fp32 for the whole job, and its LLM's in
     fp16 beside them while the references are made: refused on a 24 GiB host before any work,

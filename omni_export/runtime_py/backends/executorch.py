@@ -13,11 +13,17 @@ from omni_export.runtime_py.backends.base import SESSIONS, Session, host_cores
 RESET = "reset_cache"
 
 
+def program_files(entry, root: Path) -> tuple[Path, Path | None]:  # type: ignore[no-untyped-def]
+    """A component's program and the ``.ptd`` holding its weights, where it keeps them outside."""
+    data = [f for f in entry.files[1:] if f.endswith(".ptd")]
+    return Path(root) / entry.files[0], (Path(root) / data[0] if data else None)
+
+
 class ExecuTorchSession(Session):
     backend = "executorch"
     stateful = True
 
-    def __init__(self, path: Path, threads: int = 0) -> None:
+    def __init__(self, path: Path, threads: int = 0, data: Path | None = None) -> None:
         from executorch.runtime import Runtime
 
         # LLM artifacts call llama::update_cache / llama::custom_sdpa; their kernels register on import.
@@ -32,6 +38,7 @@ class ExecuTorchSession(Session):
             if _threadpool_get_thread_count() != threads:
                 _unsafe_reset_threadpool(threads)
         self.path = Path(path)
+        self.data = None if data is None else Path(data)
         self._runtime = Runtime.get()
         self.reset()
 
@@ -47,7 +54,8 @@ class ExecuTorchSession(Session):
     def open(cls, entry, root: Path, settings) -> ExecuTorchSession:  # type: ignore[no-untyped-def]
         # The profile's thread count, never more than this host's cores (a phone profile run on a
         # small host would only oversubscribe it).
-        return cls(Path(root) / entry.files[0], min(settings.threads, host_cores()) if settings.threads else 0)
+        pte, data = program_files(entry, root)
+        return cls(pte, min(settings.threads, host_cores()) if settings.threads else 0, data)
 
     @classmethod
     def interface_problems(cls, entry, root: Path) -> list[str]:  # type: ignore[no-untyped-def]
@@ -57,7 +65,8 @@ class ExecuTorchSession(Session):
 
         rel = entry.files[0]
         try:
-            program = Runtime.get().load_program(Path(root) / rel)
+            pte, data = program_files(entry, root)
+            program = Runtime.get().load_program(pte, data_path=data)
         except Exception as exc:  # the runtime raises RuntimeError (and others) for a damaged program
             return [f"{rel}: not an ExecuTorch program ({type(exc).__name__}: {str(exc)[:120]})"]
         names = set(program.method_names)
@@ -76,7 +85,7 @@ class ExecuTorchSession(Session):
 
     def reset(self) -> None:
         if not hasattr(self, "_program"):
-            self._program = self._runtime.load_program(self.path)
+            self._program = self._runtime.load_program(self.path, data_path=self.data)
             # Load every method before running any: the methods share the KV cache's memory, and
             # it must not be set up again after a prefill has filled it.
             self._loaded = {name: self._program.load_method(name) for name in sorted(self._program.method_names)}
