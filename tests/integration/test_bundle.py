@@ -263,6 +263,7 @@ def test_inspect_summarises(bundles):
         assert name in r.output
 
 
+@pytest.mark.slow  # a fresh android build through the CLI (200 s); the default run drives the CLI's main job on desktop
 def test_main_job_on_tiny_checkpoint_writes_verified_bundle(tiny_dirs, tmp_path):
     out = tmp_path / "b"
     r = runner.invoke(app, ["--target", "android", "--model", str(tiny_dirs["vita15"]), "--quant", "fp32",

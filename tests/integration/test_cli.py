@@ -265,7 +265,12 @@ def test_an_interrupted_export_leaves_the_old_bundle_intact_and_nothing_that_loo
     before = sha256_file(out / "manifest.json")
     cmd = [sys.executable, "-m", "omni_export", "--target", "desktop-cpu", "--model", str(tiny_dirs["interactiveomni"]),
            "--quant", "fp32", "--context", "320", "--out", str(out), "--overwrite"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A terminal's foreground job: SIGINT at its default, so the child's Python turns it into
+    # KeyboardInterrupt. A Python started with SIGINT ignored keeps ignoring it, the one way found
+    # for what full runs showed (the child ran on to the end); what changes this process's
+    # disposition in a full run is not pinned down (the failure message shows it).
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while not list(tmp_path.glob(".bundle.*.partial")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -274,7 +279,8 @@ def test_an_interrupted_export_leaves_the_old_bundle_intact_and_nothing_that_loo
     time.sleep(1.0)  # into the work: golden calls and tracing
     proc.send_signal(getattr(signal, sig))
     _, stderr = proc.communicate(timeout=120)
-    assert verify_bundle(out) == [] and sha256_file(out / "manifest.json") == before  # the old bundle, untouched
+    parent = signal.getsignal(signal.SIGINT)
+    assert verify_bundle(out) == [] and sha256_file(out / "manifest.json") == before, (parent, stderr[-1000:])  # the old bundle, untouched
     left = sorted(p.name for p in tmp_path.iterdir())
     if sig == "SIGINT":
         assert proc.returncode == 130 and left == ["bundle"], (left, stderr[-2000:])

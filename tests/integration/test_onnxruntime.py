@@ -99,7 +99,8 @@ def test_each_tensor_is_stored_once_per_component(ort_bundles):
         assert sum(n for _, n in spans) <= len(blob) < sum(n for _, n in spans) + 4096 * (len(spans) + 1)
 
 
-@pytest.mark.parametrize("family,preset", [("interactiveomni", "int4"), ("vita15", "int8")])
+# VITA-1.5 at int8 goes through the CLI in the default run (test_main_job_and_parity_in_a_fresh_process)
+@pytest.mark.parametrize("family,preset", [("interactiveomni", "int4"), pytest.param("vita15", "int8", marks=pytest.mark.slow)])
 def test_quantized_bundles_pass_their_thresholds(quant_bundles, family, preset):
     result = quant_bundles("desktop-cpu", family, preset)
     profile = get_profile("desktop-cpu")
@@ -194,16 +195,25 @@ def test_the_session_keeps_the_cache_in_onnxruntime_memory(ort_bundles):
 
 
 def test_main_job_and_parity_in_a_fresh_process(tiny_dirs, tmp_path):
-    """`omni-export --target desktop` through the CLI, then `parity` in a fresh interpreter (no
-    compile-time imports: the runtime registers what it needs)."""
+    """`omni-export --target desktop` through the CLI (VITA-1.5 at int8: each component held to the
+    threshold of its precision), then `parity` in a fresh interpreter (no compile-time imports: the
+    runtime registers what it needs); a second run into the same folder is refused."""
     out = tmp_path / "b"
     r = invoke("--target", "desktop", "--model", tiny_dirs["vita15"], "--quant", "int8", "--context", 96, "--out", out)
     assert r.exit_code == 0, r.output
     assert "bundle for desktop-cpu (int8)" in r.output and verify_bundle(out) == []
+    assert not list(tmp_path.glob(".*partial*"))
+    m = read_manifest(out)
+    assert m.components["llm"].precision == "int8" and "MatMulNBits" in m.components["llm"].quant.activations
     p = subprocess.run([sys.executable, "-m", "omni_export", "parity", str(out), "--json"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = json.loads(p.stdout[p.stdout.index("[") :])
-    assert all(row["passed"] and row["backend"] == "onnxruntime" for row in rows)
+    profile = get_profile("desktop-cpu")
+    for row in rows:
+        assert row["passed"] and row["backend"] == "onnxruntime", row
+        assert row["threshold"]["cosine_min"] == profile.threshold(m.components[row["component"]].precision).cosine_min, row
+    again = invoke("--target", "desktop", "--model", tiny_dirs["vita15"], "--quant", "int8", "--out", out)
+    assert again.exit_code == 2 and "already exists" in again.output
 
 
 def test_a_component_no_host_runtime_can_replay_is_not_run_and_never_passes(ort_bundles, tmp_path):
