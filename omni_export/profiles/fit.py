@@ -50,6 +50,7 @@ class MemoryPlan:
     # State a streaming component keeps between calls (the flow's attention windows, the vocoder's
     # source window): it crosses the method boundary, so it is fp32 whatever the target computes in.
     stream_bytes: int = 0
+    kv_dtype: str = ""  # the cache's type where the target holds it in one of its own (else float_dtype)
 
     @property
     def weight_bytes(self) -> int:
@@ -183,7 +184,8 @@ def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, spe
     kv = sum(_kv_bytes(modules[s.name], context, kv_elem or elem) for s in specs)
     stream = elem * sum(component(modules[s.name]).stream_state_elements() for s in specs)
     act = activation_estimate(family, cfg, modules, context, elem)
-    return MemoryPlan(recipe.name, context, comps, kv, act, RUNTIME_OVERHEAD, recipe.float_dtype, stream)
+    return MemoryPlan(recipe.name, context, comps, kv, act, RUNTIME_OVERHEAD, recipe.float_dtype, stream,
+                      {2: "fp16", 4: "fp32"}.get(kv_elem, "") if kv_elem else "")  # fmt: skip
 
 
 def fit_check(profile: Profile, family: Family, cfg: Any, recipe: QuantRecipe, context: int | None = None) -> FitResult:

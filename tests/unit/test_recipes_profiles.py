@@ -161,7 +161,7 @@ def test_fit_counts_executorch_caches_and_tied_heads_as_the_profile_holds_them()
     cfg = IO.preset("full")
     android, host = get_profile("android"), get_profile("host-cpu")
     a, h = (fit_check(p, IO, cfg, PRESETS.get("int4"), 4096) for p in (android, host))
-    assert h.plan.kv_bytes == 2 * a.plan.kv_bytes
+    assert h.plan.kv_bytes == 2 * a.plan.kv_bytes and (a.plan.kv_dtype, h.plan.kv_dtype) == ("fp16", "")
     assert fit_check(android, IO, cfg, PRESETS.get("fp32"), 4096).plan.kv_bytes == h.plan.kv_bytes
     llm = lambda f: next(c for c in f.plan.components if c.name == "llm")  # noqa: E731
     ort = fit_check(get_profile("desktop-cpu"), IO, cfg, PRESETS.get("int4"), 4096)  # the head's own int4 codes
