@@ -56,26 +56,24 @@ def untie_heads(components: dict[str, nn.Module]) -> None:
             module.untie_head()
 
 
+def _tied(components: dict[str, nn.Module]) -> Iterator[tuple[nn.Module, str, str]]:
+    """(component, head fqn, table fqn) of every stack whose checkpoint ties its head to its table."""
+    for cname, module in components.items():
+        if isinstance(module, QwenForCausalLM) and module.cfg.tie_word_embeddings:
+            yield module, f"{cname}.lm_head", f"{cname}.model.embed_tokens"
+
+
 def tied_pairs(components: dict[str, nn.Module], recipe: QuantRecipe) -> dict[str, str]:
     """Heads the recipe quantizes as their tied table (``tied_head = "table"``, the table
     quantized): head fqn -> table fqn. They get the table's codes and scales, one set."""
     if recipe.tied_head != "table" or recipe.embeddings is None:
         return {}
-    out = {}
-    for cname, module in components.items():
-        if isinstance(module, QwenForCausalLM) and module.cfg.tie_word_embeddings and recipe.embedding_config(role_of(module).value):
-            out[f"{cname}.lm_head"] = f"{cname}.model.embed_tokens"
-    return out
+    return {head: table for module, head, table in _tied(components) if recipe.embedding_config(role_of(module).value)}
 
 
 def shared_heads(components: dict[str, nn.Module], configs: dict[str, QuantConfig]) -> dict[str, str]:
-    """Of a plan's tied heads, those quantized as their table (the same config object)."""
-    out = {}
-    for cname, module in components.items():
-        head, table = f"{cname}.lm_head", f"{cname}.model.embed_tokens"
-        if isinstance(module, QwenForCausalLM) and module.cfg.tie_word_embeddings and table in configs and configs.get(head) == configs[table]:
-            out[head] = table
-    return out
+    """Of a plan's tied heads, those quantized as their table (the table's config)."""
+    return {head: table for _, head, table in _tied(components) if table in configs and configs.get(head) == configs[table]}
 
 
 def config_of(recipe: QuantRecipe, fqn: str, role: str | None, module: nn.Module) -> QuantConfig | None:

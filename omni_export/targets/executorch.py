@@ -66,15 +66,14 @@ class ExecuTorchCache(KVCache):
 
     def __init__(self, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.dtype = dtype
         shape = (1, max_len, kv_heads, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, k, v, input_pos):  # type: ignore[no-untyped-def]
         start = _start(input_pos, self.k_cache.shape[1])
-        torch.ops.llama.update_cache(k.to(self.dtype), self.k_cache, start)
-        torch.ops.llama.update_cache(v.to(self.dtype), self.v_cache, start)
+        torch.ops.llama.update_cache(k.to(self.k_cache.dtype), self.k_cache, start)
+        torch.ops.llama.update_cache(v.to(self.v_cache.dtype), self.v_cache, start)
         return self.k_cache, self.v_cache
 
     def reset(self) -> None:
