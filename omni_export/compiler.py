@@ -4,6 +4,7 @@ and renamed into place only when it is whole and every component passed parity."
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -41,8 +42,11 @@ from omni_export.export.checkpoint import load_checkpoint
 from omni_export.export.components.base import role_of
 from omni_export.export.golden import Context, flops_per_position, make_golden, replay
 from omni_export.export.trace import trace_component
+from omni_export.export.safetensors_io import release_pages, trim_heap
 from omni_export.export.trace_specs import Limits
+from omni_export.export.widen import cast_floats, computing_in
 from omni_export.files import atomic_write_text, check_bundle_out, replace_dir, staged_dir
+from omni_export.phases import PhaseMeter
 from omni_export.profiles import Profile
 from omni_export.profiles.fit import check_context
 from omni_export.quantize.cache import quantize_checkpoint
@@ -145,11 +149,21 @@ def build_bundle(
     notes: list[str] = []
     if recipe.float_dtype != target.float_class:
         notes.append(f"tensors the recipe keeps float are {target.float_class} on the {target.name} target (the recipe asks {recipe.float_dtype})")
-    step = progress or (lambda c, s: None)
+    meter = PhaseMeter()
+
+    def step(component: str, what: str) -> None:
+        trim_heap()  # what the last phase freed goes back to the kernel before the next one grows
+        meter.mark(component, what)
+        if progress:
+            progress(component, what)
+
     start = time.perf_counter()
     step("checkpoint", "loading")
-    ckpt = load_checkpoint(model, dtype=torch.float32)
+    # As stored (bf16 for released checkpoints) and memory-mapped: each phase below reads one
+    # component's weights and hands their pages back, so nothing is held in fp32 whole.
+    ckpt = load_checkpoint(model)
     side_files = ckpt.family.asset_files(ckpt)  # a damaged side file (speaker encoder) is refused before any work
+    assets = ckpt.family.assets(ckpt)
     recipe, more = recipe_for_target(target, recipe, ckpt.components)
     notes.extend(more)
     # A float recipe plans nothing (and leaves a tied LM head tied: one table in the artifact).
@@ -160,13 +174,13 @@ def build_bundle(
     notes.extend(check_plan(target, ckpt.components, configs, profile))  # refuses what it cannot encode, before any work
     if configs:
         step("quantize", f"{recipe.name} (calibrating where the recipe asks)")
-        quant, quant_where = quantize_checkpoint(ckpt, recipe, lambda what, i, n: step("quantize", what) if i == n else None)
+        quant, quant_where = quantize_checkpoint(ckpt, recipe, lambda what, i, n: step("quantize", what) if i == 1 else None)
     llm_cfg = ckpt.family.llm_config(ckpt.config)
     max_context = min(context or profile.max_context, llm_cfg.max_position_embeddings)
     limits = Limits(max_context=max_context, prefill_chunk=min(Limits.prefill_chunk, max_context),
                     max_tiles=ckpt.config.max_dynamic_patch + 1, tiles_per_call=profile.tiles_per_call)  # fmt: skip
     gctx = Context(ckpt.tokenizer, limits)
-    rc = ckpt.family.runtime_config(ckpt)
+    rc = ckpt.family.runtime_config(ckpt)  # read before the loop below frees each component
     settings = target.runtime_settings(profile)
     # Baked into every artifact that can carry it (ExecuTorch constant methods), so a file alone
     # says how to drive it.
@@ -178,7 +192,8 @@ def build_bundle(
     builds: list[ComponentBuild] = []
     unrun: dict[tuple[str, str], list[str]] = {}  # (why, where it runs) -> components whose parity was not run
     with staged_dir(out) as tmp:  # removed if anything below fails or is interrupted
-        for name, module in ckpt.components.items():
+        for name in list(ckpt.components):
+            module = ckpt.components[name]
             t: dict[str, float] = {}
             # The float module is the reference: golden I/O comes before any weight is encoded.
             step(name, "golden I/O")
@@ -187,15 +202,20 @@ def build_bundle(
             golden = f"golden/{name}.npz"
             write_golden(tmp / golden, calls)
             t["golden_s"] = time.perf_counter() - t0
+            step(name, "encoding")
             qtensors = quant.for_component(name) if quant else {}
             tables, qlinears = split_tables(module, qtensors)
-            plan_ = target.precision_plan(module, lambda m=module: replay(m, limits, script, CALLS_PER_METHOD), set(qtensors))
+            plan_ = target.precision_plan(module, lambda m=module: _replay_fp32(m, limits, script), set(qtensors))
+            release_pages(module.state_dict().values())
             t["precision_s"] = time.perf_counter() - t0 - t["golden_s"]
             # tied heads quantized as their table: head path -> table path
             tied = {h: table[len(name) + 1:] for h in qlinears if quant and (table := quant.shares(f"{name}.{h}"))}
             swap_tables(module, tables, {table: h for h, table in tied.items()})
             if qlinears:
                 target.encode(module, qlinears, quant.floats_for(name))  # type: ignore[union-attr]
+            # What stays float is traced in fp32 (the target casts further where it runs fp16);
+            # only this component's float part is ever widened.
+            cast_floats(module, torch.float32)
             step(name, "tracing")
             t0 = time.perf_counter()
             # An fp32 component keeps an fp32 cache: its gate is the fp32 reference's, exactly.
@@ -230,16 +250,22 @@ def build_bundle(
             builds.append(ComponentBuild(name, artifact.files, sum((tmp / f).stat().st_size for f in artifact.files), list(traced.specs),
                                          artifact.delegated_share, parity, classes[name], t,
                                          plan_.report() if plan_ is not None else None))  # fmt: skip
-            del traced
+            del traced, module, entry, artifact
+            del ckpt.components[name]  # its encoded and widened weights go now, not at the end
+            release_pages(t for qt in qtensors.values() for t in (qt.q, qt.scale, qt.zero))
+            del qtensors, tables, qlinears
+            gc.collect()
         for (reason, runs_on), names in unrun.items():
             notes.append(f"parity not run on this host for {', '.join(names)} ({reason}): these components are not verified; "
                          f"run `omni-export parity BUNDLE` where {runs_on} runs")  # fmt: skip
         step("bundle", "writing")
         notes.extend(target.finish(tmp, profile, components))
+        meter.close()  # the report is written with the bundle: its own writing is not in it
+        atomic_write_text(tmp / "reports" / "phases.json", json.dumps(meter.to_list(), indent=1))
         if quant is not None:
             atomic_write_text(tmp / "reports" / "quant.json", json.dumps(
                 {"recipe": recipe.name, "cache": str(quant_where), "seconds": round(quant.seconds, 2), "layers": quant.layers}, indent=1))
-        _finish(tmp, ckpt, side_files, profile, target, settings, recipe, limits, components, builds, notes)
+        _finish(tmp, ckpt, side_files, assets, rc, profile, target, settings, recipe, limits, components, builds, notes)
         result = BuildResult(out, profile.name, recipe.name, builds, time.perf_counter() - start, notes)
         failed = [b for b in builds if b.parity.failures]
         if failed:
@@ -255,15 +281,22 @@ def build_bundle(
     return result
 
 
-def _finish(tmp: Path, ckpt, side_files: dict[str, Path], profile: Profile, target, settings: RuntimeSettings, recipe: QuantRecipe, limits: Limits,  # type: ignore[no-untyped-def]
-            components: dict[str, ComponentEntry], builds: list[ComponentBuild], notes: list[str]) -> None:  # fmt: skip
+def _replay_fp32(module: torch.nn.Module, limits: Limits, script) -> None:  # type: ignore[no-untyped-def]
+    """A target's float measurements (TensorRT's fp16 plan) watch the fp32 reference."""
+    with computing_in(module, torch.float32):
+        replay(module, limits, script, CALLS_PER_METHOD, torch.float32)
+
+
+def _finish(tmp: Path, ckpt, side_files: dict[str, Path], assets_np: dict[str, np.ndarray], model_cfg: dict[str, Any], profile: Profile,  # type: ignore[no-untyped-def]
+            target, settings: RuntimeSettings, recipe: QuantRecipe, limits: Limits, components: dict[str, ComponentEntry],
+            builds: list[ComponentBuild], notes: list[str]) -> None:  # fmt: skip
     tok = tmp / "tokenizer"
     tok.mkdir()
     for fname in ("tokenizer.json", "tokenizer_config.json"):
         if (ckpt.root / fname).is_file():
             shutil.copyfile(ckpt.root / fname, tok / fname)
     assets = {}
-    for key, arr in ckpt.family.assets(ckpt).items():
+    for key, arr in assets_np.items():
         (tmp / "assets").mkdir(exist_ok=True)
         np.save(tmp / "assets" / f"{key}.npy", arr)
         assets[key] = f"assets/{key}.npy"
@@ -278,7 +311,6 @@ def _finish(tmp: Path, ckpt, side_files: dict[str, Path], profile: Profile, targ
               "delegated_share": b.delegated_share, **{k: round(v, 3) for k, v in b.seconds.items()},
               **({"fp32_layers": b.precision_layers} if b.precision_layers is not None else {})} for b in builds]  # fmt: skip
     atomic_write_text(tmp / "reports" / "build.json", json.dumps({"components": build, "notes": notes}, indent=2))
-    model_cfg = ckpt.family.runtime_config(ckpt)
     model_cfg["assets"] = assets
     model_cfg["image"]["tiles_per_call"] = limits.tiles_per_call
     model_cfg["asset_files"] = asset_files

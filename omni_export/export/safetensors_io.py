@@ -7,10 +7,13 @@ one at a time, so a shard never has to be held in memory."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import mmap
 import struct
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -23,6 +26,55 @@ DTYPES = {
 }  # fmt: skip
 NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 << 20
+# (address, length, map) of every map open: release_pages finds a tensor's map by address. Weak:
+# a map lives as long as the tensors viewing it.
+_MAPS: list[tuple[int, int, weakref.ref[mmap.mmap]]] = []
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the kernel. glibc keeps what torch frees below its mmap
+    threshold (up to 32 MB a block): quantizing a 300M-parameter encoder leaves 2 GB of free heap
+    resident without this."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def release_pages(tensors: Iterable[torch.Tensor], trim: bool = True) -> int:
+    """Give the kernel back the resident pages under ``tensors`` that were read from a safetensors
+    map (others are skipped); returns the bytes released. The tensors stay valid: a page is read
+    from the file again when next touched, so a component's stored weights cost memory only while
+    a phase reads them. Safe because the maps are private and nothing writes through them (a
+    written page would revert to the file's bytes). ``trim``: the C heap too (trim_heap)."""
+    done = 0
+    page = mmap.PAGESIZE
+    seen: set[int] = set()
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu":
+            continue
+        storage = t.untyped_storage()
+        addr, n = storage.data_ptr(), storage.nbytes()
+        if addr in seen or not n:
+            continue
+        seen.add(addr)
+        for base, length, ref in _MAPS:
+            if base <= addr < base + length and (m := ref()) is not None:
+                start = (addr - base) // page * page
+                end = min(length, -(-(addr - base + n) // page) * page)
+                m.madvise(mmap.MADV_DONTNEED, start, end - start)
+                done += end - start
+                break
+    if trim:
+        trim_heap()
+    return done
 
 
 class SafetensorsFile:
@@ -74,6 +126,8 @@ class SafetensorsFile:
         if self._map is None:
             with self.path.open("rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            _MAPS[:] = [e for e in _MAPS if e[2]() is not None]
+            _MAPS.append((torch.frombuffer(self._map, dtype=torch.uint8, count=1).data_ptr(), len(self._map), weakref.ref(self._map)))
         if end == begin:
             return torch.empty(shape, dtype=dtype)
         flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.base + begin)

@@ -100,7 +100,8 @@ def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe
     role = role_of(module).value
     tied = tied_pairs({spec.name: module}, recipe)
     total, params, used, tables = 0.0, 0, set(), set()
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+    # a quantized tied head holds its table's tensor until encoded: counted under both names
+    for name, t in list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers()):
         path, _, leaf = name.rpartition(".")
         owner = module.get_submodule(path) if path else module
         weight = leaf == "weight" and t.ndim == 2 and isinstance(owner, (nn.Linear, nn.Embedding))

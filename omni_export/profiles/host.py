@@ -1,13 +1,18 @@
 """Will the export itself fit this build host? The device fit (fit.py) asks whether the bundle
 fits the phone; this asks whether making it fits the machine doing it, before any weight is read.
 
-The main job holds every component in fp32 for its whole run: the eager reference that golden
-I/O and the parity gate compare against, which each component's build then quantizes, traces
-and lowers from; while a component's golden I/O is made, an fp16 copy of it exists beside it
-(the fp16 reference). Four bytes per parameter, plus two for the largest component, is therefore
-a floor the job cannot go under, and a checkpoint whose floor exceeds the host's available
-memory is refused with what it needs. What lowering adds on top depends on the target and is
-measured, not modelled here: it is reported by the benchmarks (docs/quantization/)."""
+The main job keeps the checkpoint as stored and memory-mapped, and works one component at a
+time (compiler.py): its references run with one linear widened at a time and hand each linear's
+pages back after its call; each component is freed once lowered. What it cannot go under is
+the larger of two phases:
+
+- quantizing: every quantized weight's codes (one byte each, plus a scale and zero point per
+  group of 32) are held until the quantization cache is written, then mapped back from it;
+- building the largest component: its weights as traced (those codes, or 4 bytes a parameter
+  where it stays float: ExecuTorch traces float weights in fp32) and what lowering adds on top,
+  measured on the 4B run (docs/export/README.md) as LOWERING_FACTOR times the traced bytes.
+
+A checkpoint whose floor exceeds the host's available memory is refused with what it needs."""
 
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ from omni_export.profiles.fit import MemoryPlan
 
 # Python, torch and the exporters imported, measured on this project's host before any weight.
 RUNTIME_BYTES = int(0.6e9)
+CODE_BYTES = 1 + (4 + 1) / 32  # an int8 code per weight, an fp32 scale and an int8 zero point per group of 32
+FLOAT_BYTES = 4
+LOWERING_FACTOR = 2.0  # peak of a component's build over its traced weight bytes (4B LLM, int4, ExecuTorch)
 
 
 def host_available_bytes() -> int | None:
@@ -31,9 +39,14 @@ def host_available_bytes() -> int | None:
 @dataclass(frozen=True)
 class HostFit:
     params: int
-    largest: tuple[str, int]  # the component with the most parameters, and their count
-    floor_bytes: int  # fp32 copies of every component, the largest one's fp16 copy, the libraries
+    largest: tuple[str, int]  # the component whose build needs most, and its parameter count
+    quantize_bytes: int  # every quantized weight's codes, held until cached
+    build_bytes: int  # the largest component's traced weights, times what lowering adds
     available_bytes: int | None
+
+    @property
+    def floor_bytes(self) -> int:
+        return max(self.quantize_bytes, self.build_bytes) + RUNTIME_BYTES
 
     @property
     def fits(self) -> bool:
@@ -42,13 +55,19 @@ class HostFit:
     def explain(self) -> str:
         have = "unknown" if self.available_bytes is None else f"{self.available_bytes / 1e9:.1f} GB"
         name, n = self.largest
-        return (f"exporting this checkpoint needs at least {self.floor_bytes / 1e9:.1f} GB on this host ({self.params / 1e9:.2f} B "
-                f"parameters held in fp32 for the whole job as the parity reference, {name}'s {n / 1e9:.2f} B also in fp16 "
-                f"while its reference outputs are made, {RUNTIME_BYTES / 1e9:.1f} GB of libraries); {have} is available")  # fmt: skip
+        return (f"exporting this checkpoint needs at least {self.floor_bytes / 1e9:.1f} GB on this host (the larger of "
+                f"{self.quantize_bytes / 1e9:.1f} GB of quantized codes held until cached and {self.build_bytes / 1e9:.1f} GB "
+                f"to trace and lower {name} ({n / 1e9:.2f} B parameters), plus {RUNTIME_BYTES / 1e9:.1f} GB of libraries); "
+                f"{have} is available")  # fmt: skip
+
+
+def _traced_bytes(precision: str, params: int) -> float:
+    return params * (FLOAT_BYTES if precision.startswith("fp") else CODE_BYTES)
 
 
 def host_fit(plan: MemoryPlan, available: int | None = None) -> HostFit:
-    params = sum(c.params for c in plan.components)
-    big = max(plan.components, key=lambda c: c.params)
-    return HostFit(params, (big.name, big.params), 4 * params + 2 * big.params + RUNTIME_BYTES,
+    quantized = sum(c.params for c in plan.components if not c.precision.startswith("fp"))
+    big = max(plan.components, key=lambda c: _traced_bytes(c.precision, c.params))
+    return HostFit(sum(c.params for c in plan.components), (big.name, big.params), int(quantized * CODE_BYTES),
+                   int(LOWERING_FACTOR * _traced_bytes(big.precision, big.params)),
                    host_available_bytes() if available is None else available)  # fmt: skip

@@ -43,4 +43,5 @@ def quantize_checkpoint(ckpt: Any, recipe: QuantRecipe, progress: Progress | Non
     result = quantize_components(ckpt.components, recipe, fingerprint, ckpt.tokenizer, progress, samples)
     if use_cache:
         result.save(where)
+        result = QuantResult.load(where)  # memory-mapped: the codes leave memory until a build reads them
     return result, where

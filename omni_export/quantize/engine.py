@@ -21,6 +21,8 @@ from omni_export.errors import ConfigError
 from omni_export.export.components.base import role_of
 from omni_export.export.components.layers import RMSNorm, rope_cos_sin
 from omni_export.export.components.qwen import QwenDecoderLayer, QwenForCausalLM
+from omni_export.export.safetensors_io import release_pages
+from omni_export.export.widen import computing_in
 from omni_export.quantize import awq
 from omni_export.quantize.calibrate import Calibration, Sources, calibration_for
 from omni_export.quantize.gptq import gptq
@@ -207,30 +209,42 @@ def quantize_components(
         mine = {fqn[len(cname) + 1:]: c for fqn, c in cfgs.items() if fqn.startswith(cname + ".")}
         if not mine:
             continue
-        calib = calibration_for(module, sources) if cname in needs_data else Calibration()
-        done: set[str] = set()
-        if calib.sequences and isinstance(module, QwenForCausalLM):
-            done = _quantize_stack(cname, module, mine, calib.sequences, result, report)
-        tables = {p: c for p, c in mine.items() if is_table(module, p)}
-        for path, cfg in tables.items():  # round to nearest, one row (or group of a row) at a time
-            qt, info = _quantize_one(module.get_submodule(path).weight.detach().float(), cfg, None)
-            result.tensors[f"{cname}.{path}"], result.layers[f"{cname}.{path}"] = qt, {**info, "embedding": True}
-        shared = {h[len(cname) + 1:]: t for h, t in tied.items() if h.startswith(cname + ".")}
-        for head, table in shared.items():  # the table's codes and scales, the very same tensors
-            result.tensors[f"{cname}.{head}"] = result.tensors[table]
-            result.layers[f"{cname}.{head}"] = {**result.layers[table], "embedding": False, "shares": table}
-        rest = {p: c for p, c in mine.items() if p not in done and p not in tables and p not in shared}
-        linears = {p: module.get_submodule(p) for p in rest}
-        with torch.no_grad(), watching(linears, rest) as stats:
-            for call in calib.calls:
-                call()
-        for i, (path, cfg) in enumerate(rest.items()):
-            report(cname, i + 1, len(rest))
-            st = stats[path] if stats[path].n_rows else None
-            qt, info = _quantize_one(linears[path].weight.detach(), cfg, st)
-            result.tensors[f"{cname}.{path}"], result.layers[f"{cname}.{path}"] = qt, info
+        # Calibration runs the component as stored (a bf16 checkpoint) computing in fp32; each
+        # weight's pages go back to the kernel once it is quantized (they stay readable).
+        with computing_in(module, torch.float32):
+            _quantize_component(cname, module, mine, tied, cname in needs_data, sources, result, report)
+        release_pages(module.state_dict().values())
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _quantize_component(cname: str, module: nn.Module, mine: dict[str, QuantConfig], tied: dict[str, str], calibrate: bool,
+                        sources: Sources, result: QuantResult, report: Progress) -> None:  # fmt: skip
+    calib = calibration_for(module, sources) if calibrate else Calibration()
+    done: set[str] = set()
+    if calib.sequences and isinstance(module, QwenForCausalLM):
+        done = _quantize_stack(cname, module, mine, calib.sequences, result, report)
+    tables = {p: c for p, c in mine.items() if is_table(module, p)}
+    for path, cfg in tables.items():  # round to nearest, one row (or group of a row) at a time
+        weight = module.get_submodule(path).weight
+        qt, info = _quantize_one(weight.detach(), cfg, None)
+        result.tensors[f"{cname}.{path}"], result.layers[f"{cname}.{path}"] = qt, {**info, "embedding": True}
+        release_pages([weight])
+    shared = {h[len(cname) + 1:]: t for h, t in tied.items() if h.startswith(cname + ".")}
+    for head, table in shared.items():  # the table's codes and scales, the very same tensors
+        result.tensors[f"{cname}.{head}"] = result.tensors[table]
+        result.layers[f"{cname}.{head}"] = {**result.layers[table], "embedding": False, "shares": table}
+    rest = {p: c for p, c in mine.items() if p not in done and p not in tables and p not in shared}
+    linears = {p: module.get_submodule(p) for p in rest}
+    with torch.no_grad(), watching(linears, rest) as stats:
+        for call in calib.calls:
+            call()
+    for i, (path, cfg) in enumerate(rest.items()):
+        report(cname, i + 1, len(rest))
+        st = stats[path] if stats[path].n_rows else None
+        qt, info = _quantize_one(linears[path].weight.detach(), cfg, st)
+        result.tensors[f"{cname}.{path}"], result.layers[f"{cname}.{path}"] = qt, info
+        release_pages([linears[path].weight])
 
 
 # AWQ's foldable pairs inside a Qwen decoder layer: (op producing the input, linears reading it).
@@ -257,6 +271,7 @@ def _quantize_stack(cname: str, lm: QwenForCausalLM, cfgs: dict[str, QuantConfig
                 done.update(prefix + p for p in mine)
             with torch.no_grad():
                 xs = [layer(x, *a) for x, a in zip(xs, ctx, strict=True)]
+        release_pages(layer.state_dict().values())
     report(cname, n, n)
     if "lm_head" in cfgs and isinstance(getattr(lm, "lm_head", None), nn.Linear):
         with torch.no_grad(), _fp32(stack.norm):

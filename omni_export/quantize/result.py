@@ -90,7 +90,7 @@ class QuantResult:
             replace_dir(tmp, directory)
 
     def _write(self, tmp: Path) -> None:
-        from safetensors.torch import save
+        from omni_export.export.safetensors_io import write_streaming
 
         blobs: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"recipe": self.recipe, "source_fingerprint": self.source_fingerprint,
@@ -103,24 +103,27 @@ class QuantResult:
                 blobs[f"{name}::act_scale"] = t.act_scale.reshape(1)
             meta["tensors"][name] = t.config.__dict__
         for name, w in self.floats.items():
-            blobs[f"{name}::float"] = w.contiguous()
-        (tmp / "tensors.safetensors").write_bytes(save({k: v.contiguous() for k, v in blobs.items()}))
+            blobs[f"{name}::float"] = w
+        # one tensor at a time: a 4B model's codes are never serialized as one bytes object
+        write_streaming(tmp / "tensors.safetensors", [(k, tuple(v.shape), v.dtype) for k, v in blobs.items()], blobs.__getitem__)
         (tmp / "result.json").write_text(json.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, directory: Path) -> QuantResult:
-        from safetensors.torch import load
+        """Memory-mapped: codes are read from the file as a build uses them."""
+        from omni_export.export.safetensors_io import SafetensorsFile
 
         try:
             meta = json.loads((directory / "result.json").read_text())
-            blobs = load((directory / "tensors.safetensors").read_bytes())
+            store = SafetensorsFile(directory / "tensors.safetensors")
+            blobs = {k: store.get(k) for k in store.keys()}
             tensors = {
                 name: QTensor(blobs[f"{name}::q"], blobs[f"{name}::scale"], blobs[f"{name}::zero"], QuantConfig(**cfg),
                               blobs[f"{name}::act_scale"].reshape(()) if f"{name}::act_scale" in blobs else None)
                 for name, cfg in meta["tensors"].items()
             }
             tensors.update({name: tensors[info["shares"]] for name, info in meta["layers"].items() if info.get("shares")})
-        except Exception as exc:  # safetensors' own error type, JSON, missing keys: all mean "re-run"
+        except Exception as exc:  # a corrupt file, JSON, missing keys: all mean "re-run"
             raise QuantCacheError(f"cached quantization at {directory} is unreadable ({exc}); delete that directory and run again") from None
         floats = {k[: -len("::float")]: v for k, v in blobs.items() if k.endswith("::float")}
         return cls(meta["recipe"], meta["source_fingerprint"], tensors, floats, meta["layers"], meta["seconds"])

@@ -140,7 +140,11 @@ def measure_fp16(module: nn.Module, run_script, skip: set[str] = frozenset(), to
             try:
                 ref = _floats([output])
                 seen = max([float(t.abs().max()) for t in [*_floats(list(args)), *ref] if t.numel()] or [0.0])
-                half = copy.deepcopy(m).half()
+                half = copy.deepcopy(m)
+                for sub in half.modules():  # a standalone check: not the original's hooks (computing_in's widening)
+                    sub._forward_pre_hooks.clear()
+                    sub._forward_hooks.clear()
+                half = half.half()
                 with torch.no_grad():
                     got = _floats([half(*_half(list(args)), **{k: _half(v) for k, v in kwargs.items()})])
                 err = max([_rel(g.float(), r.float()) for g, r in zip(got, ref, strict=False)] or [0.0])

@@ -75,7 +75,9 @@ def swap_tables(module: nn.Module, tables: dict[str, QTensor], heads: dict[str, 
         if tuple(emb.weight.shape) != tuple(qt.q.shape):
             raise LoweringError(f"{path}: the QuantResult does not fit this table (shape {tuple(qt.q.shape)}); re-run quantization")
         owner, _, leaf = path.rpartition(".")
-        setattr(module.get_submodule(owner) if owner else module, leaf, QuantizedEmbedding(qt, emb.weight.dtype, heads.get(path)))
+        # rows come out in fp32, the type a component is traced in (compiler: cast_floats), not the
+        # checkpoint's stored type; fp16 targets cast at their method boundaries
+        setattr(module.get_submodule(owner) if owner else module, leaf, QuantizedEmbedding(qt, torch.float32, heads.get(path)))
 
 
 def shared_tables(module: nn.Module) -> dict[str, str]:

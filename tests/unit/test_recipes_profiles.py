@@ -169,21 +169,25 @@ def test_fit_counts_executorch_caches_and_tied_heads_as_the_profile_holds_them()
     assert llm(ort).weight_bytes - llm(a).weight_bytes == pytest.approx(vocab * hidden * (0.5 + 2 / 32), rel=1e-6)
 
 
-def test_the_host_check_refuses_a_checkpoint_whose_fp32_reference_cannot_fit():
-    """VITA-1.5 (7B-shaped) needs its 8.5 B parameters in fp32 for the whole job, and its LLM's in
-    fp16 beside them while the references are made: refused on a 24 GiB host before any work,
-    saying what it needs; the tiny one fits; a host that gives no figure is not refused."""
+def test_the_host_check_counts_what_the_job_holds_at_its_largest_phase():
+    """VITA-1.5 (7B-shaped): at int4 the job holds the quantized codes (about a byte a weight)
+    and builds its LLM from them, which a 24 GiB host can hold; at fp16 the LLM is traced in fp32
+    (ExecuTorch) and lowered, which it cannot: refused before any work, saying what it needs. The
+    tiny one fits; a host that gives no figure is not refused."""
     from dataclasses import replace
 
-    from omni_export.profiles.host import RUNTIME_BYTES, host_fit
+    from omni_export.profiles.host import CODE_BYTES, LOWERING_FACTOR, RUNTIME_BYTES, host_fit
 
     fam = FAMILIES.get("vita15")
-    big = memory_plan(fam, fam.preset("full"), PRESETS.get("int4"), 4096)
-    params = sum(c.params for c in big.components)
-    refused = host_fit(big, available=24 * 2**30)
-    llm = next(c.params for c in big.components if c.name == "llm")
-    assert not refused.fits and refused.floor_bytes == 4 * params + 2 * llm + RUNTIME_BYTES and params > 7e9
+    int4, fp16 = (memory_plan(fam, fam.preset("full"), PRESETS.get(q), 4096) for q in ("int4", "fp16"))
+    llm = next(c.params for c in int4.components if c.name == "llm")
+    quantized = sum(c.params for c in int4.components if not c.precision.startswith("fp"))
+    fits = host_fit(int4, available=24 * 2**30)
+    assert fits.fits and fits.largest == ("llm", llm) and llm > 7e9
+    assert fits.floor_bytes == max(int(quantized * CODE_BYTES), int(LOWERING_FACTOR * llm * CODE_BYTES)) + RUNTIME_BYTES
+    refused = host_fit(fp16, available=24 * 2**30)
+    assert not refused.fits and refused.floor_bytes == int(LOWERING_FACTOR * 4 * llm) + RUNTIME_BYTES
     assert f"{refused.floor_bytes / 1e9:.1f} GB" in refused.explain() and "25.8 GB is available" in refused.explain()
     assert host_fit(memory_plan(fam, fam.preset("tiny"), PRESETS.get("int4"), 256), available=24 * 2**30).fits
-    assert host_fit(big, available=10**12).fits
+    assert host_fit(fp16, available=10**12).fits
     assert replace(refused, available_bytes=None).fits  # a host that does not say is not refused

@@ -289,7 +289,8 @@ class HiFT(Component, nn.Module):
         self.register_load_state_dict_post_hook(lambda m, _: m._fixed_transforms() if m.stft_basis.is_meta else None)
 
     def _fixed_transforms(self) -> None:
-        n_fft, like = self.cfg.istft_params.n_fft, self.conv_pre.weight
+        # fp32 whatever the checkpoint stores (bf16 would round the transforms): forward casts
+        n_fft, like = self.cfg.istft_params.n_fft, torch.empty(0, device=self.conv_pre.weight.device)
         for name, basis in (("stft_basis", stft_basis(n_fft)), ("istft_basis", istft_basis(n_fft)), ("istft_window2", window_squared(n_fft))):
             setattr(self, name, _const(basis, like))
 

@@ -249,15 +249,21 @@ class QwenForCausalLM(Component, nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = getattr(self, "lm_head", None)
-        return head(hidden) if head is not None else F.linear(hidden, self.model.embed_tokens.weight)
+        if head is not None:
+            return head(hidden)
+        table = self.model.embed_tokens.weight
+        # stored in another type than it computes in (a bf16 checkpoint run as the fp32 reference)
+        return F.linear(hidden, table if table.dtype == hidden.dtype else table.to(hidden.dtype))
 
     def untie_head(self) -> None:
-        """Give a tied output projection its own Linear, so it can be quantized while the
-        embedding table stays float (the checkpoint is unchanged: this is an export-time copy)."""
+        """Give a tied output projection its own Linear, so it can be quantized apart from the
+        embedding table. It holds the table's very tensor (nothing copied: quantization replaces
+        the head's weight and never writes it); the checkpoint is unchanged."""
         if getattr(self, "lm_head", None) is None:
-            w = self.model.embed_tokens.weight
-            self.lm_head = nn.Linear(self.cfg.hidden_size, self.cfg.vocab_size, bias=False, device=w.device, dtype=w.dtype)
-            self.lm_head.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+            with torch.device("meta"):
+                head = nn.Linear(self.cfg.hidden_size, self.cfg.vocab_size, bias=False)
+            head.weight = self.model.embed_tokens.weight
+            self.lm_head = head
 
     def hidden(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         self.check_fits(input_pos)

@@ -29,8 +29,8 @@ class EagerSession(Session):
 
     @torch.inference_mode()
     def run(self, method: str, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if self._dtype is not None and self._dtype != torch.float32:
-            inputs = [x.to(self._dtype) if x.is_floating_point() else x for x in inputs]
+        if self._dtype is not None:
+            inputs = [x.to(self._dtype) if x.is_floating_point() and x.dtype != self._dtype else x for x in inputs]
         if self._device is not None:
             inputs = [x.to(self._device) for x in inputs]
         out = self._methods[method](*inputs)
