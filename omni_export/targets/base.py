@@ -20,7 +20,7 @@ import logging
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -215,9 +215,9 @@ def check_plan(target: Target, components: dict[str, nn.Module], configs: dict[s
 
 def apply_floats(module: nn.Module, floats: dict[str, Any]) -> None:
     """Float tensors a quantization algorithm changed (AWQ folds its scales into norms)."""
-    for name, value in floats.items():
+    for name, value in floats.items():  # replaced, not written: the old tensor may view the checkpoint's file
         owner, _, leaf = name.rpartition(".")
-        getattr(module.get_submodule(owner), leaf).data.copy_(value)
+        setattr(module.get_submodule(owner), leaf, nn.Parameter(value.detach().clone(), requires_grad=False))
 
 
 def swap_linears(module: nn.Module, tensors: dict[str, QTensor], make: Callable[[nn.Linear, str, QTensor], nn.Module]) -> None:
@@ -230,3 +230,19 @@ def swap_linears(module: nn.Module, tensors: dict[str, QTensor], make: Callable[
             raise LoweringError(f"{path}: the QuantResult does not fit this module (shape {tuple(qt.q.shape)}); re-run quantization")
         owner, _, leaf = path.rpartition(".")
         setattr(module.get_submodule(owner) if owner else module, leaf, make(lin, path, qt))
+
+
+@contextmanager
+def traced_forms(module: nn.Module, forms: dict[type, type], applies: Callable[[nn.Module], bool] = lambda m: True) -> Iterator[None]:
+    """While tracing: each module whose exact class is in ``forms`` (and ``applies``) takes the
+    subclass there, a form of the same function over the same parameters that a target's lowering
+    recognises; the classes are put back afterwards."""
+    changed = [(m, type(m)) for m in module.modules() if type(m) in forms and applies(m)]
+    for m, cls in changed:
+        m.__class__ = forms[cls]
+    try:
+        yield
+    finally:
+        for m, cls in changed:
+            m.__class__ = cls
+

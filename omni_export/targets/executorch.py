@@ -9,18 +9,20 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omni_export.export.components.kv import KV_MODES, Attend, KVCache, KVMode, plain
+from omni_export.export.components.layers import RMSNorm
 from omni_export.targets import torchao_encode
 from omni_export.bundle.manifest import Delegation, RuntimeSettings
 from omni_export.files import staged_file
-from omni_export.targets.base import TARGETS, Artifact, LoweringError, Target, apply_floats, delegation, library_chatter
+from omni_export.targets.base import TARGETS, Artifact, LoweringError, Target, apply_floats, delegation, library_chatter, traced_forms
 from omni_export.targets.tables import shared_tables
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,47 @@ def _tracing() -> Iterator[None]:
     """Tracing and lowering alike: host kernels kept out of the graph, exporter chatter to the log."""
     with library_chatter("executorch", "torch.export"), _no_onednn():
         yield
+
+
+def _mean_last(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x.mean(-1, keepdim=True)`` as a product with a constant averaging column: XNNPACK takes
+    a linear over any rank, where its mean.dim is 4-D pooling only. A norm left to the portable
+    kernels splits every decoder layer into several delegate calls (slower to lower, and a
+    boundary crossing per norm at run time)."""
+    return F.linear(x, m.xnnpack_average)
+
+
+class XnnpackRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(_mean_last(self, h * h) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class XnnpackLayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x - _mean_last(self, x)
+        y = xc * torch.rsqrt(_mean_last(self, xc * xc) + self.eps)
+        y = y if self.weight is None else y * self.weight
+        return y if self.bias is None else y + self.bias
+
+
+@contextmanager
+def xnnpack_forms(module: nn.Module) -> Iterator[None]:
+    """While tracing: norms in forms XNNPACK delegates whole (equal to fp32 rounding; parity
+    checks every build). The averaging column is a constant of the graph (a buffer while traced)."""
+    with traced_forms(module, {RMSNorm: XnnpackRMSNorm, nn.LayerNorm: XnnpackLayerNorm},
+                      lambda m: not isinstance(m, nn.LayerNorm) or len(m.normalized_shape) == 1):  # fmt: skip
+        norms = [m for m in module.modules() if isinstance(m, (XnnpackRMSNorm, XnnpackLayerNorm))]
+        for m in norms:
+            d = m.weight.shape[0] if isinstance(m, RMSNorm) else m.normalized_shape[0]
+            m.register_buffer("xnnpack_average", torch.full((1, d), 1.0 / d), persistent=False)
+        try:
+            yield
+        finally:
+            for m in norms:
+                del m._buffers["xnnpack_average"]
 
 
 class ExecuTorchCache(KVCache):
@@ -167,8 +210,10 @@ class ExecuTorchTarget(Target):
     quant_activation = "int8 dynamic, asymmetric per token (XNNPACK)"
     no_shared_head = ""
 
-    def trace_context(self, module: nn.Module, limits, plan=None) -> AbstractContextManager[None]:  # type: ignore[no-untyped-def]
-        return _tracing()
+    @contextmanager
+    def trace_context(self, module: nn.Module, limits, plan=None) -> Iterator[None]:  # type: ignore[no-untyped-def]
+        with _tracing(), xnnpack_forms(module):
+            yield
 
     def kv_mode_for(self, module: nn.Module, profile=None) -> str:  # type: ignore[no-untyped-def]
         fp16 = profile is not None and profile.executorch is not None and profile.executorch.kv_dtype == "fp16"

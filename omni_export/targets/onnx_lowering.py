@@ -33,7 +33,7 @@ from omni_export.export.components.layers import RMSNorm
 from omni_export.export.trace_specs import MethodSpec
 from omni_export.quantize.result import QTensor
 from omni_export.files import staged_file
-from omni_export.targets.base import LoweringError, library_chatter, swap_linears
+from omni_export.targets.base import LoweringError, library_chatter, swap_linears, traced_forms
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,8 @@ class OnnxRMSNorm(RMSNorm):
 def onnx_forms(module: nn.Module) -> Iterator[None]:
     """While tracing for ONNX: modules in the form ONNX optimizers recognise (same parameters,
     same function); restored afterwards."""
-    norms = [m for m in module.modules() if type(m) is RMSNorm]
-    for m in norms:
-        m.__class__ = OnnxRMSNorm
-    try:
+    with traced_forms(module, {RMSNorm: OnnxRMSNorm}):
         yield
-    finally:
-        for m in norms:
-            m.__class__ = RMSNorm
 
 
 def swap_quantized(module: nn.Module, tensors: dict[str, QTensor]) -> None:

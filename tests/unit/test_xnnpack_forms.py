@@ -1,0 +1,49 @@
+"""Norms traced for ExecuTorch in forms XNNPACK delegates: the same function, one delegate call
+where the standard forms left each norm to the portable kernels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omni_export.export.components.layers import RMSNorm
+from omni_export.targets.executorch import xnnpack_forms
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln, self.fc1, self.rms, self.fc2 = nn.LayerNorm(48), nn.Linear(48, 48), RMSNorm(48), nn.Linear(48, 48)
+        with torch.no_grad():
+            for p in (self.ln.weight, self.ln.bias, self.rms.weight):
+                p.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.fc1(self.ln(x))
+        return x + self.fc2(self.rms(x))
+
+
+def _delegate_calls(module: nn.Module, x: torch.Tensor) -> int:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    program = torch.export.export(module, (x,), dynamic_shapes=({1: torch.export.Dim("T", min=2, max=64)},))
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    return sum(n.target is torch.ops.higher_order.executorch_call_delegate for n in edge.exported_program().graph.nodes)
+
+
+def test_norms_in_xnnpack_form_compute_the_same_and_lower_to_one_delegate():
+    torch.manual_seed(0)
+    block = Block().eval()
+    x = torch.randn(1, 9, 48) * 3 + 1
+    with torch.no_grad():
+        want = block(x)
+        standard = _delegate_calls(block, x)
+        with xnnpack_forms(block):
+            got = block(x)
+            formed = _delegate_calls(block, x)
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)
+    assert formed == 1 < standard  # each standard norm cut the graph
+    # put back as they were, with nothing left behind
+    assert type(block.ln) is nn.LayerNorm and type(block.rms) is RMSNorm
+    assert not dict(block.named_buffers())
