@@ -170,10 +170,11 @@ def test_fit_counts_executorch_caches_and_tied_heads_as_the_profile_holds_them()
 
 
 def test_the_host_check_counts_what_the_job_holds_at_its_largest_phase():
-    """VITA-1.5 (7B-shaped): at int4 the job holds the quantized codes (about a byte a weight)
-    and builds its LLM from them, which a 24 GiB host can hold; at fp16 the LLM is traced in fp32
-    (ExecuTorch) and lowered, which it cannot: refused before any work, saying what it needs. The
-    tiny one fits; a host that gives no figure is not refused."""
+    """The job holds the quantized codes (about a byte a weight) until they are cached, then
+    builds one component at a time; lowering the largest costs what the 4B run measured per
+    byte of its traced weights. VITA-1.5 (7B-shaped) at int4 is refused on a 24 GiB host before
+    any work, saying what it needs; so is its fp16 build (traced in fp32). The tiny one fits; a
+    host that gives no figure is not refused."""
     from dataclasses import replace
 
     from omni_export.profiles.host import CODE_BYTES, LOWERING_FACTOR, RUNTIME_BYTES, host_fit
@@ -182,12 +183,12 @@ def test_the_host_check_counts_what_the_job_holds_at_its_largest_phase():
     int4, fp16 = (memory_plan(fam, fam.preset("full"), PRESETS.get(q), 4096) for q in ("int4", "fp16"))
     llm = next(c.params for c in int4.components if c.name == "llm")
     quantized = sum(c.params for c in int4.components if not c.precision.startswith("fp"))
-    fits = host_fit(int4, available=24 * 2**30)
-    assert fits.fits and fits.largest == ("llm", llm) and llm > 7e9
-    assert fits.floor_bytes == max(int(quantized * CODE_BYTES), int(LOWERING_FACTOR * llm * CODE_BYTES)) + RUNTIME_BYTES
-    refused = host_fit(fp16, available=24 * 2**30)
-    assert not refused.fits and refused.floor_bytes == int(LOWERING_FACTOR * 4 * llm) + RUNTIME_BYTES
+    refused = host_fit(int4, available=24 * 2**30)
+    assert not refused.fits and refused.largest == ("llm", llm) and llm > 7e9
+    assert refused.floor_bytes == max(int(quantized * CODE_BYTES), int(LOWERING_FACTOR * llm * CODE_BYTES)) + RUNTIME_BYTES
     assert f"{refused.floor_bytes / 1e9:.1f} GB" in refused.explain() and "25.8 GB is available" in refused.explain()
+    as_float = host_fit(fp16, available=24 * 2**30)
+    assert not as_float.fits and as_float.floor_bytes == int(LOWERING_FACTOR * 4 * llm) + RUNTIME_BYTES
     assert host_fit(memory_plan(fam, fam.preset("tiny"), PRESETS.get("int4"), 256), available=24 * 2**30).fits
-    assert host_fit(fp16, available=10**12).fits
+    assert host_fit(int4, available=10**12).fits
     assert replace(refused, available_bytes=None).fits  # a host that does not say is not refused
