@@ -252,7 +252,7 @@ def build_bundle(
                                          plan_.report() if plan_ is not None else None))  # fmt: skip
             del traced, module, entry, artifact
             del ckpt.components[name]  # its encoded and widened weights go now, not at the end
-            release_pages(t for qt in qtensors.values() for t in (qt.q, qt.scale, qt.zero))
+            release_pages(x for qt in qtensors.values() for x in (qt.q, qt.scale, qt.zero))
             del qtensors, tables, qlinears
             gc.collect()
         for (reason, runs_on), names in unrun.items():
