@@ -210,12 +210,12 @@ def build_bundle(
             t["precision_s"] = time.perf_counter() - t0 - t["golden_s"]
             # tied heads quantized as their table: head path -> table path
             tied = {h: table[len(name) + 1:] for h in qlinears if quant and (table := quant.shares(f"{name}.{h}"))}
+            # What stays float is traced in fp32 (the target casts further where it runs fp16);
+            # the weights encoding replaces are never widened.
+            cast_floats(module, torch.float32, {f"{p}.weight" for p in qtensors})
             swap_tables(module, tables, {table: h for h, table in tied.items()})
             if qlinears:
                 target.encode(module, qlinears, quant.floats_for(name))  # type: ignore[union-attr]
-            # What stays float is traced in fp32 (the target casts further where it runs fp16);
-            # only this component's float part is ever widened.
-            cast_floats(module, torch.float32)
             step(name, "tracing")
             t0 = time.perf_counter()
             # An fp32 component keeps an fp32 cache: its gate is the fp32 reference's, exactly.

@@ -14,7 +14,7 @@ Casting bf16 (or fp16) up to fp32 is exact, so the fp32 reference equals one run
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -89,20 +89,21 @@ def computing_in(module: nn.Module, dtype: torch.dtype, release: bool = True) ->
         scratch.clear()
 
 
-def _cast(m: nn.Module, dtype: torch.dtype) -> list[tuple[dict, str, torch.Tensor]]:
-    """``m``'s own plain float tensors to ``dtype``; returns what was replaced."""
+def _cast(m: nn.Module, dtype: torch.dtype, skip: Callable[[str], bool] = lambda k: False) -> list[tuple[dict, str, torch.Tensor]]:
+    """``m``'s own plain float tensors to ``dtype`` (but those ``skip`` names); returns what was replaced."""
     replaced = []
     for store in (m._parameters, m._buffers):
         for k, t in list(store.items()):
-            if _plain(t) and t.dtype != dtype:
+            if _plain(t) and t.dtype != dtype and not skip(k):
                 replaced.append((store, k, t))
                 cast = t.detach().to(dtype)
                 store[k] = nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
     return replaced
 
 
-def cast_floats(module: nn.Module, dtype: torch.dtype) -> None:
-    """Plain float parameters and buffers of ``module`` to ``dtype``, for good (what stays float
-    after a target encoded its quantized weights, before tracing)."""
-    for m in module.modules():
-        _cast(m, dtype)
+def cast_floats(module: nn.Module, dtype: torch.dtype, skip: Collection[str] = ()) -> None:
+    """Plain float parameters and buffers of ``module`` to ``dtype``, for good, but those named
+    in ``skip`` (weights a target is about to replace with their quantized form: never widened;
+    done before encoding, so the encoded forms keep their own types, fp16 table scales)."""
+    for path, m in module.named_modules():
+        _cast(m, dtype, lambda k, p=f"{path}." if path else "": p + k in skip)
