@@ -284,7 +284,7 @@ def build_bundle(
 def _replay_fp32(module: torch.nn.Module, limits: Limits, script) -> None:  # type: ignore[no-untyped-def]
     """A target's float measurements (TensorRT's fp16 plan) watch the fp32 reference."""
     with computing_in(module, torch.float32):
-        replay(module, limits, script, CALLS_PER_METHOD, torch.float32)
+        replay(module, limits, script, CALLS_PER_METHOD)
 
 
 def _finish(tmp: Path, ckpt, side_files: dict[str, Path], assets_np: dict[str, np.ndarray], model_cfg: dict[str, Any], profile: Profile,  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ from omni_export.export.components.base import component
 from omni_export.export.components.kv import KV_MODES, install, kv_layers, kv_stacks, reset_kv
 from omni_export.export.trace import prepare
 from omni_export.export.trace_specs import Limits, method_specs
-from omni_export.export.widen import computing_in
+from omni_export.export.widen import compute_dtype, computing_in
 from omni_export.runtime_py.backends.eager import EagerIOSession, EagerSession
 
 DECODE_STEPS = 32
@@ -35,20 +35,20 @@ class Context:
     seed: int = 0
 
 
-def eager_session(module: nn.Module, limits: Limits, dtype: torch.dtype | None = None) -> tuple[EagerSession, dict[str, tuple[list[str], list[str]]]]:
+def eager_session(module: nn.Module, limits: Limits) -> tuple[EagerSession, dict[str, tuple[list[str], list[str]]]]:
     """The component's traced methods, run eagerly: the same wrappers torch.export saw."""
-    session, specs = eager_methods(module, limits, dtype)
+    session, specs = eager_methods(module, limits)
     return session, {s.name: ([t.name for t in s.inputs], [t.name for t in s.outputs]) for s in specs}
 
 
-def eager_methods(module: nn.Module, limits: Limits, dtype: torch.dtype | None = None) -> tuple[EagerSession, list]:  # list[MethodSpec]
-    """``dtype``: the type the module computes in (computing_in), when not its first parameter's."""
+def eager_methods(module: nn.Module, limits: Limits) -> tuple[EagerSession, list]:  # list[MethodSpec]
+    """Inputs go in the type the module computes in: computing_in's, else its first parameter's."""
     prepare(module, limits)
     specs = method_specs(module, limits)
 
     first = next(module.parameters(), None)
     device = None if first is None else first.device
-    dtype = dtype or (None if first is None else first.dtype)
+    dtype = compute_dtype(module) or (None if first is None else first.dtype)
     return EagerSession({s.name: s.module for s in specs}, lambda: reset_kv(module), dtype, device), specs
 
 
@@ -149,10 +149,10 @@ def method_flops(module: nn.Module, ctx: Context) -> dict[str, float]:
     return flops_per_position(script, flops, {s.name: s for s in specs})
 
 
-def replay(module: nn.Module, limits: Limits, script: Script, per_method: int | None = None, dtype: torch.dtype | None = None) -> None:
+def replay(module: nn.Module, limits: Limits, script: Script, per_method: int | None = None) -> None:
     """Run golden ``script`` on the eager ``module`` (for measurements taken with hooks); with
     ``per_method``, only the first calls of each method. Leaves its caches zeroed."""
-    ref, _ = eager_session(module, limits, dtype)
+    ref, _ = eager_session(module, limits)
     seen: dict[str, int] = {}
     ref.reset()
     with torch.inference_mode():
@@ -169,7 +169,7 @@ def make_golden(module: nn.Module, ctx: Context) -> tuple[list[GoldenCall], dict
     type (a bf16 checkpoint): each reference computes in its own type (computing_in) without a
     copy of the component."""
     with computing_in(module, torch.float32):
-        ref32, io = eager_session(module, ctx.limits, torch.float32)
+        ref32, io = eager_session(module, ctx.limits)
         with torch.inference_mode():
             script = component(module).golden_script(ctx, ref32)
             ref32.reset()
@@ -177,7 +177,7 @@ def make_golden(module: nn.Module, ctx: Context) -> tuple[list[GoldenCall], dict
             outs["fp32"], flops = _counted(ref32, script)
             ref32.reset()
     with computing_in(module, torch.float16):
-        ref16, _ = eager_session(module, ctx.limits, torch.float16)
+        ref16, _ = eager_session(module, ctx.limits)
         with torch.inference_mode():
             ref16.reset()  # the fp16 session casts inputs itself
             outs["fp16"] = [ref16.run(method, inputs) for method, inputs in script]

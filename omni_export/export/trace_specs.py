@@ -124,7 +124,9 @@ def dtype_of(m: nn.Module) -> torch.dtype:
     """The float dtype most of ``m``'s parameters hold (a mixed-precision module keeps a few
     layers in fp32 inside an fp16 body: its activations are fp16), or the type it computes in
     while it runs in another than it stores (export/widen.computing_in)."""
-    if (computes := getattr(m, "_omni_computes_in", None)) is not None:
+    from omni_export.export.widen import compute_dtype
+
+    if (computes := compute_dtype(m)) is not None:
         return computes
     counts: dict[torch.dtype, int] = {}
     for p in m.parameters():

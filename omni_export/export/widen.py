@@ -23,6 +23,7 @@ from torch import nn
 from omni_export.export.safetensors_io import release_pages
 
 
+_COMPUTES_IN = "_omni_computes_in"
 SMALL_TABLE = 1 << 24  # elements: a token table is larger (4B: 389M), a position table far smaller
 
 
@@ -67,7 +68,7 @@ def computing_in(module: nn.Module, dtype: torch.dtype, release: bool = True) ->
 
     linears: list[nn.Module] = []
     for m in module.modules():
-        m._omni_computes_in = dtype  # trace_specs.dtype_of: inputs made for it are made in this type
+        m.__dict__[_COMPUTES_IN] = dtype  # compute_dtype: inputs made for it are made in this type
         if isinstance(m, nn.Linear):
             linears.append(m)
             handles += [m.register_forward_pre_hook(widen), m.register_forward_hook(restore)]
@@ -82,11 +83,31 @@ def computing_in(module: nn.Module, dtype: torch.dtype, release: bool = True) ->
             h.remove()
         for m in linears:  # a call that raised never reached its restore hook
             m._parameters.update(active.pop(id(m), {}))
-        for store, k, t in saved:
-            store[k] = t
+        _put_back(saved)
         for m in module.modules():
-            m.__dict__.pop("_omni_computes_in", None)
+            m.__dict__.pop(_COMPUTES_IN, None)
         scratch.clear()
+
+
+def compute_dtype(m: nn.Module) -> torch.dtype | None:
+    """The type ``m`` computes in while ``computing_in`` runs it (None outside)."""
+    return m.__dict__.get(_COMPUTES_IN)
+
+
+@contextmanager
+def widened(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Every plain float tensor of ``module`` (linears included) in ``dtype`` for the duration, a
+    whole copy: for one decoder layer at a time (GPTQ/AWQ), not a component."""
+    saved = [r for m in module.modules() for r in _cast(m, dtype)]
+    try:
+        yield
+    finally:
+        _put_back(saved)
+
+
+def _put_back(saved: list[tuple[dict, str, torch.Tensor]]) -> None:
+    for store, k, t in saved:
+        store[k] = t
 
 
 def _cast(m: nn.Module, dtype: torch.dtype, skip: Callable[[str], bool] = lambda k: False) -> list[tuple[dict, str, torch.Tensor]]:

@@ -63,12 +63,16 @@ class HostFit:
                 f"{have} is available")  # fmt: skip
 
 
+def _is_float(precision: str) -> bool:
+    return precision.startswith("fp")
+
+
 def _traced_bytes(precision: str, params: int) -> float:
-    return params * (FLOAT_BYTES if precision.startswith("fp") else CODE_BYTES)
+    return params * (FLOAT_BYTES if _is_float(precision) else CODE_BYTES)
 
 
 def host_fit(plan: MemoryPlan, available: int | None = None) -> HostFit:
-    quantized = sum(c.params for c in plan.components if not c.precision.startswith("fp"))
+    quantized = sum(c.params for c in plan.components if not _is_float(c.precision))
     big = max(plan.components, key=lambda c: _traced_bytes(c.precision, c.params))
     return HostFit(sum(c.params for c in plan.components), (big.name, big.params), int(quantized * CODE_BYTES),
                    int(LOWERING_FACTOR * _traced_bytes(big.precision, big.params)),

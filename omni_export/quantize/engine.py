@@ -22,7 +22,7 @@ from omni_export.export.components.base import role_of
 from omni_export.export.components.layers import RMSNorm, rope_cos_sin
 from omni_export.export.components.qwen import QwenDecoderLayer, QwenForCausalLM
 from omni_export.export.safetensors_io import release_pages
-from omni_export.export.widen import computing_in
+from omni_export.export.widen import computing_in, widened
 from omni_export.quantize import awq
 from omni_export.quantize.calibrate import Calibration, Sources, calibration_for
 from omni_export.quantize.gptq import gptq
@@ -264,7 +264,7 @@ def _quantize_stack(cname: str, lm: QwenForCausalLM, cfgs: dict[str, QuantConfig
         report(cname, i + 1, n)
         prefix = f"model.layers.{i}."
         mine = {p[len(prefix):]: cfg for p, cfg in cfgs.items() if p.startswith(prefix)}
-        with _fp32(layer):
+        with widened(layer, torch.float32):
             ctx = [_layer_args(x, c) for x in xs]
             if mine:
                 _quantize_layer(layer, mine, xs, ctx, f"{cname}.{prefix}", result)
@@ -274,7 +274,7 @@ def _quantize_stack(cname: str, lm: QwenForCausalLM, cfgs: dict[str, QuantConfig
         release_pages(layer.state_dict().values())
     report(cname, n, n)
     if "lm_head" in cfgs and isinstance(getattr(lm, "lm_head", None), nn.Linear):
-        with torch.no_grad(), _fp32(stack.norm):
+        with torch.no_grad(), widened(stack.norm, torch.float32):
             hidden = [stack.norm(x) for x in xs]
         st = Stats()
         for h in hidden:
@@ -320,19 +320,6 @@ def _quantize_layer(layer: QwenDecoderLayer, cfgs: dict[str, QuantConfig], xs: l
         result.tensors[prefix + path] = qt
         result.layers[prefix + path] = {**result.layers.get(prefix + path, {}), **info}
     apply_dequantized(layer, result, prefix)
-
-
-@contextmanager
-def _fp32(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` in fp32 (a bf16 memory-mapped checkpoint), then put its own tensors back."""
-    originals = {n: p for n, p in module.named_parameters()}
-    for n, p in originals.items():
-        _set(module, n, nn.Parameter(p.detach().float(), requires_grad=False))
-    try:
-        yield
-    finally:
-        for n, p in originals.items():
-            _set(module, n, p)
 
 
 def _set(module: nn.Module, name: str, value: nn.Parameter) -> None:
