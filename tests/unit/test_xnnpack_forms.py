@@ -47,3 +47,20 @@ def test_norms_in_xnnpack_form_compute_the_same_and_lower_to_one_delegate():
     # put back as they were, with nothing left behind
     assert type(block.ln) is nn.LayerNorm and type(block.rms) is RMSNorm
     assert not dict(block.named_buffers())
+
+
+def test_preprocess_copies_share_the_weights_and_not_the_graph():
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    from omni_export.targets.executorch import _weights_shared_with_preprocess
+
+    program = torch.export.export(Block().eval(), (torch.randn(1, 4, 48),))
+    weight = program.state_dict["fc1.weight"]
+    plain = XnnpackBackend.copy_exported_program_for_preprocess(program, [])
+    with _weights_shared_with_preprocess():
+        shared = XnnpackBackend.copy_exported_program_for_preprocess(program, [])
+    assert plain.state_dict["fc1.weight"].data_ptr() != weight.data_ptr()  # ExecuTorch's own copy
+    assert shared.state_dict["fc1.weight"].data_ptr() == weight.data_ptr()
+    assert shared.graph_module is not program.graph_module and shared.graph is not program.graph
+    # put back: the class has no override of its own again
+    assert "copy_exported_program_for_preprocess" not in XnnpackBackend.__dict__
