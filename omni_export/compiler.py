@@ -147,8 +147,9 @@ def build_bundle(
     check_bundle_out(out, overwrite)
     target = TARGETS.get(profile.target)
     notes: list[str] = []
-    if recipe.float_dtype != target.float_class:
-        notes.append(f"tensors the recipe keeps float are {target.float_class} on the {target.name} target (the recipe asks {recipe.float_dtype})")
+    float_class = target.float_class_for(profile, recipe)
+    if recipe.float_dtype != float_class:
+        notes.append(f"tensors the recipe keeps float are {float_class} on the {target.name} target for {profile.name} (the recipe asks {recipe.float_dtype})")
     meter = PhaseMeter()
 
     def step(component: str, what: str) -> None:
@@ -168,7 +169,12 @@ def build_bundle(
     notes.extend(more)
     # A float recipe plans nothing (and leaves a tied LM head tied: one table in the artifact).
     configs = {} if recipe.is_float else plan(ckpt.components, recipe)
-    classes = component_classes(ckpt.components, configs, target.float_class)
+    classes = component_classes(ckpt.components, configs, float_class)
+    for name, module in ckpt.components.items():  # a role the target keeps wider than the rest
+        role = role_of(module).value
+        if classes[name] == float_class and (own := target.float_class_for(profile, recipe, role)) != float_class:
+            classes[name] = own
+            notes.append(f"{name}: {own} on the {target.name} target for {profile.name} ({role}s stay {own} there)")
     quant: QuantResult | None = None
     quant_where = None
     notes.extend(check_plan(target, ckpt.components, configs, profile))  # refuses what it cannot encode, before any work
@@ -205,7 +211,7 @@ def build_bundle(
             step(name, "encoding")
             qtensors = quant.for_component(name) if quant else {}
             tables, qlinears = split_tables(module, qtensors)
-            plan_ = target.precision_plan(module, lambda m=module: _replay_fp32(m, limits, script), set(qtensors))
+            plan_ = target.precision_plan(module, lambda m=module: _replay_fp32(m, limits, script), set(qtensors), classes[name])
             release_pages(module.state_dict().values())
             t["precision_s"] = time.perf_counter() - t0 - t["golden_s"]
             # tied heads quantized as their table: head path -> table path
@@ -322,7 +328,7 @@ def _finish(tmp: Path, ckpt, side_files: dict[str, Path], assets_np: dict[str, n
         family=ckpt.family.name,
         source=Source(str(ckpt.root), ckpt.fingerprint()),
         profile=ProfileEntry(profile.name, profile.target, profile.description, limits.max_context, profile.bandwidth_gbs, settings),
-        quant=QuantEntry(recipe.name, target.float_class,
+        quant=QuantEntry(recipe.name, target.float_class_for(profile, recipe),
                          tuple(RuleEntry(r.pattern, r.roles, None if r.config is None else asdict(r.config)) for r in recipe.rules),
                          None if recipe.embeddings is None else asdict(recipe.embeddings)),
         model=model_cfg,

@@ -39,10 +39,14 @@ class ExecuTorchSettings:
     # The KV cache's element type inside the program: fp16 where the device's cores do fp16
     # arithmetic (ARM), half the memory; fp32 elsewhere (x86 runs the fp16 attention kernel slower).
     kv_dtype: str = "fp32"
+    # What an fp16 float recipe lowers to: fp16 activations and weights where XNNPACK runs fp16
+    # kernels natively (ARM); fp32 elsewhere (x86 has no fp16 arithmetic: XNNPACK converts).
+    float_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.kv_dtype not in ("fp32", "fp16"):
-            raise ProfileError(f"[executorch] kv_dtype must be fp32 or fp16, got {self.kv_dtype!r}")
+        for key in ("kv_dtype", "float_dtype"):
+            if getattr(self, key) not in ("fp32", "fp16"):
+                raise ProfileError(f"[executorch] {key} must be fp32 or fp16, got {getattr(self, key)!r}")
 
 
 @dataclass(frozen=True)

@@ -202,10 +202,11 @@ def fit_check(profile: Profile, family: Family, cfg: Any, recipe: QuantRecipe, c
     if profile.target in TARGETS:
         target = TARGETS.get(profile.target)
         recipe, _ = recipe_for_target(target, recipe, {s.name: meta_build(s) for s in family.specs(cfg)})
-        recipe = replace(recipe, float_dtype=target.float_class)
+        recipe = replace(recipe, float_dtype=target.float_class_for(profile, recipe))
         share = not target.no_shared_head
-    # ExecuTorch's fp16 cache is for quantized stacks (an fp32 one keeps its gate's fp32 cache)
-    kv16 = profile.target == "executorch" and profile.executorch is not None and profile.executorch.kv_dtype == "fp16" and not recipe.is_float
+    # ExecuTorch's fp16 cache is for quantized stacks and fp16 builds (an fp32 build keeps its gate's fp32 cache)
+    kv16 = (profile.target == "executorch" and profile.executorch is not None and profile.executorch.kv_dtype == "fp16"
+            and (not recipe.is_float or recipe.float_dtype == "fp16"))
     plan = memory_plan(family, cfg, recipe, context or profile.max_context, share_tied=share, kv_elem=2 if kv16 else None)
     if profile.tensorrt is not None:
         plan = replace(plan, overhead_bytes=plan.overhead_bytes + (profile.tensorrt.workspace_mb << 20))

@@ -130,10 +130,16 @@ class Target(ABC):
         ``check_quant`` refuses what does not fit, saying why). Returns the recipe and notes."""
         return recipe, []
 
-    def precision_plan(self, module: nn.Module, run_script: Callable[[], None], skip: set[str]) -> Any:
+    def float_class_for(self, profile: Profile, recipe: QuantRecipe, role: str | None = None) -> str:
+        """The precision of the tensors ``recipe`` leaves float, in this target's artifacts for
+        ``profile`` (a component of ``role`` without quantized weights is of this class)."""
+        return self.float_class
+
+    def precision_plan(self, module: nn.Module, run_script: Callable[[], None], skip: set[str], precision: str) -> Any:
         """Before encoding: what this target measures on the float module while ``run_script``
         replays its golden calls (TensorRT: which layers fp16 cannot hold; ``skip``: quantized
-        linears). Handed to ``trace_context``; its ``report()`` goes in the build report."""
+        linears; ``precision``: the component's class). Handed to ``trace_context``; its
+        ``report()`` goes in the build report."""
         return None
 
     def trace_context(self, module: nn.Module, limits: Limits, plan: Any = None) -> AbstractContextManager[None]:

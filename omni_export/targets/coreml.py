@@ -131,7 +131,7 @@ class CoreMLTarget(Target):
         return replace(recipe, rules=rules), [f"{self.name}: preset {recipe.name} runs weight-only here (int8 weights, fp16 "
                                               "activations): Core ML has no dynamic int8 activation quantization"]  # fmt: skip
 
-    def precision_plan(self, module, run_script, skip):  # type: ignore[no-untyped-def]
+    def precision_plan(self, module, run_script, skip, precision):  # type: ignore[no-untyped-def]
         return measure_fp16(module, run_script, skip)
 
     def trace_context(self, module, limits, plan=None):  # type: ignore[no-untyped-def]

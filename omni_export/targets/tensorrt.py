@@ -142,7 +142,7 @@ class TensorRTTarget(Target):
             note += f"; {len(narrow)} linear(s) whose input width {INT4_BLOCK} does not divide are int8 per channel ({', '.join(narrow[:3])}{' ...' if len(narrow) > 3 else ''})"
         return replace(recipe, rules=tuple(rules)), [note]
 
-    def precision_plan(self, module, run_script, skip):  # type: ignore[no-untyped-def]
+    def precision_plan(self, module, run_script, skip, precision):  # type: ignore[no-untyped-def]
         return measure_fp16(module, run_script, skip)
 
     def trace_context(self, module, limits, plan=None):  # type: ignore[no-untyped-def]

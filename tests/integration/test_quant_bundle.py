@@ -175,3 +175,24 @@ def test_promotion_stops_at_its_budget_and_when_it_stops_helping(tiny_dirs, tmp_
     too_strict = _strict_plan(tiny_dirs, 0.998)
     with pytest.raises(api.PromotionError, match="did not lower the artifact's error for speech_lm"):
         api.export("desktop-cpu", plan.model, "int4", tmp_path / "never", 256, plan=too_strict, size_budget=2.0)
+
+
+@pytest.mark.slow  # its own tiny android fp16 build (minutes): run with -m slow
+def test_android_fp16_build_computes_in_fp16_and_passes_the_fp16_gate(quant_bundles, bundles):
+    """ExecuTorch on a profile whose cores compute fp16: an fp16 build lowers its float weights,
+    activations and caches to fp16 (weights at half the fp32 build's bytes), the layers its measured plan
+    keeps in fp32 stay so, and every component passes its gate (the vocoder, kept fp32, the
+    fp32 one)."""
+    b, f = quant_bundles("android", "interactiveomni", "fp16"), bundles["interactiveomni"]
+    man = read_manifest(b.bundle)
+    assert man.quant.float_dtype == "fp16"
+    want = {c.name: "fp32" if c.name == "vocoder" else "fp16" for c in b.components}
+    assert all(c.precision == want[c.name] == c.parity.gate_reference and c.parity.passed for c in b.components), \
+        [(c.name, c.precision, c.parity.status) for c in b.components]
+    for name in ("llm", "speech_lm"):
+        assert man.components[name].kv_cache.dtype == "float16", name
+    fp32 = {c.name: c.bytes for c in f.components}
+    for c in b.components:  # the weights halve, the program's graph does not (0.64x for tiny ones)
+        if fp32[c.name] > 1 << 20 and c.name != "vocoder":
+            assert c.bytes < 0.7 * fp32[c.name], (c.name, c.bytes, fp32[c.name])
+        assert (c.precision_layers is not None) == (c.precision == "fp16")  # the measured plan is reported

@@ -192,3 +192,26 @@ def test_the_host_check_counts_what_the_job_holds_at_its_largest_phase():
     assert host_fit(memory_plan(fam, fam.preset("tiny"), PRESETS.get("int4"), 256), available=24 * 2**30).fits
     assert host_fit(int4, available=10**12).fits
     assert replace(refused, available_bytes=None).fits  # a host that does not say is not refused
+
+
+def test_executorch_lowers_an_fp16_build_in_fp16_only_where_the_profile_computes_it():
+    from omni_export.targets import TARGETS
+
+    et = TARGETS.get("executorch")
+    android, host = get_profile("android"), get_profile("host-cpu")
+    assert et.float_class_for(android, PRESETS.get("fp16")) == "fp16"
+    # x86 has no fp16 arithmetic; an fp32 build stays fp32; quantized stacks keep fp32 activations
+    assert et.float_class_for(host, PRESETS.get("fp16")) == "fp32"
+    assert et.float_class_for(android, PRESETS.get("fp32")) == "fp32"
+    assert et.float_class_for(android, PRESETS.get("int4")) == "fp32"
+    assert et.float_class_for(android, PRESETS.get("fp16"), "vocoder") == "fp32"  # measured: its waveform misses the gate
+    cfg = IO.preset("full")
+    a, h = (fit_check(p, IO, cfg, PRESETS.get("fp16"), 4096) for p in (android, host))
+    assert (a.plan.float_dtype, h.plan.float_dtype) == ("fp16", "fp32")
+    assert h.plan.kv_bytes == 2 * a.plan.kv_bytes
+    llm = lambda f: next(c for c in f.plan.components if c.name == "llm")  # noqa: E731
+    assert llm(h).weight_bytes == pytest.approx(2 * llm(a).weight_bytes, rel=1e-3)
+    with pytest.raises(ProfileError, match="float_dtype must be fp32 or fp16"):
+        from omni_export.profiles import ExecuTorchSettings
+
+        ExecuTorchSettings(float_dtype="bf16")
