@@ -33,6 +33,9 @@ def _executorch(m: Manifest, root: Path | None = None) -> list[str]:
         "",
         "```python",
         "from executorch.runtime import Runtime",
+        *(["from omni_export.runtime_py.backends import et_options",
+           f"et_options.apply({dict(m.profile.runtime.options)!r})  # process-wide, before loading (below)"]
+          if m.profile.runtime.options else []),
         f"program = Runtime.get().load_program('artifacts/llm.pte'{f', data_path={data!r}' if data else ''})",
         *(["# its weights are in the .ptd beside it (the tied head and the embedding table share one copy)"] if data else []),
         "# Load every method before running any: prefill and decode share the KV cache (mutable buffers).",
@@ -43,6 +46,10 @@ def _executorch(m: Manifest, root: Path | None = None) -> list[str]:
         "```",
         "",
         "On Android use the ExecuTorch `Module` API with the same method names; `reset_cache` starts a new conversation.",
+        *(["Set the profile's backend options (`profile.runtime.options` in `manifest.json`) before loading, with "
+           "`executorch::runtime::set_option(backend, options)`: `XnnpackBackend.weight_cache_enabled` lets prefill and "
+           "decode share one packing of each weight instead of one each (about the `.ptd`'s size saved)."]
+          if m.profile.runtime.options else []),
         "",
     ]
 

@@ -265,7 +265,9 @@ class ExecuTorchTarget(Target):
         return ET_KV16.name if fp16 else self.kv_mode
 
     def runtime_settings(self, profile) -> RuntimeSettings:  # type: ignore[no-untyped-def]
-        return RuntimeSettings(threads=profile.executorch.threads if profile.executorch else 0)
+        # XNNPACK's weight cache: methods share one packing of each weight instead of one each.
+        return RuntimeSettings(threads=profile.executorch.threads if profile.executorch else 0,
+                               options={"XnnpackBackend.weight_cache_enabled": "true"})
 
     @staticmethod
     def _lower(traced, partitioners: list, metadata: dict[str, Any], data_tag: str | None = None):  # type: ignore[no-untyped-def]

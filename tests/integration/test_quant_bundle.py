@@ -122,6 +122,34 @@ def test_quantized_stacks_keep_their_cache_in_fp16_on_android(qbundles, bundles)
     assert planned["f"] - planned["q"] >= fp32_cache // 2, (planned, fp32_cache)
 
 
+def test_xnnpack_weight_cache_is_recorded_and_changes_no_output(qbundles):
+    """The bundle asks for XNNPACK's weight cache (one packing of each weight for prefill and
+    decode, not one per method); with it the LLM's prefill gives bit for bit what it gives
+    without."""
+    import numpy as np
+
+    from omni_export.runtime_py.backends import et_options
+    from omni_export.runtime_py.backends.executorch import ExecuTorchSession, program_files
+
+    b = qbundles("interactiveomni").bundle
+    m = read_manifest(b)
+    assert m.profile.runtime.options == {"XnnpackBackend.weight_cache_enabled": "true"}
+    llm, golden = m.components["llm"], np.load(b / "golden" / "llm.npz")
+    call, (pte, data) = list(golden["calls"]).index("prefill"), program_files(llm, b)
+    prefill = llm.methods["prefill"]
+    inputs = [torch.from_numpy(golden[f"in/{call}/{t.name}"].copy()) for t in prefill.inputs]
+    before = et_options.get_option("XnnpackBackend", "weight_cache_enabled")
+    try:
+        outs = {}
+        for on in ("false", "true"):
+            session = ExecuTorchSession(pte, 0, data, {"XnnpackBackend.weight_cache_enabled": on})
+            outs[on] = [t.clone() for t in session.run(prefill.entry, inputs)]
+            del session
+    finally:
+        et_options.set_option("XnnpackBackend", "weight_cache_enabled", before)
+    assert all(torch.equal(x, y) for x, y in zip(outs["false"], outs["true"], strict=True))
+
+
 def test_int4_llm_artifact_is_smaller(qbundles, bundles):
     q = {b.name: b.bytes for b in qbundles("interactiveomni").components}
     f = {b.name: b.bytes for b in bundles["interactiveomni"].components}

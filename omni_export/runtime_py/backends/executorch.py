@@ -3,11 +3,12 @@ buffers, shared by its prefill and decode methods; reset runs the program's rese
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from omni_export.runtime_py.backends import et_options
 from omni_export.runtime_py.backends.base import SESSIONS, Session, host_cores
 
 RESET = "reset_cache"
@@ -23,7 +24,7 @@ class ExecuTorchSession(Session):
     backend = "executorch"
     stateful = True
 
-    def __init__(self, path: Path, threads: int = 0, data: Path | None = None) -> None:
+    def __init__(self, path: Path, threads: int = 0, data: Path | None = None, options: Mapping[str, str] | None = None) -> None:
         from executorch.runtime import Runtime
 
         # LLM artifacts call llama::update_cache / llama::custom_sdpa; their kernels register on import.
@@ -37,6 +38,8 @@ class ExecuTorchSession(Session):
 
             if _threadpool_get_thread_count() != threads:
                 _unsafe_reset_threadpool(threads)
+        if options:  # process-wide, as on a device; set before this program's methods load
+            et_options.apply(options)
         self.path = Path(path)
         self.data = None if data is None else Path(data)
         self._runtime = Runtime.get()
@@ -55,7 +58,7 @@ class ExecuTorchSession(Session):
         # The profile's thread count, never more than this host's cores (a phone profile run on a
         # small host would only oversubscribe it).
         pte, data = program_files(entry, root)
-        return cls(pte, min(settings.threads, host_cores()) if settings.threads else 0, data)
+        return cls(pte, min(settings.threads, host_cores()) if settings.threads else 0, data, settings.options)
 
     @classmethod
     def interface_problems(cls, entry, root: Path) -> list[str]:  # type: ignore[no-untyped-def]
