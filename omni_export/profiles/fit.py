@@ -6,7 +6,8 @@ figure for an 8B model costs milliseconds. Activations are an estimate (document
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -92,11 +93,15 @@ def _describe(cfgs: set[QuantConfig | None], float_name: str) -> str:
     return " / ".join(names)
 
 
-def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe, share_tied: bool = False) -> ComponentMemory:
+def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe, share_tied: bool = False,
+                     float_dtype: str | None = None) -> ComponentMemory:  # fmt: skip
     """Bytes as the build stores them: linears by the recipe's rules, the decoders' embedding
     tables by its ``embeddings`` config (float when it has none); a tied head quantized as its
-    table takes the table's config, and no bytes of its own where the target shares them."""
-    fb = _float_bytes(recipe)
+    table takes the table's config, and no bytes of its own where the target shares them.
+    ``float_dtype``: what stays float, where the target keeps this component's in a type of its
+    own (ExecuTorch's fp32 vocoder in an fp16 build); else the recipe's."""
+    float_dtype = float_dtype or recipe.float_dtype
+    fb = 4 if float_dtype == "fp32" else 2
     role = role_of(module).value
     tied = tied_pairs({spec.name: module}, recipe)
     total, params, used, tables = 0.0, 0, set(), set()
@@ -122,7 +127,7 @@ def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe
         else:
             total += t.numel() * cfg.bytes_per_weight(t.shape[1])
         params += t.numel()
-    what = _describe(used or ({None} if params else set()), recipe.float_dtype)
+    what = _describe(used or ({None} if params else set()), float_dtype)
     if tables:
         what += f"; embeddings {embedding_kind(next(iter(tables)))}"
     return ComponentMemory(spec.name, params, int(total), what)
@@ -170,9 +175,10 @@ def check_context(context: int | None, what: str = "--context") -> None:
 
 
 def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, specs: Sequence[ComponentSpec] | None = None,
-                share_tied: bool = False, kv_elem: int | None = None) -> MemoryPlan:  # fmt: skip
+                share_tied: bool = False, kv_elem: int | None = None, float_of: Callable[[str], str] | None = None) -> MemoryPlan:  # fmt: skip
     """``kv_elem``: bytes per KV cache element where the target holds the cache in a type of its
-    own (ExecuTorch's fp16 cache); else the float type's."""
+    own (ExecuTorch's fp16 cache); else the float type's. ``float_of(role)``: a component's float
+    type where the target decides it per role; else the recipe's."""
     check_context(context)
     specs = list(specs or family.specs(cfg))
     modules = {s.name: meta_build(s) for s in specs}
@@ -181,7 +187,8 @@ def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, spe
     # the same (module path, role) pairs the quantizer checks, so a plan refuses exactly what a build would
     recipe.check_matches(weight_roles(modules).items())
     elem = _float_bytes(recipe)
-    comps = tuple(component_memory(s, modules[s.name], recipe, share_tied) for s in specs)
+    comps = tuple(component_memory(s, modules[s.name], recipe, share_tied, float_of(role_of(modules[s.name]).value) if float_of else None)
+                  for s in specs)  # fmt: skip
     kv = sum(_kv_bytes(modules[s.name], context, kv_elem or elem) for s in specs)
     stream = elem * sum(component(modules[s.name]).stream_state_elements() for s in specs)
     act = activation_estimate(family, cfg, modules, context, elem)
@@ -198,16 +205,18 @@ def fit_check(profile: Profile, family: Family, cfg: Any, recipe: QuantRecipe, c
     # Counted as the target stores it: a preset as the target adapts it (TensorRT's int4 blocks),
     # and a target whose float class is fp32 (ONNX Runtime's CPU provider, ExecuTorch's XNNPACK
     # here) keeps the recipe's float tensors and the KV cache in fp32.
-    share = False
+    share, float_of = False, None
     if profile.target in TARGETS:
         target = TARGETS.get(profile.target)
         recipe, _ = recipe_for_target(target, recipe, {s.name: meta_build(s) for s in family.specs(cfg)})
         recipe = replace(recipe, float_dtype=target.float_class_for(profile, recipe))
         share = not target.no_shared_head
+        float_of = functools.partial(target.float_class_for, profile, recipe)
     # ExecuTorch's fp16 cache is for quantized stacks and fp16 builds (an fp32 build keeps its gate's fp32 cache)
     kv16 = (profile.target == "executorch" and profile.executorch is not None and profile.executorch.kv_dtype == "fp16"
             and (not recipe.is_float or recipe.float_dtype == "fp16"))
-    plan = memory_plan(family, cfg, recipe, context or profile.max_context, share_tied=share, kv_elem=2 if kv16 else None)
+    plan = memory_plan(family, cfg, recipe, context or profile.max_context, share_tied=share, kv_elem=2 if kv16 else None,
+                       float_of=float_of)  # fmt: skip
     if profile.tensorrt is not None:
         plan = replace(plan, overhead_bytes=plan.overhead_bytes + (profile.tensorrt.workspace_mb << 20))
     return FitResult(profile, plan)
