@@ -153,10 +153,7 @@ def build_bundle(
     meter = PhaseMeter()
 
     def step(component: str, what: str) -> None:
-        # What the last phase freed goes back to the kernel before the next one grows; lowering
-        # leaves its graphs in reference cycles, which only the collector frees.
-        gc.collect()
-        trim_heap()
+        trim_heap()  # what the last phase freed goes back to the kernel before the next one grows
         meter.mark(component, what)
         if progress:
             progress(component, what)
