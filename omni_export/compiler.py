@@ -232,6 +232,10 @@ def build_bundle(
             step(name, f"lowering ({target.name})")
             artifact = target.lower(traced, profile, tmp, meta, qlinears)
             notes.extend(artifact.notes)
+            # Lowering leaves its graphs in reference cycles: collected before parity loads the
+            # runtime, not after (4B LLM: 12.86 GB resident -> 7.25 GB). Once per component: a
+            # full collection is slow in a process that holds many objects.
+            gc.collect()
             t["lower_s"] = artifact.build_s
             spec = ckpt.specs[name]
             entry = ComponentEntry(
@@ -260,7 +264,6 @@ def build_bundle(
             del ckpt.components[name]  # its encoded and widened weights go now, not at the end
             release_pages(x for qt in qtensors.values() for x in (qt.q, qt.scale, qt.zero))
             del qtensors, tables, qlinears
-            gc.collect()
         for (reason, runs_on), names in unrun.items():
             notes.append(f"parity not run on this host for {', '.join(names)} ({reason}): these components are not verified; "
                          f"run `omni-export parity BUNDLE` where {runs_on} runs")  # fmt: skip
