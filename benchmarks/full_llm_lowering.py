@@ -19,14 +19,11 @@ import threading
 import time
 from pathlib import Path
 
+from omni_export.phases import _status as _read  # one /proc/self/status field, in bytes
+
 
 def _status() -> dict[str, int]:
-    out = {}
-    for line in open("/proc/self/status"):
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
+    return {key: _read(key) or 0 for key in ("VmRSS", "RssAnon", "RssFile")}
 
 
 class Sampler:

@@ -80,8 +80,8 @@ class FitResult:
         return self.margin_bytes >= 0
 
 
-def _float_bytes(recipe: QuantRecipe) -> int:
-    return 4 if recipe.float_dtype == "fp32" else 2
+def _float_bytes(float_dtype: str) -> int:
+    return 4 if float_dtype == "fp32" else 2
 
 
 def _describe(cfgs: set[QuantConfig | None], float_name: str) -> str:
@@ -101,7 +101,7 @@ def component_memory(spec: ComponentSpec, module: nn.Module, recipe: QuantRecipe
     ``float_dtype``: what stays float, where the target keeps this component's in a type of its
     own (ExecuTorch's fp32 vocoder in an fp16 build); else the recipe's."""
     float_dtype = float_dtype or recipe.float_dtype
-    fb = 4 if float_dtype == "fp32" else 2
+    fb = _float_bytes(float_dtype)
     role = role_of(module).value
     tied = tied_pairs({spec.name: module}, recipe)
     total, params, used, tables = 0.0, 0, set(), set()
@@ -186,7 +186,7 @@ def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, spe
         untie_heads(modules)  # as the quantizer will: a tied head quantized is a second copy
     # the same (module path, role) pairs the quantizer checks, so a plan refuses exactly what a build would
     recipe.check_matches(weight_roles(modules).items())
-    elem = _float_bytes(recipe)
+    elem = _float_bytes(recipe.float_dtype)
     comps = tuple(component_memory(s, modules[s.name], recipe, share_tied, float_of(role_of(modules[s.name]).value) if float_of else None)
                   for s in specs)  # fmt: skip
     kv = sum(_kv_bytes(modules[s.name], context, kv_elem or elem) for s in specs)

@@ -197,12 +197,12 @@ def _weights_shared_with_preprocess() -> Iterator[None]:
 @contextmanager
 def _no_graphs_left_behind() -> Iterator[None]:
     """ExecuTorch keeps the graphs it lowered reachable from module state after lowering returns:
-    ``exir.backend.utils.is_same_node`` is an unbounded ``lru_cache`` keyed by graph nodes, and the
+    ``exir.backend.utils.is_same_node`` is an unbounded ``lru_cache`` keyed by graph nodes, the
     partitioners' module-level ``WhyNoPartition`` loggers hold the last node they rejected, and
     torch's class-wide caches (fake-tensor dispatch, ShapeEnv's methods) key calls by their
-    arguments, lowered modules among them. Each reaches a graph, its program and every lowered module with their payloads:
-    a tiny bundle's build left 99 lowered modules alive, the 4B build 8.7 GB resident after its
-    LLM. All are let go when lowering ends."""
+    arguments, lowered modules among them. Each reaches a graph, its program and every lowered
+    module with their payloads: a tiny bundle's build left 99 lowered modules alive, the 4B build
+    8.7 GB resident after its LLM. All are let go when lowering ends."""
     try:
         yield
     finally:
@@ -369,7 +369,6 @@ class ExecuTorchTarget(Target):
             files.append(f"artifacts/{tag}.ptd")
             with staged_file(root / files[-1]) as tmp, open(tmp, "wb") as f:
                 cord.write_to_file(f)
-        program = cord = None  # the compiler collects its cyclic graphs before parity
         return Artifact(traced.name, tuple(files), {m: m for m in traced.specs}, self.backend, delegation, time.perf_counter() - start)
 
 
