@@ -133,20 +133,21 @@ def check_recipe(ckpt: Checkpoint, recipe: QuantRecipe, profile: Profile) -> Qua
 
 
 def quant_report(model: str | Path, quant: str | QuantRecipe, target: str | Profile = "android", progress=None,  # type: ignore[no-untyped-def]
-                 components: list[str] | None = None, measured: dict[str, float] | None = None):  # fmt: skip
+                 components: list[str] | None = None, measured: dict[str, float] | None = None, ranking: str = "auto"):  # fmt: skip
     """Sensitivity of every quantized layer (of ``components``, default all) and a mixed-precision
     proposal meeting the profile's parity threshold for ``quant`` (see quantize/sensitivity.py;
-    ``measured``: the artifacts' worst cosines, which calibrate the estimate). Returns (reports,
-    proposed recipe)."""
+    ``measured``: the artifacts' worst cosines, which calibrate the estimate; ``ranking``: exact,
+    layer or auto). The checkpoint stays as stored and memory-mapped; it computes in fp32 a layer
+    at a time. Returns (reports, proposed recipe)."""
     from omni_export.quantize.sensitivity import analyze, proposal_recipe
 
     profile = get_profile(target) if isinstance(target, str) else target
     recipe = resolve_recipe(quant) if isinstance(quant, str) else quant
     ckpt = load_checkpoint(model, components=[])
     recipe = check_recipe(ckpt, recipe, profile)  # as the target builds it
-    ckpt = load_checkpoint(model, dtype=torch.float32)
+    ckpt = load_checkpoint(model)
     reports = analyze(ckpt.components, recipe, ckpt.tokenizer, profile.threshold, progress,
-                      None if components is None else set(components), measured)  # fmt: skip
+                      None if components is None else set(components), measured, ranking)  # fmt: skip
     return reports, proposal_recipe(recipe, reports)
 
 
@@ -159,7 +160,8 @@ def export(target: str, model: str | Path | None = None, quant: str | None = Non
     ``promote``: when a quantized component misses its gate, rank its layers by the damage each
     does (quantize/sensitivity.py), promote the worst to 8-bit until the estimate meets the gate,
     and build once more with that recipe, if its quantized weights stay within ``size_budget``
-    times the recipe's (the manifest then records the mixed recipe).
+    times the recipe's (the manifest then records the mixed recipe). That build lowers only the
+    failed components; those that passed come from the rejected bundle as they are.
     Returns (ExportPlan, BuildResult); raises DoesNotFitError before any work when the model does
     not fit the device, HostMemoryError when this host cannot hold the job (``host_check``), ParityGateError (with the result) when a component misses its threshold,
     PromotionError when promoting cannot help within the budget."""
@@ -174,10 +176,10 @@ def export(target: str, model: str | Path | None = None, quant: str | None = Non
     if not plan.fit.fits:
         raise DoesNotFitError(plan)
     check_host(plan, host_check)
-    recipe, notes, base_bytes, before = plan.recipe, [], {}, {}
+    recipe, notes, base_bytes, before, carry = plan.recipe, [], {}, {}, None
     for round_ in range(PROMOTION_ROUNDS + 1):
         try:
-            result = build_bundle(plan.profile, plan.model, recipe, out, context, overwrite, progress)
+            result = build_bundle(plan.profile, plan.model, recipe, out, context, overwrite, progress, carry)
             break
         except ParityGateError as exc:
             if not promote or recipe.is_float or round_ == PROMOTION_ROUNDS:
@@ -190,6 +192,7 @@ def export(target: str, model: str | Path | None = None, quant: str | None = Non
                     f"come from quantized weights (the gate's fp16 reference, layers kept float, the target's kernels). The bundle "
                     f"is at {exc.result.bundle}; build with --quant int8 or fp16.") from exc  # fmt: skip
             before = measured
+            carry = exc.result  # what passed is taken as it is: only the failed components build again
             recipe, why = promoted_recipe(replace(plan, recipe=recipe), measured, size_budget, base_bytes, progress)
             notes.append(why)
     result.notes.extend(notes)

@@ -266,6 +266,9 @@ def quant_report(
     target: str = typer.Option("android", "--target", "-t", help="profile whose parity threshold the proposal must meet"),
     top: int = typer.Option(10, "--top", help="layers to list per component"),
     write_recipe: Optional[Path] = typer.Option(None, "--write-recipe", help="write the proposed mixed-precision recipe here (TOML)"),
+    ranking: str = typer.Option("auto", "--ranking", help="exact: the component's output with each layer alone quantized (an "
+                                "evaluation per layer); block: with each block (decoder layer) quantized, then each layer's own "
+                                "output; auto: block for large components"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Rank quantized layers by the damage each does alone and propose the smallest recipe that meets the parity target."""
@@ -277,7 +280,8 @@ def quant_report(
         path = model or api.demo_checkpoint()
         with _spinner("sensitivity") as prog:
             task = prog.add_task("starting")
-            reports, proposal = api.quant_report(path, quant, target, lambda what, i, n: prog.update(task, description=f"{what} {i}/{n}"))
+            reports, proposal = api.quant_report(path, quant, target, lambda what, i, n: prog.update(task, description=f"{what} {i}/{n}"),
+                                                 ranking=ranking)  # fmt: skip
     except OmniExportError as exc:
         _fail(exc)
     if write_recipe:
@@ -286,8 +290,9 @@ def quant_report(
         console.print_json(json.dumps({"reports": [_sens_dict(r) for r in reports], "proposal_toml": recipe_toml(proposal)}))
         return
     for r in reports:
-        t = Table(title=f"{r.component}: {quant} all layers -> {_damage_str(r.all_quantized)}; worst layers alone")
-        for col in ("layer", "precision", "damage alone", "bytes"):
+        alone = "alone" if r.ranking == "exact" else "by the damage of their block, then their own output"
+        t = Table(title=f"{r.component}: {quant} all layers -> {_damage_str(r.all_quantized)}; worst layers {alone}")
+        for col in ("layer", "precision", "damage alone" if r.ranking == "exact" else "block's damage", "bytes"):
             t.add_column(col, justify="left" if col == "layer" else "right")
         for fqn, cfg, d, nbytes in r.layers[:top]:
             t.add_row(fqn, f"int{cfg.bits} g{cfg.group_size or 'ch'}", _damage_str(d), _gb(nbytes))
@@ -317,7 +322,7 @@ def _damage_str(d) -> str:  # type: ignore[no-untyped-def]
 def _sens_dict(r) -> dict:  # type: ignore[no-untyped-def]
     from dataclasses import asdict
 
-    return {"component": r.component, "all_quantized": asdict(r.all_quantized), "bytes_recipe": r.bytes_recipe,
+    return {"component": r.component, "ranking": r.ranking, "all_quantized": asdict(r.all_quantized), "bytes_recipe": r.bytes_recipe,
             "bytes_proposal": r.bytes_proposal, "proposal_damage": asdict(r.proposal_damage) if r.proposal_damage else None,
             "layers": [{"layer": f, "bits": c.bits, "group_size": c.group_size, "damage": asdict(d), "bytes": b} for f, c, d, b in r.layers],
             "proposal": {p: {"bits": c.bits, "group_size": c.group_size} for p, c in r.proposal.items()}}  # fmt: skip

@@ -51,8 +51,19 @@ class QTensor:
         return w.reshape(out, k).to(dtype)
 
     def nbytes(self) -> int:
-        """Deployed size: packed codes, bf16 scales, int8 zero points when asymmetric."""
-        return self.q.numel() * self.config.bits // 8 + self.scale.numel() * 2 + (0 if self.config.symmetric else self.zero.numel())
+        return stored_bytes(self.q.numel(), self.scale.numel(), self.config)
+
+
+def stored_bytes(codes: int, groups: int, cfg: QuantConfig) -> int:
+    """Deployed size of ``codes`` quantized weights in ``groups`` groups: packed codes, a bf16
+    scale per group, an int8 zero point per group when asymmetric."""
+    return codes * cfg.bits // 8 + groups * 2 + (0 if cfg.symmetric else groups)
+
+
+def weight_bytes(shape: tuple[int, int], cfg: QuantConfig) -> int:
+    """``stored_bytes`` of an [out, in] weight under ``cfg``, without quantizing it."""
+    out, k = shape
+    return stored_bytes(out * k, out * (k // (cfg.group_size or k)), cfg)
 
 
 def _under(entries: dict[str, Any], component: str) -> dict[str, Any]:

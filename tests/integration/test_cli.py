@@ -172,6 +172,29 @@ def test_quant_report_ranks_layers_and_writes_a_recipe(tiny_dirs, tmp_path):
     assert recipe.name == "int4-mixed" and recipe.rules[-3:] == PRESETS.get("int4").rules
 
 
+def test_quant_report_by_block_ranks_blocks_exactly_and_layers_within_them(tiny_dirs):
+    """--ranking block (what auto picks for a large component): one evaluation per decoder layer
+    with all its linears quantized; the blocks come worst first, each layer carries its block's
+    damage, and the proposal still meets the gate it was made for. The exact ranking's worst
+    layer lies in the block ranked worst."""
+    from omni_export import api
+
+    (exact,), _ = api.quant_report(tiny_dirs["interactiveomni"], "int4", "android", components=["llm"], ranking="exact")
+    (block,), _ = api.quant_report(tiny_dirs["interactiveomni"], "int4", "android", components=["llm"], ranking="block")
+    assert (exact.ranking, block.ranking) == ("exact", "block")
+    names = [fqn for fqn, *_ in block.layers]
+    assert sorted(names) == sorted(fqn for fqn, *_ in exact.layers)
+    blocks = [fqn.split(".")[3] for fqn in names]  # llm.model.layers.<i>.<...>
+    assert blocks == sorted(blocks, key=blocks.index) and len(set(blocks)) == 2  # each block's layers together
+    kl = [d.kl for *_, d, _ in block.layers]
+    assert kl[0] == kl[6] != kl[7] == kl[13] and kl[0] > kl[7]
+    assert exact.layers[0][0].split(".")[3] == blocks[0]
+    assert block.all_quantized == exact.all_quantized
+    assert block.proposal_damage is not None and block.proposal_damage.meets(block.threshold)
+    with pytest.raises(api.ConfigError, match="ranking must be one of"):
+        api.quant_report(tiny_dirs["interactiveomni"], "int4", "android", components=["llm"], ranking="fastest")
+
+
 @pytest.fixture(scope="module")
 def mixed_recipe(tiny_dirs, tmp_path_factory):
     proposal = tmp_path_factory.mktemp("mixed") / "mixed.toml"
