@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from omni_export.bundle.manifest import (
     Source,
     TensorSpec,
     file_entry,
+    read_manifest,
     write_manifest,
     write_schema,
 )
@@ -93,6 +95,23 @@ class BuildResult:
     components: list[ComponentBuild]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    recipe: QuantRecipe | None = None  # as the target built it
+
+
+def kept_from(carry: BuildResult, recipe: QuantRecipe, components: dict[str, torch.nn.Module]) -> set[str]:
+    """The components of ``carry`` (a build that missed its gate; ``carry.bundle`` is the rejected
+    bundle) that a build with ``recipe`` (as the target builds it) takes as they are: those that
+    passed and whose weights no rule ``recipe`` adds or drops matches. Promotion changes only the
+    failed components' layers, so a 4B build's encoders, speech decoder and vocoder (an hour of
+    lowering) are not lowered again."""
+    from omni_export.quantize.engine import weight_roles, weighted_modules
+
+    if carry.recipe is None or recipe.embeddings != carry.recipe.embeddings or recipe.tied_head != carry.recipe.tied_head:
+        return set()
+    changed = set(recipe.rules) ^ set(carry.recipe.rules)
+    roles = weight_roles(components, weighted_modules(components))
+    touched = {fqn.split(".", 1)[0] for fqn, role in roles.items() for r in changed if r.matches(fqn, role)}
+    return {b.name for b in carry.components if not b.parity.failures and b.name not in touched}
 
 
 def _quant_summary(linears: dict[str, QTensor], tables: dict[str, QTensor], activation: str, heads: dict[str, str],
@@ -141,7 +160,9 @@ def build_bundle(
     context: int | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    carry: BuildResult | None = None,
 ) -> BuildResult:
+    """``carry``: the last build, when this one follows a missed gate (see kept_from)."""
     out = Path(out)
     check_context(context)
     check_bundle_out(out, overwrite)
@@ -178,6 +199,10 @@ def build_bundle(
     quant: QuantResult | None = None
     quant_where = None
     notes.extend(check_plan(target, ckpt.components, configs, profile))  # refuses what it cannot encode, before any work
+    kept = kept_from(carry, recipe, ckpt.components) if carry else set()
+    entries = read_manifest(carry.bundle).components if carry and kept else {}
+    if kept:
+        notes.append(f"kept from the build before, which they passed ({', '.join(sorted(kept))}): the new recipe does not change them")
     if configs:
         step("quantize", f"{recipe.name} (calibrating where the recipe asks)")
         quant, quant_where = quantize_checkpoint(ckpt, recipe, lambda what, i, n: step("quantize", what) if i == 1 else None)
@@ -199,6 +224,13 @@ def build_bundle(
     unrun: dict[tuple[str, str], list[str]] = {}  # (why, where it runs) -> components whose parity was not run
     with staged_dir(out) as tmp:  # removed if anything below fails or is interrupted
         for name in list(ckpt.components):
+            if name in kept:
+                step(name, "kept from the build before")
+                components[name] = entries[name]
+                _take(carry.bundle, tmp, (*entries[name].files, entries[name].golden))  # type: ignore[union-attr]
+                builds.append(next(b for b in carry.components if b.name == name))  # type: ignore[union-attr]
+                del ckpt.components[name]
+                continue
             module = ckpt.components[name]
             t: dict[str, float] = {}
             # The float module is the reference: golden I/O comes before any weight is encoded.
@@ -275,7 +307,7 @@ def build_bundle(
             atomic_write_text(tmp / "reports" / "quant.json", json.dumps(
                 {"recipe": recipe.name, "cache": str(quant_where), "seconds": round(quant.seconds, 2), "layers": quant.layers}, indent=1))
         _finish(tmp, ckpt, side_files, assets, rc, profile, target, settings, recipe, limits, components, builds, notes)
-        result = BuildResult(out, profile.name, recipe.name, builds, time.perf_counter() - start, notes)
+        result = BuildResult(out, profile.name, recipe.name, builds, time.perf_counter() - start, notes, recipe)
         failed = [b for b in builds if b.parity.failures]
         if failed:
             rejected = out.with_name(f"{out.name}.rejected")
@@ -288,6 +320,17 @@ def build_bundle(
             )
         replace_dir(tmp, out)
     return result
+
+
+def _take(src: Path, dst: Path, files: tuple[str, ...]) -> None:
+    """Files of a component kept from an earlier bundle: hard links where the file system allows
+    (a 4B LLM's 2.4 GB weights are not copied), copies otherwise."""
+    for rel in files:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src / rel, dst / rel)
+        except OSError:
+            shutil.copyfile(src / rel, dst / rel)
 
 
 def _replay_fp32(module: torch.nn.Module, limits: Limits, script) -> None:  # type: ignore[no-untyped-def]

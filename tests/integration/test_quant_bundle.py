@@ -188,6 +188,18 @@ def test_a_component_that_misses_its_int4_gate_is_promoted_until_it_passes(tiny_
     assert "layers to 8-bit" in note and "MB (" in note
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert "int4-mixed" in json.dumps(manifest)
+    # The second build lowered only what failed; what passed came from the rejected bundle as it was.
+    rejected = json.loads((tmp_path / "b.rejected" / "reports" / "parity.json").read_text())
+    failed = {c["component"] for c in rejected if c["status"] == "FAIL"}
+    steps = {(p["component"], p["step"]) for p in json.loads((tmp_path / "b" / "reports" / "phases.json").read_text())}
+    kept = {c for c, step in steps if step == "kept from the build before"}
+    assert failed and kept == {b.name for b in result.components} - failed
+    lowered = {c for c, step in steps if step.startswith("lowering")}
+    assert lowered == failed
+    for c in kept:
+        for f in manifest["components"][c]["files"]:
+            assert (tmp_path / "b" / f).read_bytes() == (tmp_path / "b.rejected" / f).read_bytes()
+    assert any("kept from the build before" in n for n in result.notes)
 
 
 @pytest.mark.slow
