@@ -72,6 +72,8 @@ def _fit_table(fit) -> Table:  # type: ignore[no-untyped-def]
 
 
 LOG_FILE = "omni-export.log"
+LOG_BYTES, LOG_BACKUPS = 50_000_000, 2  # the log and two older ones: at most 150 MB
+_OURS = "_omni_export_handler"
 
 
 def _logging(verbose: bool) -> None:
@@ -79,10 +81,18 @@ def _logging(verbose: bool) -> None:
     everything, library and native chatter included, so a run's details are there after it."""
     from omni_export.files import cache_dir
 
+    from logging.handlers import RotatingFileHandler
+
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
+    # Called once per command: in one process (an app or a test calling the CLI again) the
+    # handlers of the call before are replaced, not added to (each added one wrote every record again).
+    for h in [h for h in root.handlers if getattr(h, _OURS, False)]:
+        root.removeHandler(h)
+        h.close()
     term = logging.StreamHandler()
+    setattr(term, _OURS, True)
     term.setLevel(logging.INFO if verbose else logging.WARNING)
     term.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     if not verbose:  # libraries' warnings (deprecations, their own chatter) are for the log; ours and errors for the user
@@ -92,7 +102,9 @@ def _logging(verbose: bool) -> None:
     _route_torch_logs_on_import()
     try:
         (cache_dir() / "logs").mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(cache_dir() / "logs" / LOG_FILE)
+        # rotated: a 4B export's library chatter is hundreds of MB, and the log lives in the user's cache
+        file = RotatingFileHandler(cache_dir() / "logs" / LOG_FILE, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS)
+        setattr(file, _OURS, True)
         file.setLevel(logging.DEBUG)
         file.setFormatter(fmt)
         root.addHandler(file)
@@ -132,7 +144,9 @@ def _route_torch_logs_on_import() -> None:
 
 def _route_torch_logs() -> None:
     for name, logger in list(logging.root.manager.loggerDict.items()):
-        if isinstance(logger, logging.Logger) and name.split(".")[0] == "torch":
+        # torch.__trace is torch's structured trace (TORCH_TRACE files), always at DEBUG: routed to
+        # our handlers it wrote graph metadata into the log, once per handler
+        if isinstance(logger, logging.Logger) and name.split(".")[0] == "torch" and name != "torch.__trace":
             for h in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
                 logger.removeHandler(h)
             logger.propagate = True

@@ -272,6 +272,29 @@ def test_a_run_on_a_bundle_prints_no_library_chatter_and_logs_it(bundles, tmp_pa
     assert "cpuinfo" not in p.stderr + p.stdout and "Failed to load" not in p.stderr, p.stderr
 
 
+def test_commands_in_one_process_log_each_record_once_and_keep_torch_trace_out(tmp_path, monkeypatch):
+    """The CLI called again in one process (an app, these tests) replaces its handlers: before,
+    every call added a pair and each record was written once per call. torch's structured trace
+    stays torch's; the file rotates."""
+    import logging
+
+    import torch  # noqa: F401  (its loggers exist and are routed)
+
+    from omni_export.cli import LOG_BACKUPS, LOG_BYTES
+
+    monkeypatch.setenv("OMNI_EXPORT_CACHE", str(tmp_path / "cache"))
+    for _ in range(3):
+        assert invoke("profiles").exit_code == 0
+    ours = [h for h in logging.getLogger().handlers if getattr(h, "_omni_export_handler", False)]
+    assert sorted(type(h).__name__ for h in ours) == ["RotatingFileHandler", "StreamHandler"]
+    file = next(h for h in ours if isinstance(h, logging.FileHandler))
+    assert (file.maxBytes, file.backupCount) == (LOG_BYTES, LOG_BACKUPS)
+    logging.getLogger("omni_export.test").warning("once")
+    file.flush()
+    assert (tmp_path / "cache" / "logs" / "omni-export.log").read_text().count("once") == 1
+    assert logging.getLogger("torch.__trace").propagate is False and logging.getLogger("torch._dynamo").propagate
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
 def test_an_interrupted_export_leaves_the_old_bundle_intact_and_nothing_that_looks_like_a_bundle(ort_bundles, tiny_dirs, tmp_path, sig):
     """Ctrl-C cleans up after itself; a SIGKILL cannot, but what it leaves is a hidden, uniquely
