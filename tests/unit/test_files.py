@@ -66,7 +66,8 @@ def test_what_a_killed_run_left_is_swept_and_a_live_run_s_is_not(tmp_path):
 
 def test_torch_logs_are_routed_when_torch_is_imported_not_at_cli_start(tmp_path):
     """The CLI's logging set-up does not import torch (1.4 s that `profiles` does not need); when
-    torch is imported later, its loggers lose their own stderr handlers and propagate to ours."""
+    torch is imported later, its loggers lose their own stderr handlers and propagate to ours
+    (all but its structured trace, torch.__trace, which stays torch's)."""
     import subprocess
     import sys
 
@@ -77,8 +78,10 @@ def test_torch_logs_are_routed_when_torch_is_imported_not_at_cli_start(tmp_path)
         "assert 'torch' not in sys.modules\n"
         "import torch\n"
         "own = [n for n, l in logging.root.manager.loggerDict.items() if isinstance(l, logging.Logger)\n"
-        "       and n.split('.')[0] == 'torch' and (not l.propagate or any(type(h) is logging.StreamHandler for h in l.handlers))]\n"
+        "       and n.split('.')[0] == 'torch' and n != 'torch.__trace'\n"
+        "       and (not l.propagate or any(type(h) is logging.StreamHandler for h in l.handlers))]\n"
         "assert not own, own\n"
+        "assert not logging.getLogger('torch.__trace').propagate\n"
         "assert logging.getLogger('torch').propagate\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "OMNI_EXPORT_CACHE": str(tmp_path)})
