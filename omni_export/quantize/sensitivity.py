@@ -9,7 +9,9 @@ repeated block (decoder layer) with all its layers quantized, and within a block
 layer's own output (its cosine with round-to-nearest weights, all measured in the reference
 pass). Measured on the small synthetic checkpoint, a layer's own output alone ranks badly (the
 early layers whose error every later layer carries rank low): 35 LLM layers promoted against
-13 when ranked exactly. The proposal is checked on the whole component either way. Layers are then promoted to 8-bit, most damaging first, until the whole
+13 when ranked exactly. The proposal is checked on the whole component either way.
+
+Layers are then promoted to 8-bit, most damaging first, until the whole
 component meets the target; if it meets it with room, 8-bit layers are demoted to 4-bit, least
 damaging first, while it still does. Ranking and proposal use round-to-nearest: AWQ and GPTQ
 only lower the error, so a proposal that passes with RTN passes with them."""
@@ -41,9 +43,9 @@ from omni_export.quantize.rtn import rtn
 from omni_export.runtime_py.parity import DECISIVE_P, cosine, mean_kl, top1_agreement
 
 STEPS = 8  # promotion/demotion batches per component
-# Ranked layers x weights of a component above which each layer is ranked by its own output
-# (one pass) rather than by a whole evaluation per layer: the small synthetic LLM (1e10) is
-# ranked exactly, a Qwen3-0.6B-shaped one (196 layers x 0.6B) by layer.
+# Ranked layers x weights of a component above which it is ranked by block (an evaluation per
+# block) rather than by an evaluation per layer: the small synthetic LLM (1e10) is ranked
+# exactly, a Qwen3-0.6B-shaped one (196 layers x 0.6B) by block.
 EXACT_BUDGET = 2e10
 RANKINGS = ("auto", "exact", "block")
 
