@@ -133,12 +133,13 @@ def check_recipe(ckpt: Checkpoint, recipe: QuantRecipe, profile: Profile) -> Qua
 
 
 def quant_report(model: str | Path, quant: str | QuantRecipe, target: str | Profile = "android", progress=None,  # type: ignore[no-untyped-def]
-                 components: list[str] | None = None, measured: dict[str, float] | None = None, ranking: str = "auto"):  # fmt: skip
+                 components: list[str] | None = None, measured: dict[str, float] | None = None, ranking: str = "auto",
+                 screen: float | None = None):  # fmt: skip
     """Sensitivity of every quantized layer (of ``components``, default all) and a mixed-precision
     proposal meeting the profile's parity threshold for ``quant`` (see quantize/sensitivity.py;
     ``measured``: the artifacts' worst cosines, which calibrate the estimate; ``ranking``: exact,
-    layer or auto). The checkpoint stays as stored and memory-mapped; it computes in fp32 a layer
-    at a time. Returns (reports, proposed recipe)."""
+    block or auto; ``screen``: see sensitivity.analyze). The checkpoint stays as stored and
+    memory-mapped; it computes in fp32 a layer at a time. Returns (reports, proposed recipe)."""
     from omni_export.quantize.sensitivity import analyze, proposal_recipe
 
     profile = get_profile(target) if isinstance(target, str) else target
@@ -147,13 +148,13 @@ def quant_report(model: str | Path, quant: str | QuantRecipe, target: str | Prof
     recipe = check_recipe(ckpt, recipe, profile)  # as the target builds it
     ckpt = load_checkpoint(model)
     reports = analyze(ckpt.components, recipe, ckpt.tokenizer, profile.threshold, progress,
-                      None if components is None else set(components), measured, ranking)  # fmt: skip
+                      None if components is None else set(components), measured, ranking, screen)  # fmt: skip
     return reports, proposal_recipe(recipe, reports)
 
 
 def export(target: str, model: str | Path | None = None, quant: str | None = None, out: str | Path | None = None,
            context: int | None = None, overwrite: bool = False, progress=None, plan: ExportPlan | None = None,  # type: ignore[no-untyped-def]
-           promote: bool = True, size_budget: float = 1.5, host_check: bool = True):  # fmt: skip
+           promote: bool = True, size_budget: float = 1.5, host_check: bool = True, estimate_first: bool = True):  # fmt: skip
     """The main job: fit check, then load -> trace -> lower -> golden -> parity -> bundle.
 
     ``plan``: a plan_export result already shown to the user (skips checking again).
@@ -162,6 +163,9 @@ def export(target: str, model: str | Path | None = None, quant: str | None = Non
     and build once more with that recipe, if its quantized weights stay within ``size_budget``
     times the recipe's (the manifest then records the mixed recipe). That build lowers only the
     failed components; those that passed come from the rejected bundle as they are.
+    ``estimate_first`` (with ``promote``): before lowering, promote the layers of components
+    whose estimated error would miss the gate (estimated_recipe), so the first build is the one
+    that passes as often as the estimate knows.
     Returns (ExportPlan, BuildResult); raises DoesNotFitError before any work when the model does
     not fit the device, HostMemoryError when this host cannot hold the job (``host_check``), ParityGateError (with the result) when a component misses its threshold,
     PromotionError when promoting cannot help within the budget."""
@@ -177,6 +181,9 @@ def export(target: str, model: str | Path | None = None, quant: str | None = Non
         raise DoesNotFitError(plan)
     check_host(plan, host_check)
     recipe, notes, base_bytes, before, carry = plan.recipe, [], {}, {}, None
+    if promote and estimate_first and not recipe.is_float:
+        recipe, why = estimated_recipe(plan, size_budget, base_bytes, progress)
+        notes.append(why)
     for round_ in range(PROMOTION_ROUNDS + 1):
         try:
             result = build_bundle(plan.profile, plan.model, recipe, out, context, overwrite, progress, carry)
@@ -216,9 +223,48 @@ def promoted_recipe(plan: ExportPlan, measured: dict[str, float], size_budget: f
     component's quantized weight bytes under the user's recipe (filled on the first round), what
     the size budget is a multiple of."""
     step = progress or (lambda component, what: None)
-    failed = list(measured)
     reports, mixed = quant_report(plan.model, plan.recipe, plan.profile, lambda what, i, n: step(what, f"sensitivity {i}/{n}"),
-                                  failed, measured)  # fmt: skip
+                                  list(measured), measured)  # fmt: skip
+    parts = _promotions(plan, reports, size_budget, base_bytes, "the target's error")
+    return mixed, (f"{plan.recipe.name} missed the parity gate for {', '.join(measured)}; promoted by sensitivity and built "
+                   f"again as {mixed.name!r}: " + "; ".join(parts))
+
+
+# The error scale the estimate before lowering assumes for the target (its artifact's error over
+# the weights-only estimate's). Measured after a first build: 1.3 for the small InteractiveOmni
+# LLM at int4 on ExecuTorch (8-bit dynamic activations), 1.0 for the 4B one.
+ESTIMATE_ERROR_SCALE = 1.3
+
+
+def estimated_recipe(plan: ExportPlan, size_budget: float, base_bytes: dict[str, int],  # type: ignore[no-untyped-def]
+                     progress=None) -> tuple[QuantRecipe, str]:  # fmt: skip
+    """Before anything is lowered: every quantized component's error estimated from its weights
+    (two evaluations each); the layers of those that would miss their gate (at
+    ESTIMATE_ERROR_SCALE) promoted to 8-bit as promoted_recipe does, so that a build that would
+    be rejected is not lowered first. The gate on the artifact still decides. A proposal that
+    cannot be made (over the budget, or no layer helps) leaves the recipe as asked, for the
+    artifact to measure. Returns (recipe, a sentence for the notes)."""
+    step = progress or (lambda component, what: None)
+    reports, mixed = quant_report(plan.model, plan.recipe, plan.profile, lambda what, i, n: step(what, f"estimate {i}/{n}"),
+                                  screen=ESTIMATE_ERROR_SCALE)  # fmt: skip
+    for r in reports:
+        base_bytes.setdefault(r.component, r.bytes_recipe)
+    missing = [r for r in reports if not r.screened]
+    if not missing:
+        est = ", ".join(f"{r.component} {r.all_quantized.cosine:.4f}" for r in reports)
+        return plan.recipe, f"before lowering, the estimate put every quantized component within its gate (cosine: {est})"
+    names = ", ".join(r.component for r in missing)
+    try:
+        parts = _promotions(plan, missing, size_budget, base_bytes, "the error assumed for the target")
+    except PromotionError as exc:
+        return plan.recipe, f"before lowering, the estimate put {names} under the gate and promoting could not help ({exc}); built as asked"
+    return mixed, (f"before lowering, {plan.recipe.name}'s estimate missed the parity gate for {names}; promoted by "
+                   f"sensitivity and built as {mixed.name!r}: " + "; ".join(parts))
+
+
+def _promotions(plan: ExportPlan, reports, size_budget: float, base_bytes: dict[str, int], scale_is: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """A sentence per report on what its proposal promotes and costs; PromotionError when a
+    proposal cannot help or would pass the size budget."""
     run_next = f"omni-export quant-report --model {plan.model} --quant {plan.recipe.name} --target {plan.profile.name}"
     parts = []
     for r in reports:
@@ -242,11 +288,10 @@ def promoted_recipe(plan: ExportPlan, measured: dict[str, float], size_budget: f
         if promoted <= 0:
             raise PromotionError(f"{r.component} still misses its gate and the estimate finds no layer left to promote; "
                                  f"build with --quant int8 or fp16, or see `{run_next}`.")  # fmt: skip
-        parts.append(f"{r.component}: {promoted} of {len(r.layers)} layers to 8-bit (worst: {worst}; the target's error "
+        parts.append(f"{r.component}: {promoted} of {len(r.layers)} layers to 8-bit (worst: {worst}; {scale_is} "
                      f"{r.error_scale:.1f}x the estimate's, aimed at cosine {th.cosine_min:.4f}), weights "
                      f"{base / 1e6:.2f} -> {r.bytes_proposal / 1e6:.2f} MB ({ratio:.2f}x the first recipe's)")  # fmt: skip
-    return mixed, (f"{plan.recipe.name} missed the parity gate for {', '.join(failed)}; promoted by sensitivity and built "
-                   f"again as {mixed.name!r}: " + "; ".join(parts))
+    return parts
 
 
 class HostMemoryError(OmniExportError):

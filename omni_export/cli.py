@@ -167,6 +167,9 @@ def main_job(
                                       "many times the recipe's"),
     host_check: bool = typer.Option(True, "--host-check/--no-host-check", help="refuse before any work when this host's "
                                     "memory cannot hold the job (the fp32 reference of every component)"),
+    estimate_first: bool = typer.Option(True, "--estimate-first/--no-estimate-first", help="with --promote: before lowering, "
+                                        "estimate each quantized component's error from its weights and promote the layers of "
+                                        "any that would miss its gate, rather than lower a build the gate then rejects"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Main job: omni-export --target PROFILE [--model DIR] [--quant PRESET] [--out DIR]."""
@@ -184,7 +187,7 @@ def main_job(
     from omni_export.compiler import ParityGateError
 
     try:
-        result = _run_main_job(api, target, model, quant, out, context, overwrite, promote, size_budget, host_check)
+        result = _run_main_job(api, target, model, quant, out, context, overwrite, promote, size_budget, host_check, estimate_first)
     except api.HostMemoryError as exc:
         err.print(f"[red]{exc}[/]", soft_wrap=True)
         raise typer.Exit(EXIT_DOES_NOT_FIT)
@@ -210,7 +213,8 @@ def main_job(
     console.print(f"bundle: [bold]{result.bundle}[/] ({result.seconds:.0f} s). Check it with `omni-export verify {result.bundle}`.")
 
 
-def _run_main_job(api, target, model, quant, out, context, overwrite, promote=True, size_budget=1.5, host_check=True):  # type: ignore[no-untyped-def]
+def _run_main_job(api, target, model, quant, out, context, overwrite, promote=True, size_budget=1.5, host_check=True,  # type: ignore[no-untyped-def]
+                  estimate_first=True):  # fmt: skip
     from rich.progress import (
         BarColumn,
         Progress,
@@ -237,7 +241,7 @@ def _run_main_job(api, target, model, quant, out, context, overwrite, promote=Tr
         n = len(plan.fit.plan.components)
         task = prog.add_task("building", total=5 * n + 2)
         return api.export(target, plan.model, quant, out, context, overwrite, plan=plan, promote=promote, size_budget=size_budget,
-                          host_check=False, progress=lambda comp, step: prog.update(task, advance=1, description=f"{comp}: {step}"))[1]  # fmt: skip
+                          host_check=False, estimate_first=estimate_first, progress=lambda comp, step: prog.update(task, advance=1, description=f"{comp}: {step}"))[1]  # fmt: skip
 
 
 def _build_table(result) -> Table:  # type: ignore[no-untyped-def]

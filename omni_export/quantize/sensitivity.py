@@ -82,6 +82,8 @@ class ComponentReport:
     # exact: the component's damage with the layer alone quantized; block: with its block (a
     # decoder layer) quantized, and within the block the layer's own output's cosine
     ranking: str = "exact"
+    # screened: the whole recipe's estimate met the (margined) gate, so no layer was ranked
+    screened: bool = False
 
 
 def _evaluator(module: nn.Module, sources: Sources) -> Callable[[], list[torch.Tensor]]:
@@ -185,7 +187,7 @@ def _rtn_cfg(cfg: QuantConfig) -> QuantConfig:
 
 def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: Any, threshold: Callable[[str], ParityThreshold],
             progress: Callable[[str, int, int], None] | None = None, only: set[str] | None = None,
-            measured: dict[str, float] | None = None, ranking: str = "auto") -> list[ComponentReport]:  # fmt: skip
+            measured: dict[str, float] | None = None, ranking: str = "auto", screen: float | None = None) -> list[ComponentReport]:  # fmt: skip
     """``threshold(precision_class)``: what a component must meet, at the class the recipe gives it.
     ``only``: the components to analyse (default all); the recipe is planned on all of them.
     ``measured``: a component's worst cosine as its artifact gave it with this recipe. The
@@ -193,6 +195,9 @@ def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: An
     does (activation quantization, kernels); the proposal then aims lower by the same ratio of
     errors, so what passes here has the margin the target needs.
     ``ranking``: exact, block (see the module's doc) or auto (block above EXACT_BUDGET).
+    ``screen``: before any artifact exists, the error scale to assume for the target; a component
+    whose whole-recipe estimate meets its gate at that scale is not ranked (``screened``), which
+    costs two evaluations instead of one per block or layer.
     Components may be stored in bf16 (memory-mapped): they compute in fp32, a layer at a time."""
     if ranking not in RANKINGS:
         raise ConfigError(f"ranking must be one of {', '.join(RANKINGS)}, not {ranking!r}")
@@ -208,13 +213,13 @@ def analyze(components: dict[str, nn.Module], recipe: QuantRecipe, tokenizer: An
             if not mine or (only is not None and cname not in only):
                 continue
             reports.append(_analyze_one(cname, module, mine, tied, classes[cname], threshold, sources, step,
-                                        None if measured is None else measured.get(cname), ranking))  # fmt: skip
+                                        None if measured is None else measured.get(cname), ranking, screen))  # fmt: skip
     return reports
 
 
 def _analyze_one(cname: str, module: nn.Module, mine: dict[str, QuantConfig], tied: dict[str, str], precision_class: str,
                  threshold: Callable[[str], ParityThreshold], sources: Sources, step: Callable[[str, int, int], None],
-                 measured: float | None, ranking: str) -> ComponentReport:  # fmt: skip
+                 measured: float | None, ranking: str, screen: float | None = None) -> ComponentReport:  # fmt: skip
     logits = isinstance(module, QwenForCausalLM)
     stored = {p: module.get_submodule(p).weight.detach() for p in mine}  # as stored: bf16 pages of the checkpoint
     evaluate = _evaluator(module, sources)
@@ -233,11 +238,23 @@ def _analyze_one(cname: str, module: nn.Module, mine: dict[str, QuantConfig], ti
     # 8-bit already, and the promotion rules this feeds match linears; nor is a head that
     # holds its table's codes (a rule for it would change nothing).
     ranked = {p: c for p, c in mine.items() if not is_table(module, p) and f"{cname}.{p}" not in tied}
+    with torch.no_grad():
+        ref = evaluate()
+    rep = ComponentReport(cname, checked(mine), [], precision_class=precision_class, threshold=threshold(precision_class),
+                          bytes_recipe=sum(weight_bytes(tuple(stored[p].shape), c) for p, c in ranked.items()))  # fmt: skip
+    scale = screen if measured is None else (1.0 - measured) / max(1.0 - rep.all_quantized.cosine, 1e-9)
+    if scale is not None:
+        rep.error_scale = max(1.0, scale)
+        rep.threshold = replace(rep.threshold, cosine_min=1.0 - (1.0 - rep.threshold.cosine_min) / rep.error_scale,
+                                kl_max=rep.threshold.kl_max / rep.error_scale)  # fmt: skip
+    if screen is not None and measured is None and rep.all_quantized.meets(rep.threshold):
+        rep.screened, rep.proposal, rep.proposal_damage, rep.bytes_proposal = True, dict(mine), rep.all_quantized, rep.bytes_recipe
+        return rep
     by_block = ranking == "block" or (ranking == "auto" and len(ranked) * sum(w.numel() for w in stored.values()) > EXACT_BUDGET)
     order: dict[str, tuple[float, ...]] = {}
     if by_block and all(isinstance(module.get_submodule(p), nn.Linear) for p in ranked):
         step(f"{cname} layer errors", 1, 1)
-        ref, own = _reference_and_layer_damage(module, ranked, stored, evaluate)
+        _, own = _reference_and_layer_damage(module, ranked, stored, evaluate)
         blocks: dict[str, dict[str, QuantConfig]] = {}
         for p, c in ranked.items():
             blocks.setdefault(_block_of(p), {})[p] = c
@@ -249,8 +266,6 @@ def _analyze_one(cname: str, module: nn.Module, mine: dict[str, QuantConfig], ti
                 alone[p], order[p] = d, (d.score(), own[p].score())
     else:
         by_block = False
-        with torch.no_grad():
-            ref = evaluate()
         alone = {}
         for i, (p, c) in enumerate(ranked.items()):
             step(f"{cname} layers", i + 1, len(ranked))
@@ -258,15 +273,8 @@ def _analyze_one(cname: str, module: nn.Module, mine: dict[str, QuantConfig], ti
             order[p] = (alone[p].score(),)
     layers = [(f"{cname}.{p}", c, alone[p], weight_bytes(tuple(stored[p].shape), c)) for p, c in ranked.items()]
     layers.sort(key=lambda x: tuple(-v for v in order[x[0][len(cname) + 1:]]))
-    rep = ComponentReport(cname, checked(mine), layers, bytes_recipe=sum(x[3] for x in layers),
-                          ranking="block" if by_block else "exact")  # fmt: skip
+    rep.layers, rep.ranking = layers, "block" if by_block else "exact"
     w4_ok = {p for p, w in stored.items() if w.shape[1] % W4G32.group_size == 0}
-    rep.precision_class = precision_class
-    rep.threshold = threshold(precision_class)
-    if measured is not None:
-        rep.error_scale = max(1.0, (1.0 - measured) / max(1.0 - rep.all_quantized.cosine, 1e-9))
-        rep.threshold = replace(rep.threshold, cosine_min=1.0 - (1.0 - rep.threshold.cosine_min) / rep.error_scale,
-                                kl_max=rep.threshold.kl_max / rep.error_scale)  # fmt: skip
     rep.proposal, rep.proposal_damage = _propose(mine, w4_ok, layers, cname, rep.threshold, checked, rep.all_quantized)
     rep.bytes_proposal = sum(weight_bytes(tuple(stored[p].shape), c) for p, c in rep.proposal.items() if p in ranked)
     return rep

@@ -195,6 +195,29 @@ def test_quant_report_by_block_ranks_blocks_exactly_and_layers_within_them(tiny_
         api.quant_report(tiny_dirs["interactiveomni"], "int4", "android", components=["llm"], ranking="fastest")
 
 
+def test_the_estimate_before_lowering_ranks_only_what_would_miss_its_gate(tiny_dirs):
+    """screen: a component whose whole-recipe estimate meets its gate, tightened by the assumed
+    error scale, is not ranked and keeps the recipe; one that misses is ranked and promoted. At
+    the int4 default (0.95) every tiny component passes; at 0.995 the LLM (0.9908) and the speech
+    LM (0.9949) do not, and their proposals meet the tightened gate."""
+    from dataclasses import replace
+
+    from omni_export import api
+    from omni_export.profiles import ParityThreshold
+
+    plan = api.plan_export("desktop-cpu", tiny_dirs["interactiveomni"], "int4", 256)
+    reports, _ = api.quant_report(plan.model, "int4", plan.profile, screen=1.3)
+    assert reports and all(r.screened and not r.layers for r in reports)
+    strict = replace(plan.profile, parity={**plan.profile.parity, "int4": ParityThreshold(0.995, 0.8, 0.2)})
+    reports, mixed = api.quant_report(plan.model, "int4", strict, screen=1.3)
+    missed = {r.component: r for r in reports if not r.screened}
+    assert set(missed) == {"llm", "speech_lm"}
+    for r in missed.values():
+        assert r.threshold.cosine_min == pytest.approx(1 - 0.005 / 1.3) and r.layers
+        assert r.proposal_damage is not None and r.proposal_damage.meets(r.threshold)
+    assert {rule.pattern.split(r"\.")[0].lstrip("^") for rule in mixed.rules if rule.pattern.startswith("^")} == set(missed)
+
+
 @pytest.fixture(scope="module")
 def mixed_recipe(tiny_dirs, tmp_path_factory):
     proposal = tmp_path_factory.mktemp("mixed") / "mixed.toml"
