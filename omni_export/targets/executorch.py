@@ -125,8 +125,12 @@ class ExecuTorchCache(KVCache):
         return self.k_cache, self.v_cache
 
     def reset(self) -> None:
-        self.k_cache.zero_()
-        self.v_cache.zero_()
+        # In place, as update() writes: zero_() traces as a new zero tensor copied over each
+        # buffer, all planned at once, and the runtime sizes every method's arena to the largest
+        # method's (a second whole cache at 0.6B: 117 MB); one zero image here is reused.
+        zeros = torch.zeros_like(self.k_cache)
+        torch.ops.llama.update_cache(zeros, self.k_cache, 0)
+        torch.ops.llama.update_cache(zeros, self.v_cache, 0)
 
 
 class ExecuTorchAttention(Attend):

@@ -307,3 +307,35 @@ def test_voice_is_refused_clearly_where_it_cannot_work(bundles, tiny_dirs, voice
     missing = runner.invoke(app, ["run", str(tiny_dirs["interactiveomni"]), "--text", "hi", "--voice", str(tmp_path / "none.wav"),
                                   "--out", str(tmp_path / "m.wav")])  # fmt: skip
     assert missing.exit_code != 0 and "voice file" in missing.output and "does not exist" in missing.output
+
+
+def test_reset_cache_zeroes_the_shared_cache_in_place(bundles):
+    """reset_cache zeroes the cache prefill and decode share: a decode at position 5 after a reset
+    reads zeros at 0..4, as in a fresh program, not the prefill's keys. It writes in place, so
+    its own arena holds one zero image at most, not a second copy of every cache (the runtime
+    sizes every method's arena to the largest method's)."""
+    import torch
+
+    from omni_export.runtime_py.backends import open_session
+
+    root = bundles["interactiveomni"].bundle
+    m = read_manifest(root)
+    entry = m.components["llm"]
+
+    def fresh():  # type: ignore[no-untyped-def]
+        return open_session(entry, root, m.profile.runtime)  # loads the program and runs its reset
+
+    hidden = entry.methods["decode"].inputs[0].shape[-1]
+    embeds = torch.randn(1, 6, hidden, generator=torch.Generator().manual_seed(0))
+    s = fresh()
+    s.run("prefill", [embeds[:, :5], torch.arange(5)])
+    after_prefill = s.run("decode", [embeds[:, 5:], torch.tensor([5])])[0]
+    s.reset()
+    after_reset = s.run("decode", [embeds[:, 5:], torch.tensor([5])])[0]
+    from_fresh = fresh().run("decode", [embeds[:, 5:], torch.tensor([5])])[0]
+    assert torch.equal(after_reset, from_fresh) and not torch.allclose(after_reset, after_prefill)
+    plans = s._plans()
+    kv = entry.kv_cache
+    one_cache = kv.max_len * kv.kv_heads * kv.head_dim * 4  # fp32 build
+    assert plans["reset_cache"][1] < 2 * one_cache and 2 * kv.layers * one_cache <= sum(plans["prefill"][2:])
+    assert s.planned_bytes() < sum(s.planned_bytes_by_method().values())

@@ -100,8 +100,23 @@ class ExecuTorchSession(Session):
         return set(self._program.method_names)
 
     def planned_bytes(self) -> int | None:
-        """The memory plans of the program's methods (activations, and the KV cache where the
-        program holds it), which the runtime allocates per loaded method."""
+        """What the runtime allocates for the program's memory plans: ExecuTorch gives the
+        host-only methods of a program one set of arenas, each sized to the largest method's
+        (activations, and the KV cache where the program holds it)."""
+        plans = self._plans()
+        if plans is None:
+            return None
+        width = max((len(s) for s in plans.values()), default=0)
+        return sum(max((s[i] if i < len(s) else 0) for s in plans.values()) for i in range(1, width))
+
+    def planned_bytes_by_method(self) -> dict[str, int] | None:
+        """Each method's own memory plan in bytes (the arenas it would need alone)."""
+        plans = self._plans()
+        return None if plans is None else {name: sum(s[1:]) for name, s in plans.items()}
+
+    def _plans(self) -> dict[str, list[int]] | None:
+        """Each method's arena sizes; buffer 0 of each plan is reserved (size 0). None where the
+        program's header cannot be read."""
         try:  # the runtime's bindings do not expose the plan; the program's own header does
             from executorch.exir._serialize._program import _flatbuffer_to_program, _get_extended_header
         except ImportError:  # a device install without the exporter
@@ -112,8 +127,7 @@ class ExecuTorchSession(Session):
             size = eh.program_size if eh is not None and eh.is_valid() else self.path.stat().st_size
             f.seek(0)
             program = _flatbuffer_to_program(f.read(size))
-        # Buffer 0 of each plan is reserved (size 0); the rest are its arenas.
-        return sum(sum(plan.non_const_buffer_sizes[1:]) for plan in program.execution_plan)
+        return {plan.name: list(plan.non_const_buffer_sizes) for plan in program.execution_plan}
 
     def run(self, method: str, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return list(self._loaded[method].execute([x.contiguous() for x in inputs]))
