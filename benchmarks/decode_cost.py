@@ -1,0 +1,185 @@
+"""Decode cost against onnxruntime-genai on the same weights (issue 13, item 4).
+
+The Qwen3-0.6B-shaped LLM of benchmarks/export_cost.py: the LLM of the bundle its main job wrote
+(ExecuTorch, android int4 as the gate left it), and onnxruntime-genai's model builder on the same
+weights (int4, block 32, accuracy level 4; 8-bit nothing: its embedding shares the int4 head).
+Each round runs each runtime in a fresh process of its own, one after the other, so that its
+resident set is its own and host noise hits both alike: load, one warm prompt + decode, then the
+timed one (a 64-token prompt in one call, then 128 greedy tokens), 2 threads each. Reported: the
+median over the rounds of prefill and decode tok/s, the resident set after load and after the
+runs (anonymous and file-backed), the peak, and for ExecuTorch each method's memory plan.
+
+    .venv/bin/python benchmarks/export_cost.py --work /tmp/q06 ... --only ours   # writes /tmp/q06/bundle
+    .venv/bin/python benchmarks/decode_cost.py --work /tmp/q06 --out docs/quantization/decode-cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PROMPT, NEW, ROUNDS, THREADS = 64, 128, 3, 2
+RUNTIMES = ("omni-export executorch", "onnxruntime-genai builder")
+
+
+def _status() -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile and VmHWM of this process, and its proportional set (Pss: a file
+    page mapped three times counts once, as the kernel holds it), in bytes."""
+    keys = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
+    with open("/proc/self/status") as f:
+        out = {k: int(line.split()[1]) * 1024 for line in f for k in keys if line.startswith(k + ":")}
+    with open("/proc/self/smaps_rollup") as f:
+        out.update({line.split()[0][:-1]: int(line.split()[1]) * 1024 for line in f if line.startswith(("Pss:", "Pss_Anon:", "Pss_File:"))})
+    return out
+
+
+def _by_mapping() -> dict[str, int]:
+    """Resident bytes per mapped file (anonymous memory under "[anon]"), from /proc/self/smaps."""
+    out: dict[str, int] = {}
+    name = "[anon]"
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                name = head[5] if len(head) > 5 and head[5].startswith("/") else "[anon]"
+            elif head and head[0] == "Rss:":
+                out[name] = out.get(name, 0) + int(head[1]) * 1024
+    return out
+
+
+def _grown(before: dict[str, int], after: dict[str, int], top: int = 6) -> dict[str, float]:
+    """What grew between two _by_mapping() readings, largest first, in MB."""
+    d = {k: v - before.get(k, 0) for k, v in after.items()}
+    return {Path(k).name if k.startswith("/") else k: round(v / 1e6, 1) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top] if v > 1e6}
+
+
+def _prompt(tokenizer_dir: Path) -> list[int]:
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).encode(topics["if"], add_special_tokens=False).ids
+    assert len(ids) >= PROMPT, len(ids)
+    return ids[:PROMPT]
+
+
+def child(kind: str, path: Path, prompt: list[int]) -> dict:
+    """One runtime in this process: load, warm, timed. Returns speeds, tokens and memory."""
+    if kind == RUNTIMES[0]:
+        import torch
+
+        from llm_decode import prefill_then_decode
+        from omni_export.bundle import read_manifest
+        from omni_export.bundle.manifest import RuntimeSettings
+        from omni_export.runtime_py.backends import SESSIONS, open_session
+
+        m = read_manifest(path)
+        entry = m.components["llm"]
+        SESSIONS.get(entry.backend).unavailable()  # the runtime's libraries load before the baseline
+        rt = m.profile.runtime
+        base, maps = _status(), _by_mapping()
+        sess = open_session(entry, path, RuntimeSettings(THREADS, rt.compute_units, rt.providers, dict(rt.options)))
+        sess.run("embed", [torch.tensor([prompt[:1]])])  # the program loads on first use
+        loaded, grown = _status(), _grown(maps, _by_mapping())
+        ids = torch.tensor([prompt])
+        prefill_then_decode(sess, sess.run("embed", [ids])[0], NEW, entry.kv_cache.max_len)
+        pre, dec, tokens = prefill_then_decode(sess, sess.run("embed", [ids])[0], NEW, entry.kv_cache.max_len)
+        extra = {"plans_mb": {k: round(v / 1e6, 1) for k, v in (sess.planned_bytes_by_method() or {}).items() if v},
+                 "plan_allocated_mb": round((sess.planned_bytes() or 0) / 1e6, 1),
+                 "files_mb": round(sum(m.files[f].bytes for f in entry.files) / 1e6, 1),
+                 "kv_cache": {"dtype": entry.kv_cache.dtype, "max_len": entry.kv_cache.max_len} if entry.kv_cache else None}  # fmt: skip
+    else:
+        import onnxruntime_genai  # noqa: F401  # its libraries load before the baseline
+
+        from peers import _OG_MODELS, ort_genai_speed
+
+        base, maps = _status(), _by_mapping()
+        import onnxruntime_genai as og
+
+        _OG_MODELS[path] = og.Model(str(path))
+        loaded, grown = _status(), _grown(maps, _by_mapping())
+        ort_genai_speed(path, prompt, NEW)
+        pre, dec, tokens = ort_genai_speed(path, prompt, NEW)
+        extra = {"files_mb": round(sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".onnx", ".data")) / 1e6, 1)}
+    ran = _status()
+    mb = lambda b: round(b / 1e6, 1)  # noqa: E731
+    return {"prefill_tok_s": pre, "decode_tok_s": dec, "tokens": tokens, "rss_runtime_mb": mb(base["VmRSS"]),
+            "load_mb": mb(loaded["VmRSS"] - base["VmRSS"]), "load_anon_mb": mb(loaded["RssAnon"] - base["RssAnon"]),
+            "load_file_mb": mb(loaded["RssFile"] - base["RssFile"]), "load_pss_mb": mb(loaded["Pss"] - base["Pss"]),
+            "load_pss_file_mb": mb(loaded["Pss_File"] - base["Pss_File"]), "pss_mb": mb(ran["Pss"]), "after_runs_mb": mb(ran["VmRSS"] - base["VmRSS"]),
+            "rss_mb": mb(ran["VmRSS"]), "peak_mb": mb(ran["VmHWM"]), "load_by_mapping_mb": grown, **extra}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, required=True, help="export_cost.py's folder (checkpoint, hf, bundle)")
+    ap.add_argument("--bundle", type=Path, default=None, help="default: WORK/bundle (or its .rejected)")
+    ap.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.txt")
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--child", choices=RUNTIMES, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--path", type=Path, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    prompt = _prompt(a.work / "checkpoint")
+    if a.child:
+        print(json.dumps(child(a.child, a.path, prompt)))
+        return
+    from peers import ort_genai_build
+
+    bundle = a.bundle or a.work / "bundle"
+    if not (bundle / "manifest.json").is_file():
+        bundle = bundle.with_name(bundle.name + ".rejected")
+    peer, build_s = ort_genai_build(a.work / "hf", a.work / "ort-genai-int4", THREADS)
+    paths = {RUNTIMES[0]: bundle, RUNTIMES[1]: peer}
+    runs: dict[str, list[dict]] = {k: [] for k in RUNTIMES}
+    from rich.progress import Progress
+
+    with Progress(transient=True) as prog:
+        task = prog.add_task("rounds", total=a.rounds * len(RUNTIMES))
+        for _ in range(a.rounds):
+            for kind in RUNTIMES:
+                p = subprocess.run([sys.executable, __file__, "--work", str(a.work), "--child", kind, "--path", str(paths[kind])],
+                                   capture_output=True, text=True)  # fmt: skip
+                if p.returncode:
+                    raise SystemExit(f"{kind} failed:\n{p.stderr[-3000:]}")
+                runs[kind].append(json.loads(p.stdout.strip().splitlines()[-1]))
+                prog.advance(task)
+    res: dict = {}
+    for kind, rs in runs.items():
+        med = {k: round(statistics.median(r[k] for r in rs), 1) for k in rs[0] if isinstance(rs[0][k], (int, float))}
+        res[kind] = {**rs[0], **med, "prefill_range": [round(min(r["prefill_tok_s"] for r in rs), 1), round(max(r["prefill_tok_s"] for r in rs), 1)],
+                     "decode_range": [round(min(r["decode_tok_s"] for r in rs), 1), round(max(r["decode_tok_s"] for r in rs), 1)]}  # fmt: skip
+        res[kind].pop("tokens")
+    o, p_ = res[RUNTIMES[0]], res[RUNTIMES[1]]
+    res["ratio (ours / onnxruntime-genai)"] = {k: round(o[k] / p_[k], 3) for k in ("prefill_tok_s", "decode_tok_s", "load_mb", "load_pss_mb", "rss_mb",
+                                                                                 "pss_mb", "peak_mb", "files_mb")}  # fmt: skip
+    toks = [r["tokens"] for r in runs[RUNTIMES[0]]] + [r["tokens"] for r in runs[RUNTIMES[1]]]
+    res["greedy_tokens_equal"] = f"{sum(x == y for x, y in zip(toks[0], toks[-1], strict=False))}/{NEW}"
+    res["setup"] = {"prompt": PROMPT, "new_tokens": NEW, "rounds": a.rounds, "threads": THREADS, "bundle": str(bundle),
+                    "builder_build_s": round(build_s, 1)}  # fmt: skip
+    from rich.table import Table
+
+    from report import publish
+
+    t = Table(title=f"Qwen3-0.6B-shaped LLM: prompt {PROMPT} in one call, {NEW} greedy tokens, {THREADS} threads, "
+                    f"median of {a.rounds} rounds, a fresh process each")  # fmt: skip
+    cols = ("", "prefill tok/s", "decode tok/s", "files MB", "load RSS MB (anon / file)", "load PSS MB", "process RSS / PSS MB", "peak MB")
+    for c in cols:
+        t.add_column(c, justify="left" if not c else "right")
+    for kind in RUNTIMES:
+        r = res[kind]
+        t.add_row(kind, f"{r['prefill_tok_s']}", f"{r['decode_tok_s']}", f"{r['files_mb']}",
+                  f"{r['load_mb']} ({r['load_anon_mb']} / {r['load_file_mb']})", f"{r['load_pss_mb']}", f"{r['rss_mb']} / {r['pss_mb']}",
+                  f"{r['peak_mb']}")  # fmt: skip
+    q = res["ratio (ours / onnxruntime-genai)"]
+    t.add_row("ratio (ours / peer)", f"{q['prefill_tok_s']}x", f"{q['decode_tok_s']}x", f"{q['files_mb']}x", f"{q['load_mb']}x",
+              f"{q['load_pss_mb']}x", f"{q['rss_mb']}x / {q['pss_mb']}x", f"{q['peak_mb']}x")  # fmt: skip
+    publish(t, res, a.out)
+
+
+if __name__ == "__main__":
+    main()
