@@ -54,7 +54,7 @@ def main() -> None:
         out["components"][r.component] = {
             "screened": r.screened, "ranking": r.ranking, "all_quantized": r.all_quantized.__dict__, "error_scale": r.error_scale,
             "threshold": r.threshold.__dict__, "proposal_damage": r.proposal_damage.__dict__ if r.proposal_damage else None,
-            "promoted": sum(1 for c in r.proposal.values() if c.bits == 8) - sum(1 for _, c, *_ in r.layers if c.bits == 8),
+            "promoted": 0 if r.screened else sum(1 for c in r.proposal.values() if c.bits == 8) - sum(1 for _, c, *_ in r.layers if c.bits == 8),
             "layers": len(r.layers), "bytes_recipe": r.bytes_recipe, "bytes_proposal": r.bytes_proposal,
             "worst": [f for f, *_ in r.layers[:10]]}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
