@@ -1,16 +1,18 @@
 """Decode cost against onnxruntime-genai on the same weights (issue 13, item 4).
 
-The Qwen3-0.6B-shaped LLM of benchmarks/export_cost.py: the LLM of the bundle its main job wrote
-(ExecuTorch, android int4 as the gate left it), and onnxruntime-genai's model builder on the same
+The Qwen3-0.6B-shaped LLM of benchmarks/export_cost.py: the LLM of a bundle the main job wrote
+from its checkpoint (default: export_cost's android int4 bundle; --bundle another, such as a
+host-cpu build), and onnxruntime-genai's model builder on the same
 weights (int4, block 32, accuracy level 4; 8-bit nothing: its embedding shares the int4 head).
 Each round runs each runtime in a fresh process of its own, one after the other, so that its
 resident set is its own and host noise hits both alike: load, one warm prompt + decode, then the
 timed one (a 64-token prompt in one call, then 128 greedy tokens), 2 threads each. Reported: the
-median over the rounds of prefill and decode tok/s, the resident set after load and after the
-runs (anonymous and file-backed), the peak, and for ExecuTorch each method's memory plan.
+median over the rounds of prefill and decode tok/s, the resident and proportional sets after load
+and after the runs (anonymous and file-backed, and what grew per mapping), the peak, and for
+ExecuTorch each method's memory plan and what the runtime allocates for them.
 
     .venv/bin/python benchmarks/export_cost.py --work /tmp/q06 ... --only ours   # writes /tmp/q06/bundle
-    .venv/bin/python benchmarks/decode_cost.py --work /tmp/q06 --out docs/quantization/decode-cost
+    .venv/bin/python benchmarks/decode_cost.py --work /tmp/q06 --bundle /tmp/q06/bundle-host --out docs/quantization/decode-cost-host
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from omni_export.phases import _status as _read  # noqa: E402  # one /proc/self/status field, in bytes
 
 PROMPT, NEW, ROUNDS, THREADS = 64, 128, 3, 2
 RUNTIMES = ("omni-export executorch", "onnxruntime-genai builder")
@@ -31,9 +34,7 @@ RUNTIMES = ("omni-export executorch", "onnxruntime-genai builder")
 def _status() -> dict[str, int]:
     """VmRSS, RssAnon, RssFile and VmHWM of this process, and its proportional set (Pss: a file
     page mapped three times counts once, as the kernel holds it), in bytes."""
-    keys = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
-    with open("/proc/self/status") as f:
-        out = {k: int(line.split()[1]) * 1024 for line in f for k in keys if line.startswith(k + ":")}
+    out = {k: _read(k) or 0 for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
     with open("/proc/self/smaps_rollup") as f:
         out.update({line.split()[0][:-1]: int(line.split()[1]) * 1024 for line in f if line.startswith(("Pss:", "Pss_Anon:", "Pss_File:"))})
     return out
@@ -83,8 +84,7 @@ def child(kind: str, path: Path, prompt: list[int]) -> dict:
         SESSIONS.get(entry.backend).unavailable()  # the runtime's libraries load before the baseline
         rt = m.profile.runtime
         base, maps = _status(), _by_mapping()
-        sess = open_session(entry, path, RuntimeSettings(THREADS, rt.compute_units, rt.providers, dict(rt.options)))
-        sess.run("embed", [torch.tensor([prompt[:1]])])  # the program loads on first use
+        sess = open_session(entry, path, RuntimeSettings(THREADS, rt.compute_units, rt.providers, dict(rt.options)))  # loads every method
         loaded, grown = _status(), _grown(maps, _by_mapping())
         ids = torch.tensor([prompt])
         prefill_then_decode(sess, sess.run("embed", [ids])[0], NEW, entry.kv_cache.max_len)
@@ -94,13 +94,11 @@ def child(kind: str, path: Path, prompt: list[int]) -> dict:
                  "files_mb": round(sum(m.files[f].bytes for f in entry.files) / 1e6, 1),
                  "kv_cache": {"dtype": entry.kv_cache.dtype, "max_len": entry.kv_cache.max_len} if entry.kv_cache else None}  # fmt: skip
     else:
-        import onnxruntime_genai  # noqa: F401  # its libraries load before the baseline
+        import onnxruntime_genai as og  # its libraries load before the baseline
 
         from peers import _OG_MODELS, ort_genai_speed
 
         base, maps = _status(), _by_mapping()
-        import onnxruntime_genai as og
-
         _OG_MODELS[path] = og.Model(str(path))
         loaded, grown = _status(), _grown(maps, _by_mapping())
         ort_genai_speed(path, prompt, NEW)

@@ -238,8 +238,16 @@ def _analyze_one(cname: str, module: nn.Module, mine: dict[str, QuantConfig], ti
     # 8-bit already, and the promotion rules this feeds match linears; nor is a head that
     # holds its table's codes (a rule for it would change nothing).
     ranked = {p: c for p, c in mine.items() if not is_table(module, p) and f"{cname}.{p}" not in tied}
-    with torch.no_grad():
-        ref = evaluate()
+    by_block = ranking == "block" or (ranking == "auto" and len(ranked) * sum(w.numel() for w in stored.values()) > EXACT_BUDGET)
+    by_block = by_block and all(isinstance(module.get_submodule(p), nn.Linear) for p in ranked)
+    screening = screen is not None and measured is None
+    own: dict[str, Damage] | None = None
+    if by_block and not screening:  # ranked for certain: the reference pass also gives each layer's own error
+        step(f"{cname} layer errors", 1, 1)
+        ref, own = _reference_and_layer_damage(module, ranked, stored, evaluate)
+    else:
+        with torch.no_grad():
+            ref = evaluate()
     rep = ComponentReport(cname, checked(mine), [], precision_class=precision_class, threshold=threshold(precision_class),
                           bytes_recipe=sum(weight_bytes(tuple(stored[p].shape), c) for p, c in ranked.items()))  # fmt: skip
     scale = screen if measured is None else (1.0 - measured) / max(1.0 - rep.all_quantized.cosine, 1e-9)
@@ -247,14 +255,14 @@ def _analyze_one(cname: str, module: nn.Module, mine: dict[str, QuantConfig], ti
         rep.error_scale = max(1.0, scale)
         rep.threshold = replace(rep.threshold, cosine_min=1.0 - (1.0 - rep.threshold.cosine_min) / rep.error_scale,
                                 kl_max=rep.threshold.kl_max / rep.error_scale)  # fmt: skip
-    if screen is not None and measured is None and rep.all_quantized.meets(rep.threshold):
+    if screening and rep.all_quantized.meets(rep.threshold):
         rep.screened, rep.proposal, rep.proposal_damage, rep.bytes_proposal = True, dict(mine), rep.all_quantized, rep.bytes_recipe
         return rep
-    by_block = ranking == "block" or (ranking == "auto" and len(ranked) * sum(w.numel() for w in stored.values()) > EXACT_BUDGET)
     order: dict[str, tuple[float, ...]] = {}
-    if by_block and all(isinstance(module.get_submodule(p), nn.Linear) for p in ranked):
-        step(f"{cname} layer errors", 1, 1)
-        _, own = _reference_and_layer_damage(module, ranked, stored, evaluate)
+    if by_block:
+        if own is None:  # screened first, and missed
+            step(f"{cname} layer errors", 1, 1)
+            _, own = _reference_and_layer_damage(module, ranked, stored, evaluate)
         blocks: dict[str, dict[str, QuantConfig]] = {}
         for p, c in ranked.items():
             blocks.setdefault(_block_of(p), {})[p] = c
@@ -265,7 +273,6 @@ def _analyze_one(cname: str, module: nn.Module, mine: dict[str, QuantConfig], ti
             for p in members:  # the block's damage; within it, the layer's own output decides
                 alone[p], order[p] = d, (d.score(), own[p].score())
     else:
-        by_block = False
         alone = {}
         for i, (p, c) in enumerate(ranked.items()):
             step(f"{cname} layers", i + 1, len(ranked))

@@ -4,6 +4,7 @@ buffers, shared by its prefill and decode methods; reset runs the program's rese
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -104,10 +105,7 @@ class ExecuTorchSession(Session):
         host-only methods of a program one set of arenas, each sized to the largest method's
         (activations, and the KV cache where the program holds it)."""
         plans = self._plans()
-        if plans is None:
-            return None
-        width = max((len(s) for s in plans.values()), default=0)
-        return sum(max((s[i] if i < len(s) else 0) for s in plans.values()) for i in range(1, width))
+        return None if plans is None else sum(map(max, zip_longest(*plans.values(), fillvalue=0)))
 
     def planned_bytes_by_method(self) -> dict[str, int] | None:
         """Each method's own memory plan in bytes (the arenas it would need alone)."""
