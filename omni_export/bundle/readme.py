@@ -28,6 +28,7 @@ def _kv_component(m: Manifest) -> tuple[str, ComponentEntry] | None:
 def _executorch(m: Manifest, root: Path | None = None) -> list[str]:
     llm = m.components.get("llm")
     data = next((f for f in llm.files if f.endswith(".ptd")), None) if llm else None
+    step = llm.methods["prefill"].entry if llm and "prefill" in llm.methods else "prefill"
     return [
         "## Loading (ExecuTorch)",
         "",
@@ -42,10 +43,14 @@ def _executorch(m: Manifest, root: Path | None = None) -> list[str]:
         "methods = {n: program.load_method(n) for n in program.method_names}",
         "methods['reset_cache'].execute([])  # planned memory starts undefined: zero the cache first",
         "# logits: the last position's only [1, 1, vocab]; hidden: every position's [1, T, hidden]",
-        "logits, hidden = methods['prefill'].execute([embeds, input_pos])",
+        f"logits, hidden = methods[{step!r}].execute([embeds, input_pos])  # prefill: T tokens",
+        *([f"logits, hidden = methods[{step!r}].execute([embed_1, pos_1])  # decode: the same method at one token"]
+          if step != "prefill" else []),
         "```",
         "",
         "On Android use the ExecuTorch `Module` API with the same method names; `reset_cache` starts a new conversation.",
+        *([f"Prefill and decode are one method, `{step}`, whose token count is dynamic (1 to the prefill chunk): "
+           "its weights are packed once and its activations planned once."] if step != "prefill" else []),
         *(["Set the profile's backend options (`profile.runtime.options` in `manifest.json`) before loading, with "
            "`executorch::runtime::set_option(backend, options)`: `XnnpackBackend.weight_cache_enabled` lets prefill and "
            "decode share one packing of each weight instead of one each (about the `.ptd`'s size saved)."]

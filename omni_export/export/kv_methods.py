@@ -1,7 +1,9 @@
 """What a KV mode does to a component's methods.
 
 Buffer and state modes trace every method as it is: ``prefill`` and ``decode`` share the cache
-inside the program and ``reset_cache`` zeroes it (buffers; a Core ML caller makes a new state). The ``io`` mode (ONNX Runtime, TensorRT) traces
+inside the program and ``reset_cache`` zeroes it (buffers; a Core ML caller makes a new state).
+A buffer mode with ``one_step`` (ExecuTorch) traces them as one method, ``step``, whose token
+count is dynamic: the runtime calls it for both. The ``io`` mode (ONNX Runtime, TensorRT) traces
 ``prefill`` and ``decode`` as one graph, ``step``, whose token count is dynamic (1 .. prefill
 chunk) and which takes every layer's past keys and values after its inputs and returns the
 present ones after its outputs, so one file serves both and no weight is stored twice; there is
@@ -9,7 +11,7 @@ no reset method (the caller owns the cache)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -61,16 +63,23 @@ def plan_methods(specs: list[MethodSpec], module: nn.Module, mode: KVMode, slots
     if not cached or not kv_stacks(module):
         return TracePlan({s.name: s for s in specs}, {s.name: s.name for s in specs}, {s.name: s for s in specs})
     kv_methods = tuple(s.name for s in cached)
+    prefill = max(cached, key=lambda s: s.dynamic_shapes is not None)  # the one with a dynamic token count
     if not mode.explicit:
         # Core ML states are reset by the caller making a new one (and cannot be zeroed in a graph)
         kept = [s for s in specs if not (s.resets and mode.held_as == "state")]
-        return TracePlan({s.name: s for s in kept}, {s.name: s.name for s in kept}, {s.name: s for s in kept},
-                         _layout(module, mode, limits, kv_methods))  # fmt: skip
+        programs = {s.name: s for s in kept}
+        aliases = {s.name: s.name for s in kept}
+        if mode.one_step:
+            # Decode is prefill at one token: the traced lower bound (torch specialises a size-1
+            # minimum to 2) is not enforced by a runtime, which checks capacity only; the golden
+            # decode calls replay through this program and show it holds.
+            programs = {n: s for n, s in programs.items() if not s.cached} | {STEP: replace(prefill, name=STEP)}
+            aliases = {n: n for n in programs if n != STEP} | dict.fromkeys(kv_methods, STEP)
+        return TracePlan(programs, aliases, {s.name: s for s in kept}, _layout(module, mode, limits, kv_methods))
     layers = len(kv_layers(module))
     past = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
     present = [f"present_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
     kv = _layout(module, mode, limits, kv_methods, (past, present))
-    prefill = max(cached, key=lambda s: s.dynamic_shapes is not None)  # the one with a dynamic token count
     c = kv_stacks(module)[0].cfg
     tokens = Dim("tokens", min=1, max=min(limits.prefill_chunk, limits.max_context))
     # io: the past grows call by call; static-io: always max_context positions, written in place

@@ -6,6 +6,7 @@ planned once with ``share_mutable_buffers``), so ``prefill`` fills the cache ``d
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import logging
 import sys
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_export.export.components.base import Role
-from omni_export.export.components.kv import KV_MODES, Attend, KVCache, KVMode, plain
+from omni_export.export.components.kv import KV_MODES, Attend, KVCache, KVMode
 from omni_export.export.components.layers import RMSNorm
 from omni_export.targets import torchao_encode
 from omni_export.bundle.manifest import Delegation, RuntimeSettings
@@ -136,12 +137,34 @@ class ExecuTorchCache(KVCache):
 class ExecuTorchAttention(Attend):
     """``llama::custom_sdpa``: attends to the filled prefix only, grouped heads without copies."""
 
+    def __init__(self, n_rep: int, whole_call: bool, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__(n_rep, whole_call)
+        self.register_buffer("half_turn", _half_turn(head_dim, dtype), persistent=False)
+
+    def rotate(self, q, k, cos, sin):  # type: ignore[no-untyped-def]
+        # rotate_half as a linear by a signed permutation (exact: one +-1 per row): its slices and
+        # concatenation over a dynamic token count are not XNNPACK's, and each one it refuses
+        # cuts the delegated graph (four per layer)
+        turn = self.half_turn if self.half_turn.dtype == q.dtype else self.half_turn.to(q.dtype)
+        cos, sin = cos[:, None], sin[:, None]
+        return q * cos + F.linear(q, turn) * sin, k * cos + F.linear(k, turn) * sin
+
     def forward(self, q, keys, values, input_pos):  # type: ignore[no-untyped-def]
-        b, t, h, d = q.shape
+        b, _, h, d = q.shape
         # not causal: every query reads the filled prefix through this call's last position;
         # the kernel takes one element type, the cache's
         out = torch.ops.llama.custom_sdpa(q.to(keys.dtype), keys, values, _start(input_pos, keys.shape[1]), None, 0, not self.whole_call)
-        return out.reshape(b, t, h * d).to(q.dtype)
+        return out.reshape(b, -1, h * d).to(q.dtype)  # the token count inferred: see QwenAttention
+
+
+@functools.lru_cache(maxsize=8)  # one tensor every layer's attention holds (made before tracing)
+def _half_turn(d: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight W with ``F.linear(x, W) == rotate_half(x)``: out[i] = -x[i + d/2] for i < d/2,
+    x[i - d/2] after."""
+    half, w = d // 2, torch.zeros(d, d, dtype=dtype)
+    w[torch.arange(half), torch.arange(half, d)] = -1
+    w[torch.arange(half, d), torch.arange(half)] = 1
+    return w
 
 
 def _start(input_pos: torch.Tensor, max_len: int):  # type: ignore[no-untyped-def]
@@ -167,9 +190,13 @@ def _et_cache(dtype: torch.dtype | None = None):  # type: ignore[no-untyped-def]
 # In-place update and prefix-only attention: index_put + masked SDPA over repeated heads would
 # copy whole caches every step.
 _ET_AXES = ("batch", "positions", "kv_heads", "head_dim")
-ET_KV = KV_MODES.register("executorch", KVMode("executorch", "buffers", _ET_AXES, _et_cache(), plain(ExecuTorchAttention)))
-ET_KV16 = KV_MODES.register("executorch-fp16", KVMode("executorch-fp16", "buffers", _ET_AXES, _et_cache(torch.float16),
-                                                      plain(ExecuTorchAttention)))  # fmt: skip
+def _et_attend(stack, n_rep: int, layer: int, slots) -> Attend:  # type: ignore[no-untyped-def]
+    return ExecuTorchAttention(n_rep, stack.whole_call, stack.cfg.head_dim, stack.norm.weight.dtype)
+
+
+ET_KV = KV_MODES.register("executorch", KVMode("executorch", "buffers", _ET_AXES, _et_cache(), _et_attend, one_step=True))
+ET_KV16 = KV_MODES.register("executorch-fp16", KVMode("executorch-fp16", "buffers", _ET_AXES, _et_cache(torch.float16), _et_attend,
+                                                      one_step=True))  # fmt: skip
 
 
 @contextmanager
@@ -373,7 +400,8 @@ class ExecuTorchTarget(Target):
             files.append(f"artifacts/{tag}.ptd")
             with staged_file(root / files[-1]) as tmp, open(tmp, "wb") as f:
                 cord.write_to_file(f)
-        return Artifact(traced.name, tuple(files), {m: m for m in traced.specs}, self.backend, delegation, time.perf_counter() - start)
+        entries = {m: traced.aliases[m] for m in traced.specs}
+        return Artifact(traced.name, tuple(files), entries, self.backend, delegation, time.perf_counter() - start)
 
 
 TARGETS.register(ExecuTorchTarget.name, ExecuTorchTarget())

@@ -98,3 +98,27 @@ def test_prefill_returns_the_last_position_s_logits_and_every_position_s_hidden_
     assert logits.shape == (1, 1, llm.cfg.vocab_size) and hidden.shape == (1, 7, llm.cfg.hidden_size)
     with torch.no_grad():
         torch.testing.assert_close(logits, llm.logits(hidden)[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_executorch_traces_prefill_and_decode_as_one_program_that_decodes_at_one_token(llm):
+    """ExecuTorch lowers one ``step`` program for both cached methods (lowering once, not per
+    method). Traced from 8 tokens with a lower bound torch raises to 2, the very graph must still
+    decode at 1 token: prefill 7, then 3 single-token calls, equal to the eager reference."""
+    from omni_export.export.trace import trace_component
+    from omni_export.targets.executorch import ET_KV
+
+    embeds = torch.randn(1, 10, llm.cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    ref, _ = eager_methods(llm, LIMITS)
+    ref.reset()
+    expected = _steps(ref.run, embeds)
+    traced = trace_component("llm", llm, LIMITS, ET_KV.name)
+    assert set(traced.programs) == {"embed", "reset_cache", "step"}
+    assert traced.aliases["prefill"] == traced.aliases["decode"] == "step" and set(traced.specs) >= {"prefill", "decode"}
+    step = traced.programs["step"].module()
+    caches = [b for n, b in step.named_buffers() if n.endswith("_cache")]
+    assert len(caches) == 2 * llm.cfg.num_hidden_layers
+    for cache in caches:  # as the runtime's reset_cache does before the first turn
+        cache.zero_()
+    with torch.no_grad():
+        got = _steps(lambda method, x: step(*x), embeds)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -169,6 +169,10 @@ class KVMode:
     cache: Callable[[Any, int, int, IOSlots], KVCache]
     attend: Callable[[Any, int, int, IOSlots], Attend]
     # io mode: prefill and decode are one graph; the runtime zeroes nothing (it owns the tensors).
+    # A buffer mode may do the same (``one_step``): prefill and decode run one program whose token
+    # count is dynamic, so a target lowers it once, not once per method (most of a large LLM's
+    # lowering time), and loads one method.
+    one_step: bool = False
     HELD_AS: ClassVar[tuple[str, ...]] = ("buffers", "state", "io", "static-io")
 
     def __post_init__(self) -> None:

@@ -135,9 +135,11 @@ class QwenAttention(nn.Module):
         and attention reads it; otherwise attention is over the T tokens under ``mask``."""
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, cfg.num_attention_heads, cfg.head_dim)
-        k = self.k_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
-        v = self.v_proj(x).view(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        # the token count inferred (-1), not named: XNNPACK lowers a reshape with one inferred
+        # dimension but none with a symbolic one, and each it refuses cuts the delegated graph
+        q = self.q_proj(x).view(b, -1, cfg.num_attention_heads, cfg.head_dim)
+        k = self.k_proj(x).view(b, -1, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.v_proj(x).view(b, -1, cfg.num_key_value_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.kv is not None and input_pos is not None:

@@ -1,5 +1,6 @@
 """ExecuTorch's Python runtime over a ``.pte``. The KV cache lives in the program's mutable
-buffers, shared by its prefill and decode methods; reset runs the program's reset_cache method."""
+buffers, shared by its prefill and decode methods (one program method, ``step``, runs both where
+the manifest says so); reset runs the program's reset_cache method."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class ExecuTorchSession(Session):
     backend = "executorch"
     stateful = True
 
-    def __init__(self, path: Path, threads: int = 0, data: Path | None = None, options: Mapping[str, str] | None = None) -> None:
+    def __init__(self, path: Path, threads: int = 0, data: Path | None = None, options: Mapping[str, str] | None = None,
+                 entries: Mapping[str, str] | None = None) -> None:
         from executorch.runtime import Runtime
 
         # LLM artifacts call llama::update_cache / llama::custom_sdpa; their kernels register on import.
@@ -45,6 +47,8 @@ class ExecuTorchSession(Session):
         self.data = None if data is None else Path(data)
         self._runtime = Runtime.get()
         self.reset()
+        # method -> the program method that runs it (the manifest's entries; else each its own)
+        self._entries = dict(entries) if entries else {n: n for n in self._program.method_names}
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -59,7 +63,8 @@ class ExecuTorchSession(Session):
         # The profile's thread count, never more than this host's cores (a phone profile run on a
         # small host would only oversubscribe it).
         pte, data = program_files(entry, root)
-        return cls(pte, min(settings.threads, host_cores()) if settings.threads else 0, data, settings.options)
+        return cls(pte, min(settings.threads, host_cores()) if settings.threads else 0, data, settings.options,
+                   {method: m.entry for method, m in entry.methods.items()})
 
     @classmethod
     def interface_problems(cls, entry, root: Path) -> list[str]:  # type: ignore[no-untyped-def]
@@ -98,7 +103,7 @@ class ExecuTorchSession(Session):
 
     @property
     def methods(self) -> set[str]:
-        return set(self._program.method_names)
+        return set(self._entries)
 
     def planned_bytes(self) -> int | None:
         """What the runtime allocates for the program's memory plans: ExecuTorch gives the
@@ -128,7 +133,7 @@ class ExecuTorchSession(Session):
         return {plan.name: list(plan.non_const_buffer_sizes) for plan in program.execution_plan}
 
     def run(self, method: str, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return list(self._loaded[method].execute([x.contiguous() for x in inputs]))
+        return list(self._loaded[self._entries.get(method, method)].execute([x.contiguous() for x in inputs]))
 
 
 SESSIONS.register(ExecuTorchSession.backend, ExecuTorchSession)
