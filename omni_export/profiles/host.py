@@ -26,10 +26,10 @@ RUNTIME_BYTES = int(0.6e9)
 CODE_BYTES = 1 + (4 + 1) / 32  # an int8 code per weight, an fp32 scale and an int8 zero point per group of 32
 FLOAT_BYTES = 4
 # Peak of a component's build over its traced weight bytes: the 4B LLM at int4 (4.41 B
-# parameters, 5.10 GB of codes) peaked at 22.11 GB resident in parity (the ExecuTorch runtime
-# packing each method's weights on top of what lowering left), lowering itself at 15.49 GB
-# (docs/export/, run 2).
-LOWERING_FACTOR = 4.4
+# parameters, 5.10 GB of codes) peaked at 15.65 GB resident in its lowering, the whole job's peak
+# (docs/export/, run 3: prefill and decode still lowered as two methods; run 2 peaked at 22.11 GB
+# in parity before the runtime shared one packing of the weights).
+LOWERING_FACTOR = 3.1
 
 
 def host_available_bytes() -> int | None:
