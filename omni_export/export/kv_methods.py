@@ -58,6 +58,11 @@ def _layout(module: nn.Module, mode: KVMode, limits: Limits, methods: tuple[str,
                     inputs=tuple(names[0]), outputs=tuple(names[1]))  # fmt: skip
 
 
+def _run_by_step(programs: dict[str, MethodSpec], kv_methods: tuple[str, ...]) -> dict[str, str]:
+    """Every program runs its own method, but the cached methods all run ``step``."""
+    return {name: name for name in programs if name != STEP} | dict.fromkeys(kv_methods, STEP)
+
+
 def plan_methods(specs: list[MethodSpec], module: nn.Module, mode: KVMode, slots: IOSlots, limits: Limits) -> TracePlan:
     cached = [s for s in specs if s.cached]
     if not cached or not kv_stacks(module):
@@ -74,7 +79,7 @@ def plan_methods(specs: list[MethodSpec], module: nn.Module, mode: KVMode, slots
             # minimum to 2) is not enforced by a runtime, which checks capacity only; the golden
             # decode calls replay through this program and show it holds.
             programs = {n: s for n, s in programs.items() if not s.cached} | {STEP: replace(prefill, name=STEP)}
-            aliases = {n: n for n in programs if n != STEP} | dict.fromkeys(kv_methods, STEP)
+            aliases = _run_by_step(programs, kv_methods)
         return TracePlan(programs, aliases, {s.name: s for s in kept}, _layout(module, mode, limits, kv_methods))
     layers = len(kv_layers(module))
     past = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
@@ -99,7 +104,7 @@ def plan_methods(specs: list[MethodSpec], module: nn.Module, mode: KVMode, slots
         cached=True,
     )  # fmt: skip
     programs = {s.name: s for s in specs if not s.cached and not s.resets} | {STEP: step}
-    aliases = {name: name for name in programs if name != STEP} | dict.fromkeys(kv_methods, STEP)
+    aliases = _run_by_step(programs, kv_methods)
     methods = {s.name: s for s in specs if not s.resets}
     return TracePlan(programs, aliases, methods, kv)
 

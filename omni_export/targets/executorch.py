@@ -139,15 +139,13 @@ class ExecuTorchAttention(Attend):
 
     def __init__(self, n_rep: int, whole_call: bool, head_dim: int, dtype: torch.dtype) -> None:
         super().__init__(n_rep, whole_call)
-        self.register_buffer("half_turn", _half_turn(head_dim, dtype), persistent=False)
+        self.register_buffer("turn", _half_turn(head_dim, dtype), persistent=False)
 
-    def rotate(self, q, k, cos, sin):  # type: ignore[no-untyped-def]
-        # rotate_half as a linear by a signed permutation (exact: one +-1 per row): its slices and
+    def half_turn(self, x):  # type: ignore[no-untyped-def]
+        # a linear by a signed permutation (exact: one +-1 per row): rotate_half's slices and
         # concatenation over a dynamic token count are not XNNPACK's, and each one it refuses
         # cuts the delegated graph (four per layer)
-        turn = self.half_turn if self.half_turn.dtype == q.dtype else self.half_turn.to(q.dtype)
-        cos, sin = cos[:, None], sin[:, None]
-        return q * cos + F.linear(q, turn) * sin, k * cos + F.linear(k, turn) * sin
+        return F.linear(x, self.turn if self.turn.dtype == x.dtype else self.turn.to(x.dtype))
 
     def forward(self, q, keys, values, input_pos):  # type: ignore[no-untyped-def]
         b, _, h, d = q.shape

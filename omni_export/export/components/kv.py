@@ -29,7 +29,7 @@ from torch import nn
 
 from omni_export.bundle.manifest import EXPLICIT_KV
 from omni_export.errors import ConfigError
-from omni_export.export.components.layers import apply_rope, merge_heads, repeat_kv, sdpa
+from omni_export.export.components.layers import apply_rope, merge_heads, repeat_kv, rotate_half, sdpa
 from omni_export.registry import Registry
 
 
@@ -57,7 +57,12 @@ class Attend(nn.Module):
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE on queries and keys [B, T, heads, D] (cos/sin [T, D]) before the cache sees them."""
-        return apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+        cos, sin = cos[:, None], sin[:, None]
+        return apply_rope(q, cos, sin, self.half_turn), apply_rope(k, cos, sin, self.half_turn)
+
+    def half_turn(self, x: torch.Tensor) -> torch.Tensor:
+        """rotate_half, in the form this attention's target lowers."""
+        return rotate_half(x)
 
 
 def causal_over(keys_len: int | torch.SymInt, input_pos: torch.Tensor, whole_call: bool = False) -> torch.Tensor:

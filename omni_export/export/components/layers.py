@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -39,9 +40,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [T, D]."""
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half_turn: Callable[[torch.Tensor], torch.Tensor] = rotate_half) -> torch.Tensor:
+    """x: [B, H, T, D]; cos/sin: [T, D]. ``half_turn``: rotate_half, or a form of it a target lowers."""
+    return x * cos + half_turn(x) * sin
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

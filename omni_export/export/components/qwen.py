@@ -134,7 +134,7 @@ class QwenAttention(nn.Module):
         """x [B, T, H]; cos/sin [T, D]. With a cache (and positions) the step's keys go into it
         and attention reads it; otherwise attention is over the T tokens under ``mask``."""
         cfg = self.cfg
-        b, t, _ = x.shape
+        b = x.shape[0]
         # the token count inferred (-1), not named: XNNPACK lowers a reshape with one inferred
         # dimension but none with a symbolic one, and each it refuses cuts the delegated graph
         q = self.q_proj(x).view(b, -1, cfg.num_attention_heads, cfg.head_dim)
