@@ -37,6 +37,8 @@ def max_abs(a: np.ndarray, ref: np.ndarray) -> float:
 def psnr(a: np.ndarray, ref: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB, peak = max |ref|; capped at 200 dB for identical arrays."""
     mse = float(np.mean((a.astype(np.float64) - ref) ** 2))
+    if not np.isfinite(mse):  # a NaN or inf in the output: no signal survives
+        return 0.0
     peak = float(np.abs(ref).max(initial=0.0))
     return 200.0 if mse == 0 else min(200.0, 10 * np.log10(peak**2 / mse)) if peak else 0.0
 
@@ -174,11 +176,15 @@ def judge(component: str, calls: list[GoldenCall], got: list[dict[str, np.ndarra
             report.results.append(row)
             if reference != gate_reference:
                 continue
-            if row.cosine < cosine_min:
+            # Written so that a NaN fails: every comparison with NaN is false.
+            bad = int(a.size - np.isfinite(a).sum())
+            if bad and np.isfinite(r).all():
+                report.failures.append(f"{method}.{name}: {bad} of {a.size} values are NaN or infinite (the reference's are finite)")
+            if not row.cosine >= cosine_min:
                 report.failures.append(f"{method}.{name}: cosine {row.cosine:.6f} < {cosine_min}")
-            if row.top1 is not None and row.top1 < top1_min:
+            if row.top1 is not None and not row.top1 >= top1_min:
                 report.failures.append(f"{method}.{name}: top-1 agreement {row.top1:.3f} < {top1_min}")
-            if row.kl is not None and row.kl > kl_max:
+            if row.kl is not None and not row.kl <= kl_max:
                 report.failures.append(f"{method}.{name}: KL {row.kl:.5f} > {kl_max}")
     return report
 
