@@ -191,11 +191,17 @@ def build_bundle(
     # A float recipe plans nothing (and leaves a tied LM head tied: one table in the artifact).
     configs = {} if recipe.is_float else plan(ckpt.components, recipe)
     classes = component_classes(ckpt.components, configs, float_class)
+    # What each component's float part (a quantized one's activations, norms and attention) runs in.
+    bodies = {name: target.float_class_for(profile, recipe, role_of(m).value) for name, m in ckpt.components.items()}
     for name, module in ckpt.components.items():  # a role the target keeps wider than the rest
-        role = role_of(module).value
-        if classes[name] == float_class and (own := target.float_class_for(profile, recipe, role)) != float_class:
+        if (own := bodies[name]) == float_class:
+            continue
+        if classes[name] == float_class:
             classes[name] = own
-            notes.append(f"{name}: {own} on the {target.name} target for {profile.name} ({role}s stay {own} there)")
+            notes.append(f"{name}: {own} on the {target.name} target for {profile.name} ({role_of(module).value}s stay {own} there)")
+        else:
+            notes.append(f"{name}: activations and float layers {own} on the {target.name} target for {profile.name} "
+                         f"({role_of(module).value}s stay {own} there)")
     quant: QuantResult | None = None
     quant_where = None
     notes.extend(check_plan(target, ckpt.components, configs, profile))  # refuses what it cannot encode, before any work
@@ -243,7 +249,7 @@ def build_bundle(
             step(name, "encoding")
             qtensors = quant.for_component(name) if quant else {}
             tables, qlinears = split_tables(module, qtensors)
-            plan_ = target.precision_plan(module, lambda m=module: _replay_fp32(m, limits, script), set(qtensors), classes[name])
+            plan_ = target.precision_plan(module, lambda m=module: _replay_fp32(m, limits, script), set(qtensors), bodies[name])
             release_pages(module.state_dict().values())
             t["precision_s"] = time.perf_counter() - t0 - t["golden_s"]
             # tied heads quantized as their table: head path -> table path

@@ -295,6 +295,9 @@ def _check_ranges(traced, edge) -> None:  # type: ignore[no-untyped-def]
             raise LoweringError(f"{traced.name}.{method}: lowering cut dynamic upper bounds {narrowed} (declared, lowered)")
 
 
+FP32_ROLES = (Role.VOCODER.value, Role.ACOUSTIC.value)  # see float_class_for
+
+
 class ExecuTorchTarget(Target):
     name = "executorch"
     backend = "executorch"
@@ -305,14 +308,17 @@ class ExecuTorchTarget(Target):
     no_shared_head = ""
 
     def float_class_for(self, profile, recipe, role=None) -> str:  # type: ignore[no-untyped-def]
-        """fp16 where the profile's cores compute it and a float recipe asks for it. Quantized
-        stacks keep fp32 activations around their int8-activation linears (their fp16 path,
-        qd8-f16, is not gated here yet). Vocoders stay fp32: every layer of the demo's HiFT
-        measured within 4e-4 in fp16, yet XNNPACK's fp16 waveform missed the gate (cosine 0.991
-        against 0.999): rounding accumulates through its upsampling stack."""
+        """fp16 where the profile's cores compute it and the recipe asks for it, quantized stacks
+        included: their linears then take fp16 activations (XNNPACK's qd8-f16 kernels), and what
+        the recipe keeps float (norms, attention, the body between linears) runs fp16 but for the
+        layers the precision plan measures fp16 cannot hold. Vocoders stay fp32: every layer of
+        the demo's HiFT measured within 4e-4 in fp16, yet XNNPACK's fp16 waveform missed the gate
+        (cosine 0.991 against 0.999): rounding accumulates through its upsampling stack. Flow
+        stays fp32 too: in fp16 its encoder returned NaN from the second chunk on (the one that
+        attends over the cache), where the eager fp16 reference is finite."""
         et = profile.executorch
-        fp16 = et is not None and et.float_dtype == "fp16" and recipe.is_float and recipe.float_dtype == "fp16"
-        return "fp16" if fp16 and role != Role.VOCODER.value else self.float_class
+        fp16 = et is not None and et.float_dtype == "fp16" and recipe.float_dtype == "fp16"
+        return "fp16" if fp16 and role not in FP32_ROLES else self.float_class
 
     def precision_plan(self, module, run_script, skip, precision):  # type: ignore[no-untyped-def]
         return measure_fp16(module, run_script, skip) if precision == "fp16" else None
@@ -321,6 +327,8 @@ class ExecuTorchTarget(Target):
     def trace_context(self, module: nn.Module, limits, plan=None) -> Iterator[None]:  # type: ignore[no-untyped-def]
         # An fp16 build: the body in fp16, the plan's layers in fp32 (their casts stay outside
         # XNNPACK, which converts no dtype: a kept layer costs a delegate boundary each side).
+        if plan is not None and not plan.whole:
+            torchao_encode.activations_to(module, torch.float16, plan.keep)
         forms = fp16_forms(module, plan, xnnpack_forms) if plan is not None else xnnpack_forms(module)
         with _tracing(), forms:
             yield
@@ -330,9 +338,12 @@ class ExecuTorchTarget(Target):
         return ET_KV16.name if fp16 else self.kv_mode
 
     def runtime_settings(self, profile) -> RuntimeSettings:  # type: ignore[no-untyped-def]
-        # XNNPACK's weight cache: methods share one packing of each weight instead of one each.
-        return RuntimeSettings(threads=profile.executorch.threads if profile.executorch else 0,
-                               options={"XnnpackBackend.weight_cache_enabled": "true"})
+        # No XNNPACK weight cache: it let a decoder's prefill and decode methods share one packing
+        # of each weight, and each decoder is one method now (the 0.6B bundle's methods have
+        # 128-576 bytes of weights in common; loaded RSS 1046 MB with it, 1053 without). With it,
+        # ExecuTorch 1.5.1 crashes loading an fp16 body whose subgraph XNNPACK partly moves to
+        # fp32 (xnn_weights_cache_alias_data); bundles built before keep their recorded option.
+        return RuntimeSettings(threads=profile.executorch.threads if profile.executorch else 0)
 
     @staticmethod
     def _lower(traced, partitioners: list, metadata: dict[str, Any], data_tag: str | None = None):  # type: ignore[no-untyped-def]
