@@ -9,7 +9,10 @@ resident set is its own and host noise hits both alike: load, one warm prompt + 
 timed one (a 64-token prompt in one call, then 128 greedy tokens), 2 threads each. Reported: the
 median over the rounds of prefill and decode tok/s, the resident and proportional sets after load
 and after the runs (anonymous and file-backed, and what grew per mapping), the peak, and for
-ExecuTorch each method's memory plan and what the runtime allocates for them.
+ExecuTorch each method's memory plan and what the runtime allocates for them. Then (unless
+--no-accuracy) each runtime's logits against the fp32 reference (transformers on WORK/hf): after
+the prompt and after each of 16 reference tokens fed in turn, by the LLM gate's cosine and mean
+KL, so a speed is read beside whether that artifact would pass the gate. --rounds 0: that alone.
 
     .venv/bin/python benchmarks/export_cost.py --work /tmp/q06 ... --only ours   # writes /tmp/q06/bundle
     .venv/bin/python benchmarks/decode_cost.py --work /tmp/q06 --bundle /tmp/q06/bundle-host --out docs/quantization/decode-cost-host
@@ -25,9 +28,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np  # noqa: E402
+
 from omni_export.phases import _status as _read  # noqa: E402  # one /proc/self/status field, in bytes
 
 PROMPT, NEW, ROUNDS, THREADS = 64, 128, 3, 2
+FORCED = 16  # reference tokens fed after the prompt for the accuracy rows
 RUNTIMES = ("omni-export executorch", "onnxruntime-genai builder")
 
 
@@ -113,6 +119,84 @@ def child(kind: str, path: Path, prompt: list[int]) -> dict:
             "rss_mb": mb(ran["VmRSS"]), "peak_mb": mb(ran["VmHWM"]), "load_by_mapping_mb": grown, **extra}  # fmt: skip
 
 
+def child_logits(kind: str, path: Path, prompt: list[int], forced: list[int]) -> np.ndarray:
+    """[1 + len(forced), vocab] fp32: the logits after the prompt, then after each forced token
+    (teacher forcing: every runtime sees the reference's continuation, so the rows compare)."""
+    rows = []
+    if kind == RUNTIMES[0]:
+        import torch
+
+        from omni_export.bundle import read_manifest
+        from omni_export.bundle.manifest import RuntimeSettings
+        from omni_export.runtime_py.backends import open_session
+        from omni_export.runtime_py.kv_cache import KVStack
+
+        m = read_manifest(path)
+        entry, rt = m.components["llm"], m.profile.runtime
+        sess = open_session(entry, path, RuntimeSettings(THREADS, rt.compute_units, rt.providers, dict(rt.options)))
+        stack = KVStack("llm", sess, len(prompt), entry.kv_cache.max_len)
+        stack.reset()
+        logits = stack.feed(sess.run("embed", [torch.tensor([prompt])])[0])[0]
+        rows.append(logits[0, -1].float().numpy())
+        for tok in forced:
+            logits = stack.feed(sess.run("embed", [torch.tensor([[tok]])])[0])[0]
+            rows.append(logits[0, -1].float().numpy())
+    else:
+        import onnxruntime_genai as og
+
+        model = og.Model(str(path))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + len(forced) + 1, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(prompt)
+        rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
+        for tok in forced:
+            gen.append_tokens([tok])
+            rows.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1))
+    return np.stack(rows)
+
+
+def reference_logits(hf: Path, prompt: list[int], n: int) -> tuple[np.ndarray, list[int]]:
+    """The float checkpoint in fp32 (transformers): its greedy continuation of ``n`` tokens and
+    the logits at the prompt's last position and after each of those tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+        forced = out[0, len(prompt):].tolist()
+        logits = model(out).logits[0, len(prompt) - 1:].float().numpy()
+    return logits, forced
+
+
+def accuracy(work: Path, paths: dict[str, Path], prompt: list[int], n: int = FORCED) -> dict:
+    """Each runtime's logits against the fp32 reference by the LLM gate's own measures (cosine
+    over all rows, mean KL), beside the int4 gate's thresholds: the decode figures above are
+    only comparable between artifacts that would pass the same gate."""
+    import tempfile
+
+    from omni_export.bundle import read_manifest
+    from omni_export.profiles import get_profile
+    from omni_export.runtime_py.parity import cosine, mean_kl
+
+    ref, forced = reference_logits(work / "hf", prompt, n)
+    profile = get_profile(read_manifest(paths[RUNTIMES[0]]).profile.name)
+    th = profile.threshold("int4")
+    out: dict = {"rows": len(ref), "gate": {"profile": profile.name, "class": "int4", "cosine_min": th.cosine_min, "kl_max": th.kl_max}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, path in paths.items():
+            f = Path(tmp) / "logits.npy"
+            p = subprocess.run([sys.executable, __file__, "--work", str(work), "--child", kind, "--path", str(path),
+                                "--logits", str(f), "--forced", ",".join(map(str, forced))], capture_output=True, text=True)  # fmt: skip
+            if p.returncode:
+                raise SystemExit(f"{kind} failed:\n{p.stderr[-3000:]}")
+            got = np.load(f)
+            out[kind] = {"cosine": round(cosine(got, ref), 4), "kl": round(mean_kl(got, ref), 4),
+                         "passes": bool(cosine(got, ref) >= th.cosine_min and mean_kl(got, ref) <= th.kl_max)}  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, required=True, help="export_cost.py's folder (checkpoint, hf, bundle)")
@@ -121,8 +205,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--child", choices=RUNTIMES, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--path", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
+                    help="also compare both runtimes' logits with the fp32 reference (transformers on WORK/hf)")
+    ap.add_argument("--logits", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--forced", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     prompt = _prompt(a.work / "checkpoint")
+    if a.child and a.logits:
+        np.save(a.logits, child_logits(a.child, a.path, prompt, [int(t) for t in a.forced.split(",") if t]))
+        return
     if a.child:
         print(json.dumps(child(a.child, a.path, prompt)))
         return
@@ -133,6 +224,9 @@ def main() -> None:
         bundle = bundle.with_name(bundle.name + ".rejected")
     peer, build_s = ort_genai_build(a.work / "hf", a.work / "ort-genai-int4", THREADS)
     paths = {RUNTIMES[0]: bundle, RUNTIMES[1]: peer}
+    if a.rounds == 0:  # the accuracy rows alone
+        print(json.dumps(accuracy(a.work, paths, prompt), indent=1))
+        return
     runs: dict[str, list[dict]] = {k: [] for k in RUNTIMES}
     from rich.progress import Progress
 
@@ -159,6 +253,8 @@ def main() -> None:
     res["greedy_tokens_equal"] = f"{sum(x == y for x, y in zip(toks[0], toks[-1], strict=False))}/{NEW}"
     res["setup"] = {"prompt": PROMPT, "new_tokens": NEW, "rounds": a.rounds, "threads": THREADS, "bundle": str(bundle),
                     "builder_build_s": round(build_s, 1)}  # fmt: skip
+    if a.accuracy:
+        res["accuracy (vs the fp32 reference)"] = accuracy(a.work, paths, prompt)
     from rich.table import Table
 
     from report import publish
@@ -176,6 +272,12 @@ def main() -> None:
     q = res["ratio (ours / onnxruntime-genai)"]
     t.add_row("ratio (ours / peer)", f"{q['prefill_tok_s']}x", f"{q['decode_tok_s']}x", f"{q['files_mb']}x", f"{q['load_mb']}x",
               f"{q['load_pss_mb']}x", f"{q['rss_mb']}x / {q['pss_mb']}x", f"{q['peak_mb']}x")  # fmt: skip
+    acc = res.get("accuracy (vs the fp32 reference)")
+    if acc:
+        g = acc["gate"]
+        t.caption = (f"logits against the fp32 reference (prompt + {acc['rows'] - 1} of its greedy tokens, teacher-forced); "
+                     f"{g['profile']}'s {g['class']} gate: cosine >= {g['cosine_min']}, KL <= {g['kl_max']}: " +
+                     "; ".join(f"{k}: cosine {acc[k]['cosine']}, KL {acc[k]['kl']} ({'passes' if acc[k]['passes'] else 'fails'})" for k in RUNTIMES))  # fmt: skip
     publish(t, res, a.out)
 
 
