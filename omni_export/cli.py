@@ -61,7 +61,7 @@ def _fit_table(fit) -> Table:  # type: ignore[no-untyped-def]
         t.add_row(c.name, c.precision, f"{c.params / 1e6:,.1f} M", _gb(c.weight_bytes))
     t.add_row("KV cache", plan.kv_dtype or plan.float_dtype, "", _gb(plan.kv_bytes))
     if plan.stream_bytes:
-        t.add_row("streaming state (flow windows, vocoder source)", plan.float_dtype, "", _gb(plan.stream_bytes))
+        t.add_row("streaming state (flow windows, vocoder source)", plan.stream_dtype or plan.float_dtype, "", _gb(plan.stream_bytes))
     t.add_row("activations (peak, est.)", "", "", _gb(plan.activation_bytes))
     t.add_row("runtime overhead", "", "", _gb(plan.overhead_bytes))
     t.add_row("[bold]total[/]", "", "", f"[bold]{_gb(plan.total_bytes)}[/]")
@@ -403,7 +403,7 @@ def fit(
                           "host": {"fits": host.fits, "floor_bytes": host.floor_bytes, "available_bytes": host.available_bytes},
                           "available_bytes": result.available_bytes, "total_bytes": plan.total_bytes,
                           "weight_bytes": plan.weight_bytes, "kv_bytes": plan.kv_bytes, "kv_dtype": plan.kv_dtype or plan.float_dtype,
-                          "stream_bytes": plan.stream_bytes, "activation_bytes": plan.activation_bytes, "overhead_bytes": plan.overhead_bytes,
+                          "stream_bytes": plan.stream_bytes, "stream_dtype": plan.stream_dtype or plan.float_dtype, "activation_bytes": plan.activation_bytes, "overhead_bytes": plan.overhead_bytes,
                           "recipe": plan.recipe, "context": plan.context,
                           "components": [to_dict(c) for c in plan.components]}, indent=2))  # fmt: skip
     else:

@@ -49,9 +49,10 @@ class MemoryPlan:
     overhead_bytes: int
     float_dtype: str = "fp16"  # what the target stores float tensors and the KV cache as
     # State a streaming component keeps between calls (the flow's attention windows, the vocoder's
-    # source window): it crosses the method boundary, so it is fp32 whatever the target computes in.
+    # source window), in the float type of the components that keep it.
     stream_bytes: int = 0
     kv_dtype: str = ""  # the cache's type where the target holds it in one of its own (else float_dtype)
+    stream_dtype: str = ""  # the streaming components' float type(s), where not float_dtype
 
     @property
     def weight_bytes(self) -> int:
@@ -190,10 +191,14 @@ def memory_plan(family: Family, cfg: Any, recipe: QuantRecipe, context: int, spe
     comps = tuple(component_memory(s, modules[s.name], recipe, share_tied, float_of(role_of(modules[s.name]).value) if float_of else None)
                   for s in specs)  # fmt: skip
     kv = sum(_kv_bytes(modules[s.name], context, kv_elem or elem) for s in specs)
-    stream = elem * sum(component(modules[s.name]).stream_state_elements() for s in specs)
+    streams = {s.name: (n, float_of(role_of(modules[s.name]).value) if float_of else recipe.float_dtype)
+               for s in specs if (n := component(modules[s.name]).stream_state_elements())}  # fmt: skip
+    stream = sum(n * _float_bytes(dtype) for n, dtype in streams.values())
+    dtypes = {dtype for _, dtype in streams.values()}
+    stream_dtype = "" if dtypes <= {recipe.float_dtype} else "/".join(sorted(dtypes))
     act = activation_estimate(family, cfg, modules, context, elem)
     return MemoryPlan(recipe.name, context, comps, kv, act, RUNTIME_OVERHEAD, recipe.float_dtype, stream,
-                      {2: "fp16", 4: "fp32"}.get(kv_elem, "") if kv_elem else "")  # fmt: skip
+                      {2: "fp16", 4: "fp32"}.get(kv_elem, "") if kv_elem else "", stream_dtype)  # fmt: skip
 
 
 def fit_check(profile: Profile, family: Family, cfg: Any, recipe: QuantRecipe, context: int | None = None) -> FitResult:

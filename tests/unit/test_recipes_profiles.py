@@ -163,6 +163,8 @@ def test_fit_counts_executorch_caches_and_tied_heads_as_the_profile_holds_them()
     a, h = (fit_check(p, IO, cfg, PRESETS.get("int4"), 4096) for p in (android, host))
     assert h.plan.kv_bytes == 2 * a.plan.kv_bytes and (a.plan.kv_dtype, h.plan.kv_dtype) == ("fp16", "")
     assert fit_check(android, IO, cfg, PRESETS.get("fp32"), 4096).plan.kv_bytes == h.plan.kv_bytes
+    # flow and vocoder, which keep the streaming state, stay fp32 where the rest computes fp16
+    assert (a.plan.float_dtype, a.plan.stream_dtype, a.plan.stream_bytes) == ("fp16", "fp32", h.plan.stream_bytes)
     llm = lambda f: next(c for c in f.plan.components if c.name == "llm")  # noqa: E731
     ort = fit_check(get_profile("desktop-cpu"), IO, cfg, PRESETS.get("int4"), 4096)  # the head's own int4 codes
     vocab, hidden, layers, head_dim = 151936, 2560, 36, 128
