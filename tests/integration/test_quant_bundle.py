@@ -113,8 +113,11 @@ def test_quantized_stacks_keep_their_cache_in_fp16_on_android(qbundles, bundles)
         assert mq[name].kv_cache.dtype == "float16" and mf[name].kv_cache.dtype == "float32", name
         assert next(b for b in q.components if b.name == name).parity.passed
     def plan_of(m, b):  # type: ignore[no-untyped-def]
+        # reset_cache's plan is the shared caches and one zero image: the whole program's also
+        # holds the step's activations, which the fp16 body lays out differently (at this size
+        # its fp32 islands, the norms' insides and the I/O casts, outweigh what fp16 saves)
         pte, data = program_files(m["llm"], b.bundle)
-        return ExecuTorchSession(pte, 0, data).planned_bytes()
+        return ExecuTorchSession(pte, 0, data).planned_bytes_by_method()["reset_cache"]
 
     planned = {"q": plan_of(mq, q), "f": plan_of(mf, f)}
     kv = mq["llm"].kv_cache
