@@ -3,10 +3,9 @@
 The integers and scales are handed to torchao as they are; nothing is re-quantized, so what the
 ``.pte`` holds is the QuantResult (a test reads it back out). XNNPACK's quantized linears take
 int8 activations quantized per token at run time (qd8-f32-qc8w / qb4w, or qd8-f16-* in an fp16
-body); ExecuTorch 1.5.1 has no
-correct weight-only path for these tensors (lowering one gave outputs wrong by two orders of
-magnitude in our probe), so weight-only configs run with dynamic int8 activations, as
-ExecuTorch's own LLM recipes (8da4w) do."""
+body); ExecuTorch 1.5.1 has no correct weight-only path for these tensors (lowering one gave
+outputs wrong by two orders of magnitude in our probe), so weight-only configs run with dynamic
+int8 activations, as ExecuTorch's own LLM recipes (8da4w) do."""
 
 from __future__ import annotations
 
