@@ -212,8 +212,9 @@ def test_executorch_lowers_fp16_only_where_the_profile_computes_it_and_parity_al
     assert et.float_class_for(android, PRESETS.get("int4")) == "fp16"
     assert et.float_class_for(android, PRESETS.get("int4"), "decoder") == "fp16"
     assert et.float_class_for(android, PRESETS.get("int4"), "encoder") == "fp16"
-    # measured: the vocoder's waveform misses the gate, flow's cached chunks come out NaN
-    for role in ("vocoder", "acoustic"):
+    # measured: the vocoder's waveform misses the gate, flow's cached chunks come out NaN, VITA's
+    # log-mel misses its gate
+    for role in ("frontend", "vocoder", "acoustic"):
         assert et.float_class_for(android, PRESETS.get("fp16"), role) == "fp32"
         assert et.float_class_for(android, PRESETS.get("int4"), role) == "fp32"
     cfg = IO.preset("full")
