@@ -75,6 +75,18 @@ def _prompt(tokenizer_dir: Path) -> list[int]:
     return ids[:PROMPT]
 
 
+def _open_llm(path: Path, m=None):  # type: ignore[no-untyped-def]
+    """(the LLM's manifest entry, its session) of a bundle (``m``: its manifest, when read
+    already), with the bundle profile's runtime settings at THREADS threads."""
+    from omni_export.bundle import read_manifest
+    from omni_export.bundle.manifest import RuntimeSettings
+    from omni_export.runtime_py.backends import open_session
+
+    m = m or read_manifest(path)
+    entry, rt = m.components["llm"], m.profile.runtime
+    return entry, open_session(entry, path, RuntimeSettings(THREADS, rt.compute_units, rt.providers, dict(rt.options)))
+
+
 def child(kind: str, path: Path, prompt: list[int]) -> dict:
     """One runtime in this process: load, warm, timed. Returns speeds, tokens and memory."""
     if kind == RUNTIMES[0]:
@@ -82,15 +94,12 @@ def child(kind: str, path: Path, prompt: list[int]) -> dict:
 
         from llm_decode import prefill_then_decode
         from omni_export.bundle import read_manifest
-        from omni_export.bundle.manifest import RuntimeSettings
-        from omni_export.runtime_py.backends import SESSIONS, open_session
+        from omni_export.runtime_py.backends import SESSIONS
 
         m = read_manifest(path)
-        entry = m.components["llm"]
-        SESSIONS.get(entry.backend).unavailable()  # the runtime's libraries load before the baseline
-        rt = m.profile.runtime
+        SESSIONS.get(m.components["llm"].backend).unavailable()  # the runtime's libraries load before the baseline
         base, maps = _status(), _by_mapping()
-        sess = open_session(entry, path, RuntimeSettings(THREADS, rt.compute_units, rt.providers, dict(rt.options)))  # loads every method
+        entry, sess = _open_llm(path, m)  # loads every method
         loaded, grown = _status(), _grown(maps, _by_mapping())
         ids = torch.tensor([prompt])
         prefill_then_decode(sess, sess.run("embed", [ids])[0], NEW, entry.kv_cache.max_len)
@@ -126,14 +135,9 @@ def child_logits(kind: str, path: Path, prompt: list[int], forced: list[int]) ->
     if kind == RUNTIMES[0]:
         import torch
 
-        from omni_export.bundle import read_manifest
-        from omni_export.bundle.manifest import RuntimeSettings
-        from omni_export.runtime_py.backends import open_session
         from omni_export.runtime_py.kv_cache import KVStack
 
-        m = read_manifest(path)
-        entry, rt = m.components["llm"], m.profile.runtime
-        sess = open_session(entry, path, RuntimeSettings(THREADS, rt.compute_units, rt.providers, dict(rt.options)))
+        entry, sess = _open_llm(path)
         stack = KVStack("llm", sess, len(prompt), entry.kv_cache.max_len)
         stack.reset()
         logits = stack.feed(sess.run("embed", [torch.tensor([prompt])])[0])[0]
@@ -192,8 +196,8 @@ def accuracy(work: Path, paths: dict[str, Path], prompt: list[int], n: int = FOR
             if p.returncode:
                 raise SystemExit(f"{kind} failed:\n{p.stderr[-3000:]}")
             got = np.load(f)
-            out[kind] = {"cosine": round(cosine(got, ref), 4), "kl": round(mean_kl(got, ref), 4),
-                         "passes": bool(cosine(got, ref) >= th.cosine_min and mean_kl(got, ref) <= th.kl_max)}  # fmt: skip
+            cos, kl = cosine(got, ref), mean_kl(got, ref)
+            out[kind] = {"cosine": round(cos, 4), "kl": round(kl, 4), "passes": bool(cos >= th.cosine_min and kl <= th.kl_max)}
     return out
 
 

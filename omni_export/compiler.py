@@ -196,12 +196,11 @@ def build_bundle(
     for name, module in ckpt.components.items():  # a role the target keeps wider than the rest
         if (own := bodies[name]) == float_class:
             continue
-        if classes[name] == float_class:
+        quantized = classes[name] != float_class  # keeps its class; its float part runs ``own``
+        if not quantized:
             classes[name] = own
-            notes.append(f"{name}: {own} on the {target.name} target for {profile.name} ({role_of(module).value}s stay {own} there)")
-        else:
-            notes.append(f"{name}: activations and float layers {own} on the {target.name} target for {profile.name} "
-                         f"({role_of(module).value}s stay {own} there)")
+        what = f"activations and float layers {own}" if quantized else own
+        notes.append(f"{name}: {what} on the {target.name} target for {profile.name} ({role_of(module).value}s stay {own} there)")
     quant: QuantResult | None = None
     quant_where = None
     notes.extend(check_plan(target, ckpt.components, configs, profile))  # refuses what it cannot encode, before any work
