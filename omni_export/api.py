@@ -217,8 +217,8 @@ class PromotionError(OmniExportError):
 
 def promoted_recipe(plan: ExportPlan, measured: dict[str, float], size_budget: float, base_bytes: dict[str, int],  # type: ignore[no-untyped-def]
                     progress=None) -> tuple[QuantRecipe, str]:  # fmt: skip
-    """The plan's recipe with the most damaging layers of each failed component (``measured``:
-    its artifact's worst cosine) promoted to 8-bit (sensitivity.analyze's proposal, calibrated by
+    """The plan's recipe with the layers of each failed component (``measured``: its artifact's
+    worst cosine) that do the most damage per byte added promoted to 8-bit (sensitivity.analyze's proposal, calibrated by
     what the artifact measured), and a sentence saying what it cost. ``base_bytes``: each
     component's quantized weight bytes under the user's recipe (filled on the first round), what
     the size budget is a multiple of."""

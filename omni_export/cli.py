@@ -162,7 +162,7 @@ def main_job(
     context: Optional[int] = typer.Option(None, "--context", help="max context (default: the profile's)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle at --out"),
     promote: bool = typer.Option(True, "--promote/--no-promote", help="when a quantized component misses its parity gate, "
-                                 "promote its most damaging layers to 8-bit and build again"),
+                                 "promote to 8-bit the layers doing the most damage per byte added, and build again"),
     size_budget: float = typer.Option(1.5, "--size-budget", help="promotion may grow a component's quantized weights to this "
                                       "many times the recipe's"),
     host_check: bool = typer.Option(True, "--host-check/--no-host-check", help="refuse before any work when this host's "
