@@ -157,7 +157,7 @@ def main_job(
     ctx: typer.Context,
     target: Optional[str] = typer.Option(None, "--target", "-t", help="device profile or alias (see `omni-export profiles`)"),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="checkpoint directory; default: the built-in demo"),
-    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="preset (fp32, fp16, int8, w8a8, int4, int4-awq, int4-gptq, int4-all) or recipe .toml"),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="preset (fp32, fp16, int8, w8a8, int4, int4-awq, int4-gptq, int4-own-head, int4-all) or recipe .toml"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="bundle directory (default: ./PROFILE-bundle)"),
     context: Optional[int] = typer.Option(None, "--context", help="max context (default: the profile's)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle at --out"),

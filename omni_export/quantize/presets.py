@@ -37,6 +37,10 @@ for recipe in (
     QuantRecipe("w8a8", (by_role(*VOCODERS, config=None), QuantRule(ANY, W8A8))),
     QuantRecipe("int4", (by_role(*DECODERS, config=W4G32), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None)), embeddings=ROWS8),
     QuantRecipe("int4-all", (QuantRule(ANY, W4G32),), embeddings=ROWS8),
+    # int4 whose tied head has its own 4-bit codes beside the 8-bit table: larger files, fewer
+    # bytes read per decode step (docs/quantization, "Promotion by damage per byte").
+    QuantRecipe("int4-own-head", (by_role(*DECODERS, config=W4G32), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None)),
+                embeddings=ROWS8, tied_head="own"),
     # int4 with a calibrated method for the decoders (encoders stay 8-bit round-to-nearest).
     QuantRecipe("int4-awq", (by_role(*DECODERS, config=W4_AWQ), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None)), embeddings=ROWS8),
     QuantRecipe("int4-gptq", (by_role(*DECODERS, config=W4_GPTQ), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None)), embeddings=ROWS8),

@@ -94,6 +94,8 @@ def test_the_recipe_says_how_a_tied_head_is_quantized(tmp_path):
     from omni_export.quantize.recipe import load_recipe_toml, recipe_toml
 
     assert PRESETS.get("int4").tied_head == "table"
+    own = PRESETS.get("int4-own-head")
+    assert own.tied_head == "own" and own.rules == PRESETS.get("int4").rules and own.embeddings == PRESETS.get("int4").embeddings
     with pytest.raises(ConfigError, match="tied_head must be one of"):
         replace(PRESETS.get("int4"), tied_head="both")
     mine = replace(PRESETS.get("int4"), name="mine", tied_head="own")
