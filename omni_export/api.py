@@ -218,10 +218,10 @@ class PromotionError(OmniExportError):
 def promoted_recipe(plan: ExportPlan, measured: dict[str, float], size_budget: float, base_bytes: dict[str, int],  # type: ignore[no-untyped-def]
                     progress=None) -> tuple[QuantRecipe, str]:  # fmt: skip
     """The plan's recipe with the layers of each failed component (``measured``: its artifact's
-    worst cosine) that do the most damage per byte added promoted to 8-bit (sensitivity.analyze's proposal, calibrated by
-    what the artifact measured), and a sentence saying what it cost. ``base_bytes``: each
-    component's quantized weight bytes under the user's recipe (filled on the first round), what
-    the size budget is a multiple of."""
+    worst cosine) that do the most damage per byte added promoted to 8-bit (sensitivity.analyze's
+    proposal, calibrated by what the artifact measured), and a sentence saying what it cost.
+    ``base_bytes``: each component's quantized weight bytes under the user's recipe (filled on
+    the first round), what the size budget is a multiple of."""
     step = progress or (lambda component, what: None)
     reports, mixed = quant_report(plan.model, plan.recipe, plan.profile, lambda what, i, n: step(what, f"sensitivity {i}/{n}"),
                                   list(measured), measured)  # fmt: skip

@@ -14,8 +14,9 @@ early layers whose error every later layer carries rank low): 35 LLM layers prom
 Layers are then promoted to 8-bit, most damage per byte added first, until the whole
 component meets the target; if it meets it with room, 8-bit layers are demoted to 4-bit, least
 damage per byte saved first, while it still does. Within a block, a layer's share of the
-block's damage is in proportion to its own output's error. Ranking and proposal use round-to-nearest: AWQ and GPTQ
-only lower the error, so a proposal that passes with RTN passes with them."""
+block's damage is in proportion to its own output's error. Ranking and proposal use
+round-to-nearest: AWQ and GPTQ only lower the error, so a proposal that passes with RTN passes
+with them."""
 
 from __future__ import annotations
 
