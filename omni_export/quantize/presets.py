@@ -3,6 +3,7 @@ LM 4-bit, encoders 8-bit, vocoder float), so they fit any family whose component
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from omni_export.quantize.recipe import (
@@ -29,18 +30,18 @@ W4_AWQ = QuantConfig(bits=4, group_size=32, method="awq")
 W4_GPTQ = QuantConfig(bits=4, group_size=32, method="gptq")
 ROWS8 = QuantConfig(bits=8)  # embedding tables: one scale per row (ExecuTorch's 8w, optimum's default)
 DECODERS, ENCODERS, VOCODERS = ("decoder",), ("encoder", "acoustic"), ("vocoder",)
+INT4 = QuantRecipe("int4", (by_role(*DECODERS, config=W4G32), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None)), embeddings=ROWS8)
 
 for recipe in (
     QuantRecipe("fp32", (QuantRule(ANY, None),), float_dtype="fp32"),
     QuantRecipe("fp16", (QuantRule(ANY, None),)),
     QuantRecipe("int8", (by_role(*VOCODERS, config=None), QuantRule(ANY, W8))),
     QuantRecipe("w8a8", (by_role(*VOCODERS, config=None), QuantRule(ANY, W8A8))),
-    QuantRecipe("int4", (by_role(*DECODERS, config=W4G32), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None)), embeddings=ROWS8),
+    INT4,
     QuantRecipe("int4-all", (QuantRule(ANY, W4G32),), embeddings=ROWS8),
     # int4 whose tied head has its own 4-bit codes beside the 8-bit table: larger files, fewer
     # bytes read per decode step (docs/quantization, "Promotion by damage per byte").
-    QuantRecipe("int4-own-head", (by_role(*DECODERS, config=W4G32), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None)),
-                embeddings=ROWS8, tied_head="own"),
+    replace(INT4, name="int4-own-head", tied_head="own"),
     # int4 with a calibrated method for the decoders (encoders stay 8-bit round-to-nearest).
     QuantRecipe("int4-awq", (by_role(*DECODERS, config=W4_AWQ), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None)), embeddings=ROWS8),
     QuantRecipe("int4-gptq", (by_role(*DECODERS, config=W4_GPTQ), by_role(*ENCODERS, config=W8), by_role(*VOCODERS, config=None)), embeddings=ROWS8),

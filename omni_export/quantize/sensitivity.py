@@ -21,6 +21,7 @@ with them."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -300,7 +301,7 @@ def _damage_shares(alone: dict[str, Damage], own: dict[str, Damage] | None, bloc
     total: dict[str, float] = {}
     for p in alone:
         total[block[p]] = total.get(block[p], 0.0) + own[p].score()
-    members = {b: sum(1 for q in alone if block[q] == b) for b in total}
+    members = Counter(block[p] for p in alone)
     return {p: d.score() * (own[p].score() / total[block[p]] if total[block[p]] > 0 else 1.0 / members[block[p]])
             for p, d in alone.items()}  # fmt: skip
 

@@ -9,20 +9,17 @@ GATE = ParityThreshold(0.965, 0.8, 0.2)
 
 def _additive(cost: dict[str, float]):
     """A component whose cosine error is the sum of its 4-bit layers' costs (what the tests steer)."""
-    calls = []
-
     def damage(choice):
-        calls.append(dict(choice))
         return Damage(1.0 - sum(c for p, c in cost.items() if choice[p].bits == 4))
 
-    return damage, calls
+    return damage
 
 
 def test_a_cheap_layer_is_promoted_before_a_costlier_one_that_hurts_a_little_more():
     # The head hurts most (0.03) but its promotion adds 80 MB; each decoder linear hurts 0.02 for 1 MB.
     cost = {"lm_head": 0.03, "a": 0.02, "b": 0.02}
     step = {"lm_head": 80e6, "a": 1e6, "b": 1e6}
-    damage, _ = _additive(cost)
+    damage = _additive(cost)
     mine = dict.fromkeys(cost, W4G32)
     order = sorted(cost, key=lambda p: -cost[p] / step[p])
     choice, d = _propose(mine, set(cost), order, GATE, damage, damage(mine))
@@ -37,7 +34,7 @@ def test_a_cheap_layer_is_promoted_before_a_costlier_one_that_hurts_a_little_mor
 def test_with_room_the_least_damage_per_byte_saved_is_demoted_first():
     cost = {"big": 0.01, "small": 0.01}
     step = {"big": 50e6, "small": 1e6}
-    damage, _ = _additive(cost)
+    damage = _additive(cost)
     mine = dict.fromkeys(cost, W8)
     order = sorted(cost, key=lambda p: -cost[p] / step[p])
     choice, d = _propose(mine, set(cost), order, ParityThreshold(0.985, 0.8, 0.2), damage, damage(mine))
